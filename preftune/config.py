@@ -1,0 +1,304 @@
+"""One documented configuration tree for every preftune command.
+
+Precedence, lowest first: the defaults below, a YAML file (`--config run.yaml`), then `--flag value` options.
+Every field is documented once, in its `doc` metadata; the CLI help, the README's config reference and error
+messages are generated from it. Flag names are the field names with dashes (`max_length` -> `--max-length`)
+and follow TRL's `DPOConfig` names where the meaning is the same.
+
+YAML files may nest fields under their section (`train: {learning_rate: 1e-6}`) or give them flat
+(`learning_rate: 1e-6`); unknown or mistyped keys are errors that suggest the closest valid name.
+`validate()` runs the cross-field checks; commands call it before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from preftune.errors import ConfigError
+
+
+def doc(text: str, default: Any = None, **kwargs: Any) -> Any:
+    """A dataclass field carrying its one-line documentation."""
+    return field(default=default, metadata={"doc": text}, **kwargs)
+
+
+@dataclass
+class ModelConfig:
+    model: str | None = doc(
+        "Policy to train: a local Hugging Face folder, a hub id, or a .gguf file. "
+        "Unset: the embedded default, SmolLM2-135M-Instruct."
+    )
+    ref_model: str | None = doc(
+        "Reference model, same forms as --model. Unset: a frozen copy of the starting policy "
+        "(with --lora: the policy with its adapter disabled)."
+    )
+    trust_remote_code: bool = doc("Allow model repositories to run their own Python code. Off: never.", False)
+    bf16: bool = doc("Train and evaluate under bfloat16 autocast (weights and optimizer state stay fp32).", False)
+    lora: bool = doc("Train a LoRA adapter (peft) instead of all weights.", False)
+    lora_r: int = doc("LoRA rank.", 16)
+    lora_alpha: int = doc("LoRA scaling numerator (the update is scaled by lora_alpha / lora_r).", 32)
+    lora_dropout: float = doc("Dropout on the LoRA input.", 0.0)
+    lora_target_modules: str = doc(
+        "Comma-separated module names to adapt, or 'all-linear' for every linear layer but the output head.",
+        "all-linear",
+    )
+    merge: bool = doc("With --lora: also save the adapter merged into the base weights, as a plain model.", False)
+    cache_dir: str | None = doc(
+        "Where converted models and generated data are cached. Unset: $PREFTUNE_CACHE_DIR, else ~/.cache/preftune."
+    )
+
+
+@dataclass
+class DataConfig:
+    data: str | None = doc(
+        "Training pairs: .jsonl, .json, .csv, .parquet (optionally .gz), a save_to_disk folder, or a hub "
+        "dataset name. Unset: the default job's generated movie-review sentiment pairs."
+    )
+    split: str = doc("Split to read from a hub dataset or a saved DatasetDict.", "train")
+    eval_data: str | None = doc("Held-out pairs, same forms as --data.")
+    eval_split: str = doc("Split to read from --eval-data when it is a hub dataset or DatasetDict.", "test")
+    skip_invalid: bool = doc("Drop invalid records (and report which) instead of stopping at the first.", False)
+    max_length: int | None = doc(
+        "Maximum tokens of prompt + completion per sequence; longer ones are truncated (see truncation_mode). "
+        "Pairs whose prompt alone fills it are dropped. 0 or unset: no limit.",
+        1024,
+    )
+    truncation_mode: str = doc(
+        "keep_start: cut the end of prompt + completion (as TRL). keep_end: cut the start of the prompt so "
+        "that the longer completion fits, then the completions' ends if they still do not.",
+        "keep_start",
+    )
+
+
+@dataclass
+class LossConfig:
+    loss_type: str = doc("Preference loss; one of the names in preftune.losses.LOSSES.", "sigmoid")
+    beta: float = doc("Strength of the KL penalty towards the reference (the DPO paper's beta).", 0.1)
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str | None = doc(
+        "Run folder: metrics, TensorBoard logs, the final model and the resolved config. Unset: "
+        "runs/preftune-<date>-<time>. A non-empty folder is refused unless --overwrite is given."
+    )
+    overwrite: bool = doc("Allow writing into a non-empty --output-dir (its files may be replaced).", False)
+    num_epochs: float = doc("Passes over the training pairs (fractions allowed); --max-steps, when set, wins.", 1.0)
+    max_steps: int = doc("Optimizer steps to run; -1: as many as num_epochs gives.", -1)
+    batch_size: int = doc("Pairs per micro-batch per process.", 4)
+    grad_accum: int = doc("Micro-batches accumulated per optimizer step.", 1)
+    learning_rate: float = doc("Peak learning rate of AdamW.", 1e-6)
+    lr_scheduler_type: str = doc("Decay after warmup: linear, cosine or constant.", "linear")
+    warmup_ratio: float = doc("Fraction of the optimizer steps spent warming the learning rate up from 0.", 0.1)
+    weight_decay: float = doc("AdamW weight decay.", 0.0)
+    adam_beta1: float = doc("AdamW beta1.", 0.9)
+    adam_beta2: float = doc("AdamW beta2.", 0.999)
+    max_grad_norm: float = doc("Clip the gradient's global norm to this; 0: no clipping.", 1.0)
+    seed: int = doc("Seed for initialisation, shuffling and dropout.", 42)
+    logging_steps: int = doc("Log metrics every this many optimizer steps.", 1)
+    eval_steps: int = doc("Evaluate on --eval-data every this many optimizer steps; 0: only at the end.", 0)
+    eval_batch_size: int = doc("Pairs per micro-batch when evaluating.", 8)
+    shuffle: bool = doc("Shuffle the training pairs each epoch (off: file order, as in exact comparisons).", True)
+
+
+@dataclass
+class DefaultJobConfig:
+    """The default job (no --data): the DPO paper's controlled-sentiment experiment in miniature."""
+
+    num_prompts: int = doc("Default job: movie-review prompts to build preference pairs from.", 256)
+    num_eval_prompts: int = doc("Default job: held-out prompts for the before/after reward report.", 64)
+    max_new_tokens: int = doc("Default job: tokens sampled per completion.", 24)
+    samples_per_eval_prompt: int = doc("Default job: samples per held-out prompt from each model.", 2)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    default_job: DefaultJobConfig = field(default_factory=DefaultJobConfig)
+    # Fields the user set (YAML or flags), as "section.name": lets checks tell "left at default" from "asked for".
+    explicitly_set: set[str] = field(default_factory=set, repr=False, compare=False)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+
+
+SECTIONS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Config) if f.name != "explicitly_set")
+
+
+def iter_fields() -> typing.Iterator[tuple[str, dataclasses.Field]]:
+    """Yield (section, field) for every option in the tree."""
+    for section_field in dataclasses.fields(Config):
+        if section_field.name == "explicitly_set":
+            continue
+        section_type = typing.get_type_hints(Config)[section_field.name]
+        for f in dataclasses.fields(section_type):
+            yield section_field.name, f
+
+
+def field_type(section: str, name: str) -> Any:
+    section_type = typing.get_type_hints(Config)[section]
+    return typing.get_type_hints(section_type)[name]
+
+
+FIELD_SECTION: dict[str, str] = {f.name: section for section, f in iter_fields()}
+
+
+def coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Convert a YAML or command-line value to the field's type, or raise ConfigError naming the key."""
+    args = typing.get_args(annotation)
+    optional = type(None) in args if isinstance(annotation, types.UnionType) else False
+    base = next((a for a in args if a is not type(None)), annotation) if optional else annotation
+    if value is None or (isinstance(value, str) and value.lower() in {"none", "null"} and base is not str):
+        if optional:
+            return None
+        raise ConfigError(f"option '{key}': expected {base.__name__}, got nothing")
+    try:
+        if base is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in {"true", "yes", "1", "on"}:
+                return True
+            if isinstance(value, str) and value.lower() in {"false", "no", "0", "off"}:
+                return False
+            raise ValueError
+        if base is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if base is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if base is str:
+            if isinstance(value, (dict, list)):
+                raise ValueError
+            return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"option '{key}': expected {base.__name__}, got {value!r}") from None
+    raise TypeError(f"unsupported config type {annotation} for {key}")
+
+
+def suggest(name: str, candidates: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def set_option(config: Config, key: str, value: Any, origin: str) -> None:
+    """Set `key` ("section.name" or a bare field name) on `config`, with type checking."""
+    section, _, name = key.rpartition(".")
+    if not section:
+        if name not in FIELD_SECTION:
+            raise ConfigError(f"{origin}: unknown option '{name}'{suggest(name, FIELD_SECTION)}")
+        section = FIELD_SECTION[name]
+    if section not in SECTIONS:
+        raise ConfigError(f"{origin}: unknown section '{section}'{suggest(section, SECTIONS)}")
+    section_fields = {f.name for f in dataclasses.fields(getattr(config, section))}
+    if name not in section_fields:
+        raise ConfigError(f"{origin}: unknown option '{section}.{name}'{suggest(name, section_fields)}")
+    setattr(getattr(config, section), name, coerce(value, field_type(section, name), f"{section}.{name}"))
+    config.explicitly_set.add(f"{section}.{name}")
+
+
+def apply_yaml(config: Config, path: str | Path) -> None:
+    """Override `config` with the options in a YAML file (nested by section, or flat)."""
+    path = Path(path)
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path}: not valid YAML ({error})") from None
+    if loaded is None:
+        return
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: expected a mapping of options, got {type(loaded).__name__}")
+    for key, value in loaded.items():
+        if key in SECTIONS and isinstance(value, dict):
+            for name, inner in value.items():
+                set_option(config, f"{key}.{name}", inner, str(path))
+        else:
+            set_option(config, str(key), value, str(path))
+
+
+def save_yaml(config: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")
+
+
+def validate(config: Config) -> None:
+    """Cross-field checks; raises ConfigError with every problem found. Runs before any model loads."""
+    # Imported here: the loss table is the single source of loss names, and it imports torch.
+    from preftune.losses import LOSSES
+
+    m, d, lo, t = config.model, config.data, config.loss, config.train
+    problems: list[str] = []
+
+    def need(condition: bool, message: str) -> None:
+        if not condition:
+            problems.append(message)
+
+    def unused(section: str, names: typing.Iterable[str], reason: str) -> None:
+        for name in names:
+            if f"{section}.{name}" in config.explicitly_set:
+                problems.append(f"--{name.replace('_', '-')} has no effect {reason}")
+
+    need(lo.loss_type in LOSSES, f"--loss-type '{lo.loss_type}' is unknown; choose one of: {', '.join(LOSSES)}")
+    need(math.isfinite(lo.beta) and lo.beta > 0, f"--beta must be > 0, got {lo.beta}")
+    need(d.max_length is None or d.max_length >= 0, f"--max-length must be >= 0, got {d.max_length}")
+    need(d.truncation_mode in {"keep_start", "keep_end"},
+         f"--truncation-mode must be keep_start or keep_end, got '{d.truncation_mode}'")
+    need(t.batch_size >= 1, f"--batch-size must be >= 1, got {t.batch_size}")
+    need(t.eval_batch_size >= 1, f"--eval-batch-size must be >= 1, got {t.eval_batch_size}")
+    need(t.grad_accum >= 1, f"--grad-accum must be >= 1, got {t.grad_accum}")
+    need(t.learning_rate > 0, f"--learning-rate must be > 0, got {t.learning_rate}")
+    need(t.num_epochs > 0, f"--num-epochs must be > 0, got {t.num_epochs}")
+    need(t.max_steps == -1 or t.max_steps >= 1, f"--max-steps must be >= 1 (or -1), got {t.max_steps}")
+    need(0 <= t.warmup_ratio < 1, f"--warmup-ratio must be in [0, 1), got {t.warmup_ratio}")
+    need(t.lr_scheduler_type in {"linear", "cosine", "constant"},
+         f"--lr-scheduler-type must be linear, cosine or constant, got '{t.lr_scheduler_type}'")
+    need(t.max_grad_norm >= 0, f"--max-grad-norm must be >= 0, got {t.max_grad_norm}")
+    need(t.weight_decay >= 0, f"--weight-decay must be >= 0, got {t.weight_decay}")
+    need(t.logging_steps >= 1, f"--logging-steps must be >= 1, got {t.logging_steps}")
+    need(t.eval_steps >= 0, f"--eval-steps must be >= 0, got {t.eval_steps}")
+    need(m.lora_r >= 1, f"--lora-r must be >= 1, got {m.lora_r}")
+    need(0 <= m.lora_dropout < 1, f"--lora-dropout must be in [0, 1), got {m.lora_dropout}")
+    if not m.lora:
+        unused("model", ["lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "merge"], "without --lora")
+    if d.eval_data is None:
+        unused("data", ["eval_split"], "without --eval-data")
+        unused("train", ["eval_steps"], "without --eval-data")
+    if d.data is None:
+        unused("data", ["split", "skip_invalid"], "without --data (the default job builds its own pairs)")
+    else:
+        unused("default_job", [f.name for f in dataclasses.fields(DefaultJobConfig)],
+               "with --data (it configures the default job, which runs only without --data)")
+    for name in ("num_prompts", "num_eval_prompts", "max_new_tokens", "samples_per_eval_prompt"):
+        value = getattr(config.default_job, name)
+        need(value >= 1, f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if problems:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
+
+
+def reference_markdown() -> str:
+    """The README's config reference, generated from the field docs (a test keeps the README in sync)."""
+    defaults = Config()
+    lines = []
+    for section in SECTIONS:
+        lines += [f"**{section}**", "", "| flag / YAML key | default | meaning |", "|---|---|---|"]
+        for f in dataclasses.fields(getattr(defaults, section)):
+            default = getattr(getattr(defaults, section), f.name)
+            flag = "--" + f.name.replace("_", "-")
+            lines.append(f"| `{flag}` / `{section}.{f.name}` | `{default}` | {f.metadata['doc']} |")
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"

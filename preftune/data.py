@@ -1,0 +1,538 @@
+"""Preference pairs in: files, saved datasets and hub datasets -> validated `PreferencePair`s.
+
+Sources, chosen by path and suffix:
+
+* ``.jsonl`` / ``.jsonl.gz``: one JSON object per line, blank lines ignored; located as "line N".
+* ``.json`` / ``.json.gz``: a list of objects ("record N"), or an object of equal-length columns
+  ``{"prompt": [...], "chosen": [...], "rejected": [...]}`` ("record N"). A ``.json`` file that holds JSON Lines
+  is read as JSON Lines ("line N"), as ``datasets`` does.
+* ``.csv`` / ``.csv.gz``: a header row, then one record per row, read as plain text; located by the physical line
+  the record starts on ("line N").
+* ``.parquet``: one record per row ("row N").
+* a folder written by ``Dataset.save_to_disk`` or ``DatasetDict.save_to_disk`` (a DatasetDict gives `split`);
+  any other folder goes to ``datasets.load_dataset`` (a folder of data files); "row N".
+* anything that is not on disk and does not look like a path: a Hugging Face hub dataset,
+  ``datasets.load_dataset(name, split=split)``; "row N".
+
+Every text must be UTF-8. Each record takes one of the forms TRL accepts (other keys are ignored):
+
+* explicit prompt, standard: ``{"prompt": str, "chosen": str, "rejected": str}``; the completions are appended to
+  the prompt as they are, so they usually start with a space.
+* explicit prompt, conversational: the three are lists of ``{"role", "content"}`` messages (roles: system, user,
+  assistant, tool); the prompt ends before the reply, and each reply starts with an assistant message.
+* implicit prompt: ``{"chosen", "rejected"}`` only, each the whole text or conversation; the prompt is their shared
+  start (see `extract_prompt`).
+
+Records are validated when loaded: a bad record is a `DataError` naming the source, the record and the field,
+saying what was expected and what was found. With ``skip_invalid=True`` bad records are dropped and returned in
+`LoadResult.skipped` instead; problems with the source as a whole (missing, empty, unreadable) are `UserError`s.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import os
+import zlib
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from preftune.errors import DataError, UserError
+
+Message = dict[str, str]  # {"role": ..., "content": ...}
+Text = str | list[Message]
+
+ROLES = ("system", "user", "assistant", "tool")
+EXPECTED_KEYS = "prompt, chosen, rejected, or chosen, rejected"
+# Anthropic HH-RLHF's turn marker: an implicit prompt ends right after the last one the two texts share.
+HH_ASSISTANT = "\n\nAssistant:"
+
+FILE_FORMATS = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".csv", ".csv.gz", ".parquet")
+SUPPORTED = (
+    ", ".join(FILE_FORMATS) + ", a folder written by datasets' save_to_disk, or a Hugging Face hub dataset name"
+)
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    """One validated pair: `prompt` then `chosen` is preferred to `prompt` then `rejected`.
+
+    Strings (standard) or lists of messages (conversational), never a mix. A conversational prompt ends before
+    the assistant's reply; `chosen` and `rejected` are the reply (usually one assistant message).
+    """
+
+    prompt: Text
+    chosen: Text
+    rejected: Text
+    source: str  # file path or dataset name it came from
+    location: str  # "line 17", "record 3", "row 5"
+
+    @property
+    def is_conversational(self) -> bool:
+        return isinstance(self.prompt, list)
+
+
+@dataclass
+class LoadResult:
+    pairs: list[PreferencePair]
+    skipped: list[DataError]  # only non-empty with skip_invalid=True
+
+
+class _Invalid(ValueError):
+    """A problem with one field of a record; `pair_from_record` adds the source and location."""
+
+    def __init__(self, field: str | None, problem: str) -> None:
+        super().__init__(problem)
+        self.field = field
+        self.problem = problem
+
+
+# ----------------------------------------------------------------------------------------------- records
+
+
+def _kind(value: object) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _text_kind(text: Text) -> str:
+    return "a string" if isinstance(text, str) else "a list of messages"
+
+
+def _check_text(value: object, field: str) -> Text:
+    if isinstance(value, str):
+        if not value.strip():
+            found = "an empty string" if not value else "only whitespace"
+            raise _Invalid(field, f"expected a non-empty string, got {found}")
+        return value
+    if isinstance(value, list | tuple):
+        return _check_messages(value, field)
+    raise _Invalid(field, f"expected a string or a list of messages, got {_kind(value)}")
+
+
+def _check_messages(value: list | tuple, field: str) -> list[Message]:
+    if not value:
+        raise _Invalid(field, "expected a non-empty list of messages, got an empty list")
+    messages: list[Message] = []
+    for i, message in enumerate(value):
+        where = f"{field}[{i}]"
+        if not isinstance(message, Mapping):
+            raise _Invalid(where, f"expected a message (an object with 'role' and 'content'), got {_kind(message)}")
+        for key in ("role", "content"):
+            if key not in message:
+                found = ", ".join(map(str, message)) or "none"
+                raise _Invalid(f"{where}.{key}", f"missing (a message needs 'role' and 'content'; found keys: {found})")
+        role, content = message["role"], message["content"]
+        if not isinstance(role, str):
+            raise _Invalid(f"{where}.role", f"expected a string, got {_kind(role)}")
+        if role not in ROLES:
+            raise _Invalid(f"{where}.role", f"expected one of {', '.join(ROLES)}, got {role!r}")
+        if not isinstance(content, str):
+            raise _Invalid(f"{where}.content", f"expected a string, got {_kind(content)}")
+        # Only role and content: Arrow-backed sources fill absent struct fields with None, which chat templates
+        # would render or choke on.
+        messages.append({"role": role, "content": content})
+    if not any(m["content"].strip() for m in messages):
+        raise _Invalid(field, "expected some non-empty message content, got only empty messages")
+    return messages
+
+
+def _check_reply(messages: list[Message], field: str) -> None:
+    role = messages[0]["role"]
+    if role != "assistant":
+        # Usually the whole conversation was given as the completion while a prompt is given too.
+        raise _Invalid(f"{field}[0].role", f"expected the reply to start with an assistant message, got {role!r}")
+
+
+def _same_kind(reference: Text, reference_field: str, other: Text, other_field: str) -> None:
+    if isinstance(reference, str) != isinstance(other, str):
+        expected = f"{_text_kind(reference)} like '{reference_field}'"
+        raise _Invalid(other_field, f"expected {expected}, got {_text_kind(other)}")
+
+
+def _validate(record: object) -> tuple[Text, Text, Text]:
+    if not isinstance(record, Mapping):
+        raise _Invalid(None, f"expected an object with keys {EXPECTED_KEYS}, got {_kind(record)}")
+    for key in ("chosen", "rejected"):
+        if key not in record:
+            found = ", ".join(map(str, record)) or "none"
+            raise _Invalid(key, f"missing (expected keys: {EXPECTED_KEYS}; found: {found})")
+    prompt = _check_text(record["prompt"], "prompt") if "prompt" in record else None
+    chosen = _check_text(record["chosen"], "chosen")
+    rejected = _check_text(record["rejected"], "rejected")
+    if prompt is None:
+        return extract_prompt(chosen, rejected)
+    _same_kind(prompt, "prompt", chosen, "chosen")
+    _same_kind(prompt, "prompt", rejected, "rejected")
+    if isinstance(chosen, list) and isinstance(rejected, list):
+        _check_reply(chosen, "chosen")
+        _check_reply(rejected, "rejected")
+    if chosen == rejected:
+        raise _Invalid("rejected", "chosen is identical to rejected")
+    return prompt, chosen, rejected
+
+
+def pair_from_record(record: Mapping, source: str, location: str) -> PreferencePair:
+    """Validate one record (any of the module's forms) into a pair; raises `DataError` naming the field."""
+    try:
+        prompt, chosen, rejected = _validate(record)
+    except _Invalid as exc:
+        raise DataError(source, location, exc.field, exc.problem) from None
+    return PreferencePair(prompt, chosen, rejected, source, location)
+
+
+def _common_prefix_length(a: str | list[Message], b: str | list[Message]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def extract_prompt(chosen: Text, rejected: Text) -> tuple[Text, Text, Text]:
+    """Split an implicit-prompt pair into (prompt, chosen completion, rejected completion).
+
+    Strings: the prompt is their common start. If that contains HH-RLHF's ``"\\n\\nAssistant:"``, the prompt ends
+    right after the last one (the completions then start with " ..."), so a reply both happen to begin the same
+    way ("Assistant: I ...") stays in the completions. Otherwise TRL's rule: the whole common start, less a
+    trailing space, which goes to the completions.
+
+    Message lists: the prompt is the longest common run of messages; each remainder must start with an assistant
+    message.
+
+    Raises ValueError saying why when there is no shared prompt, the two are identical or of different kinds,
+    or a completion is empty once the prompt is removed.
+    """
+    if isinstance(chosen, str) != isinstance(rejected, str):
+        raise _Invalid("rejected", f"expected {_text_kind(chosen)} like 'chosen', got {_text_kind(rejected)}")
+    if chosen == rejected:
+        raise _Invalid("rejected", "chosen is identical to rejected")
+    n = _common_prefix_length(chosen, rejected)
+    if isinstance(chosen, str) and isinstance(rejected, str):
+        marker = chosen.rfind(HH_ASSISTANT, 0, n)
+        if marker >= 0:
+            n = marker + len(HH_ASSISTANT)
+        elif n > 0 and chosen[n - 1] == " ":
+            n -= 1
+        prompt: Text = chosen[:n]
+        if not prompt.strip():
+            raise _Invalid("prompt", "chosen and rejected share no prompt")
+        for field, other, completion in (("chosen", "rejected", chosen[n:]), ("rejected", "chosen", rejected[n:])):
+            if not completion.strip():
+                found = f"only whitespace ({completion!r})" if completion else "nothing"
+                raise _Invalid(field, f"expected a non-empty reply after the prompt shared with {other}, got {found}")
+        return prompt, chosen[n:], rejected[n:]
+    if n == 0:
+        raise _Invalid("prompt", "chosen and rejected share no prompt (their first messages differ)")
+    for field, other, messages in (("chosen", "rejected", chosen), ("rejected", "chosen", rejected)):
+        if len(messages) == n:
+            raise _Invalid(field, f"expected a reply after the messages shared with {other}, got none")
+        if messages[n]["role"] != "assistant":
+            raise _Invalid(
+                f"{field}[{n}].role",
+                f"expected the first message after the shared prompt to be an assistant message, "
+                f"got {messages[n]['role']!r}",
+            )
+        if not any(m["content"].strip() for m in messages[n:]):
+            problem = f"expected a non-empty reply after the messages shared with {other}, got only empty messages"
+            raise _Invalid(field, problem)
+    return chosen[:n], chosen[n:], rejected[n:]
+
+
+# ----------------------------------------------------------------------------------------------- sources
+
+# A reader yields (location, record) where a record that cannot even be parsed is a DataError, not raised, so that
+# skip_invalid can drop it like any other bad record.
+Records = Iterator[tuple[str, object]]
+
+
+def _check_columns(source: str, columns: Iterable[str]) -> None:
+    columns = list(columns)
+    for key in ("chosen", "rejected"):
+        if key not in columns:
+            found = ", ".join(columns) or "none"
+            raise UserError(f"{source}: no '{key}' column (expected columns: {EXPECTED_KEYS}; found: {found})")
+
+
+def _utf8_problem(raw: bytes, exc: UnicodeDecodeError) -> str:
+    column = len(raw[: exc.start].decode("utf-8-sig")) + 1  # in characters, as an editor counts; the start is valid
+    return f"not valid UTF-8 (byte 0x{raw[exc.start]:02x} at column {column}); save the file as UTF-8"
+
+
+def _check_bom(source: str, head: bytes) -> None:
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise UserError(
+            f"{source}: the file is UTF-16 or UTF-32 encoded (it starts with a byte-order mark); save it as UTF-8"
+        )
+
+
+def _binary_lines(path: Path, source: str) -> Iterator[tuple[int, bytes]]:
+    """Physical lines (numbered from 1, split at \\n) of a plain or gzipped file; read errors are UserErrors."""
+    try:
+        with gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb") as file:
+            for number, line in enumerate(file, 1):
+                if number == 1:
+                    _check_bom(source, line)
+                yield number, line
+    except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
+        raise UserError(f"{source}: not a readable gzip file, or truncated ({exc})") from None
+    except OSError as exc:
+        raise UserError(f"{source}: cannot read the file ({exc})") from None
+
+
+def _jsonl_records(lines: Iterable[tuple[int, bytes]], source: str) -> Records:
+    for number, raw in lines:
+        location = f"line {number}"
+        try:
+            text = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+        except UnicodeDecodeError as exc:
+            yield location, DataError(source, location, None, _utf8_problem(raw, exc))
+            continue
+        if not text.strip():
+            continue
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            yield location, DataError(source, location, None, f"not valid JSON ({exc.msg} at column {exc.colno})")
+            continue
+        if not isinstance(value, dict):
+            yield location, DataError(source, location, None, f"expected a JSON object, got {_kind(value)}")
+            continue
+        yield location, value
+
+
+def _json_records(path: Path, source: str) -> Records:
+    data = b"".join(line for _, line in _binary_lines(path, source))
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        problem = f"not valid UTF-8 (byte 0x{data[exc.start]:02x}); save it as UTF-8"
+        raise UserError(f"{source}: line {line}: {problem}") from None
+    if not text.strip():
+        return
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        if exc.msg == "Extra data":  # JSON Lines saved as .json: read it as datasets' "json" loader does
+            yield from _jsonl_records(enumerate(data.split(b"\n"), 1), source)
+            return
+        raise UserError(f"{source}: not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
+    if isinstance(value, list):
+        for i, record in enumerate(value, 1):
+            location = f"record {i}"
+            if not isinstance(record, dict):
+                yield location, DataError(source, location, None, f"expected a JSON object, got {_kind(record)}")
+            else:
+                yield location, record
+        return
+    if isinstance(value, dict) and value and all(isinstance(column, list) for column in value.values()):
+        lengths = {name: len(column) for name, column in value.items()}
+        if len(set(lengths.values())) > 1:
+            found = ", ".join(f"{name}: {length}" for name, length in lengths.items())
+            raise UserError(f"{source}: expected columns of equal length, got {found}")
+        _check_columns(source, value)
+        for i, row in enumerate(zip(*value.values()), 1):
+            yield f"record {i}", dict(zip(value, row))
+        return
+    if isinstance(value, dict) and not value:
+        return
+    found = "an object that is not all lists" if isinstance(value, dict) else _kind(value)
+    raise UserError(
+        f"{source}: expected a JSON list of records or an object of equal-length column lists, got {found}"
+    )
+
+
+def _csv_records(path: Path, source: str) -> Records:
+    bad_lines: dict[int, str] = {}
+
+    def decoded() -> Iterator[str]:
+        for number, raw in _binary_lines(path, source):
+            try:
+                yield raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                bad_lines[number] = _utf8_problem(raw, exc)
+                yield raw.decode("utf-8", errors="replace")
+
+    # The default limit (128 KiB a field) is below some real conversations; raising it only relaxes a check.
+    csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))
+    # Lines keep their line ends (as with newline=""), so quoted fields may span lines; line_num counts them.
+    reader = csv.reader(decoded())
+    header: list[str] | None = None
+    last = 0
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            problem = f"not valid CSV ({exc})"
+            if "new-line character seen in unquoted field" in str(exc):  # csv's own hint is about open(), not us
+                problem = (
+                    "not valid CSV (a carriage return inside an unquoted field; quote the field or end lines "
+                    "with \\n or \\r\\n)"
+                )
+            raise DataError(source, f"line {reader.line_num}", None, problem) from None
+        first, last = last + 1, reader.line_num
+        if not row or (len(row) == 1 and not row[0].strip()):
+            continue
+        location = f"line {first}"
+        bad = next((bad_lines[n] for n in range(first, last + 1) if n in bad_lines), None)
+        if header is None:
+            if bad:
+                raise UserError(f"{source}: {location}: the header row is {bad}")
+            header = [name.strip() for name in row]
+            if len(set(header)) != len(header):
+                raise UserError(f"{source}: {location}: duplicate column names in the header ({', '.join(header)})")
+            _check_columns(source, header)
+            continue
+        if bad:
+            yield location, DataError(source, location, None, bad)
+        elif len(row) != len(header):
+            problem = f"expected {len(header)} fields as in the header ({', '.join(header)}), got {len(row)}"
+            yield location, DataError(source, location, None, problem)
+        else:
+            yield location, dict(zip(header, row))
+
+
+def _parquet_records(path: Path, source: str) -> Records:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        file = pq.ParquetFile(path)
+        columns = file.schema_arrow.names
+        _check_columns(source, columns)
+        wanted = [name for name in ("prompt", "chosen", "rejected") if name in columns]
+        number = 0
+        for batch in file.iter_batches(batch_size=1024, columns=wanted):
+            for row in batch.to_pylist():
+                number += 1
+                yield f"row {number}", row
+    except (pa.ArrowException, OSError) as exc:
+        raise UserError(f"{source}: not a readable Parquet file ({exc})") from None
+
+
+def _dataset_records(dataset: Any, source: str) -> Records:
+    columns = getattr(dataset, "column_names", None)
+    if isinstance(columns, list):
+        _check_columns(source, columns)
+        # Only the three columns: others (images, metadata) would be decoded for nothing.
+        dataset = dataset.select_columns([name for name in ("prompt", "chosen", "rejected") if name in columns])
+    for number, row in enumerate(dataset, 1):
+        yield f"row {number}", row
+
+
+def _saved_dataset_records(path: Path, source: str, split: str) -> Records:
+    import datasets
+
+    folder = path
+    try:
+        if (path / "dataset_dict.json").is_file():
+            # Pick the split from the index rather than loading every split of the DatasetDict.
+            splits = json.loads((path / "dataset_dict.json").read_text(encoding="utf-8"))["splits"]
+            if split not in splits:
+                raise UserError(f"{source}: no split '{split}' in the saved DatasetDict (splits: {', '.join(splits)})")
+            folder = path / split
+        if not json.loads((folder / "state.json").read_text(encoding="utf-8")).get("_data_files", True):
+            return  # a saved empty Dataset has no data file, and load_from_disk fails on it
+        loaded = datasets.load_from_disk(str(folder))
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - datasets raises many kinds; all mean the folder cannot be read
+        raise UserError(f"{source}: cannot load the saved dataset: {type(exc).__name__}: {exc}") from None
+    yield from _dataset_records(loaded, source)
+
+
+def _load_dataset_records(name: str, source: str, split: str, what: str) -> Records:
+    import datasets
+
+    try:
+        loaded = datasets.load_dataset(name, split=split)
+    except Exception as exc:  # noqa: BLE001 - network, missing repo, unknown split, bad files: all one message
+        raise UserError(f"{source}: {what}: {type(exc).__name__}: {exc}") from None
+    yield from _dataset_records(loaded, source)
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    return (path / "dataset_dict.json").is_file() or (
+        (path / "state.json").is_file() and (path / "dataset_info.json").is_file()
+    )
+
+
+def _looks_like_path(name: str) -> bool:
+    """Whether a name that is not on disk was meant as a file; hub ids are "name" or "owner/name"."""
+    lowered = name.lower()
+    if lowered.endswith((*FILE_FORMATS, ".gz", ".txt", ".tsv", ".arrow")):
+        return True
+    if name.startswith((".", "~", "/")) or os.path.isabs(name):
+        return True
+    separators = {os.sep, os.altsep} - {None, "/"}
+    return name.count("/") > 1 or any(sep in name for sep in separators)
+
+
+def _open(source: str, split: str) -> tuple[Records, str]:
+    """The records of `source` and what to call it when it has none."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if _is_saved_dataset(path):
+            return _saved_dataset_records(path, source, split), "empty dataset"
+        what = "a folder neither written by save_to_disk nor of data files datasets.load_dataset can read"
+        return _load_dataset_records(str(path), source, split, what), "empty dataset"
+    if path.exists():
+        name = path.name.lower()
+        if name.endswith((".jsonl", ".jsonl.gz")):
+            return _jsonl_records(_binary_lines(path, source), source), "empty file"
+        if name.endswith((".json", ".json.gz")):
+            return _json_records(path, source), "empty file"
+        if name.endswith((".csv", ".csv.gz")):
+            return _csv_records(path, source), "empty file"
+        if name.endswith(".parquet"):
+            return _parquet_records(path, source), "empty file"
+        raise UserError(f"{source}: unknown file format; supported: {SUPPORTED}")
+    if _looks_like_path(source):
+        raise UserError(f"{source}: file not found (looked for {path.absolute()})")
+    what = f"neither a local file nor a loadable dataset (split '{split}')"
+    return _load_dataset_records(source, source, split, what), "empty dataset"
+
+
+def load_pairs(source: str | os.PathLike, *, split: str = "train", skip_invalid: bool = False) -> LoadResult:
+    """Load and validate every pair of `source` (see the module docstring for the forms).
+
+    Raises the first record's `DataError`, or with `skip_invalid` collects them in `LoadResult.skipped`.
+    Raises `UserError` for the source as a whole: missing, unknown format, unreadable, empty, or (with
+    `skip_invalid`) without a single valid record.
+    """
+    name = os.fspath(source)
+    records, empty = _open(name, split)
+    pairs: list[PreferencePair] = []
+    skipped: list[DataError] = []
+    count = 0
+    for location, record in records:
+        count += 1
+        try:
+            if isinstance(record, DataError):
+                raise record
+            pairs.append(pair_from_record(record, name, location))  # type: ignore[arg-type]
+        except DataError as err:
+            if not skip_invalid:
+                raise
+            skipped.append(err)
+    if count == 0:
+        raise UserError(f"{name}: no preference pairs found ({empty})")
+    if not pairs:
+        raise UserError(f"{name}: no valid preference pairs (all {count} records are invalid); the first: {skipped[0]}")
+    return LoadResult(pairs, skipped)
+
+
+def describe_skipped(skipped: list[DataError], limit: int = 10) -> str:
+    """One line for the log: how many records were skipped, the first `limit` in full."""
+    if not skipped:
+        return "skipped no invalid records"
+    noun = "record" if len(skipped) == 1 else "records"
+    shown = "; ".join(str(error) for error in skipped[:limit])
+    more = f"; and {len(skipped) - limit} more" if len(skipped) > limit else ""
+    return f"skipped {len(skipped)} invalid {noun}: {shown}{more}"

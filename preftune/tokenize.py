@@ -1,0 +1,109 @@
+"""PreferencePair -> TokenizedPair: chat templates, EOS, the prompt/completion boundary, truncation.
+
+The boundary is settled here and nowhere else, the way TRL 1.x settles it: prompt and prompt+completion are
+tokenized separately, and the completion starts where their ids diverge (a tokenizer may merge tokens across
+the boundary, or a chat template may render the prompt differently alone). On the same pair our ids equal
+TRL's DPOTrainer's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from transformers import PreTrainedTokenizerBase
+
+if TYPE_CHECKING:
+    from preftune.data import PreferencePair, Text
+
+
+@dataclass(frozen=True)
+class TokenizedPair:
+    """Token ids of one preference pair; `index` points back to the pair in the loaded list."""
+
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+    index: int
+
+
+def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _ids(tokenizer: PreTrainedTokenizerBase, text: Text, add_generation_prompt: bool = False) -> list[int]:
+    if isinstance(text, list):
+        rendered = tokenizer.apply_chat_template(
+            text, tokenize=True, return_dict=True, add_generation_prompt=add_generation_prompt
+        )
+        return list(rendered["input_ids"])
+    return list(tokenizer(text=text)["input_ids"])
+
+
+def tokenize_pair(pair: PreferencePair, tokenizer: PreTrainedTokenizerBase, index: int = 0) -> TokenizedPair:
+    """Tokenize one pair: chat template for messages, EOS appended to plain-text completions (as TRL)."""
+    prompt, chosen, rejected = pair.prompt, pair.chosen, pair.rejected
+    if isinstance(prompt, list):
+        prompt_ids = _ids(tokenizer, prompt, add_generation_prompt=True)
+        full_chosen = _ids(tokenizer, prompt + chosen)
+        full_rejected = _ids(tokenizer, prompt + rejected)
+    else:
+        eos = tokenizer.eos_token
+        chosen = chosen if chosen.endswith(eos) else chosen + eos
+        rejected = rejected if rejected.endswith(eos) else rejected + eos
+        prompt_ids = _ids(tokenizer, prompt)
+        full_chosen = _ids(tokenizer, prompt + chosen)
+        full_rejected = _ids(tokenizer, prompt + rejected)
+    boundary = min(common_prefix_length(prompt_ids, full_chosen), common_prefix_length(prompt_ids, full_rejected))
+    return TokenizedPair(prompt_ids[:boundary], full_chosen[boundary:], full_rejected[boundary:], index)
+
+
+def truncate(pair: TokenizedPair, max_length: int | None, mode: str) -> TokenizedPair | None:
+    """Fit prompt + completion into `max_length` tokens per sequence; None when nothing trainable is left.
+
+    keep_start (TRL's default): each sequence keeps its first `max_length` tokens; a pair whose prompt alone
+    fills `max_length` has no completion token left and is dropped.
+    keep_end: the prompt keeps its last tokens, as many as the longer completion leaves room for (the prompt
+    stays shared by both completions); if a completion alone does not fit with one prompt token, its end is cut.
+    """
+    if not max_length:
+        return pair
+    prompt, chosen, rejected = pair.prompt_ids, pair.chosen_ids, pair.rejected_ids
+    if mode == "keep_start":
+        if len(prompt) >= max_length:
+            return None
+        room = max_length - len(prompt)
+        return TokenizedPair(prompt, chosen[:room], rejected[:room], pair.index)
+    if mode == "keep_end":
+        longest = max(len(chosen), len(rejected))
+        prompt_room = max(1, max_length - longest) if prompt else 0
+        prompt = prompt[-prompt_room:] if prompt_room else []
+        room = max_length - len(prompt)
+        if room <= 0:
+            return None
+        return TokenizedPair(prompt, chosen[:room], rejected[:room], pair.index)
+    raise ValueError(f"unknown truncation mode {mode!r}")
+
+
+def tokenize_pairs(
+    pairs: Sequence[PreferencePair],
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int | None,
+    truncation_mode: str = "keep_start",
+) -> tuple[list[TokenizedPair], int]:
+    """Tokenize and truncate every pair; returns the kept pairs and how many were dropped."""
+    kept: list[TokenizedPair] = []
+    dropped = 0
+    for index, pair in enumerate(pairs):
+        fitted = truncate(tokenize_pair(pair, tokenizer, index), max_length, truncation_mode)
+        if fitted is None:
+            dropped += 1
+        else:
+            kept.append(fitted)
+    return kept, dropped

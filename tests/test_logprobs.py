@@ -1,0 +1,40 @@
+"""Summed completion log-probs of the padded batch equal a brute-force, one-sequence-at-a-time computation."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from preftune.batching import collate_padded
+from preftune.logprobs import sequence_logps, token_logps
+from preftune.tokenize import TokenizedPair
+
+
+def brute_force(model, prompt: list[int], completion: list[int]) -> float:
+    ids = torch.tensor([prompt + completion])
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(input_ids=ids).logits[0].double(), dim=-1)
+    return sum(logprobs[len(prompt) + i - 1, token].item() for i, token in enumerate(completion))
+
+
+def test_token_logps_is_log_softmax_gather():
+    logits = torch.randn(2, 3, 11)
+    labels = torch.randint(0, 11, (2, 3))
+    expected = torch.log_softmax(logits, -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(token_logps(logits, labels), expected)
+
+
+def test_sequence_logps_matches_brute_force(tiny_model_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    pairs = [
+        TokenizedPair([5, 6, 7], [8, 9], [10, 11, 12, 13], index=0),
+        TokenizedPair([20], [21, 22, 23, 24, 25], [26], index=1),
+        TokenizedPair([30, 31, 32, 33, 34], [35], [36, 37], index=2),
+    ]
+    with torch.no_grad():
+        out = sequence_logps(model, collate_padded(pairs, pad_token_id=2))
+    for i, pair in enumerate(pairs):
+        assert abs(out.chosen[i].item() - brute_force(model, pair.prompt_ids, pair.chosen_ids)) < 1e-4
+        assert abs(out.rejected[i].item() - brute_force(model, pair.prompt_ids, pair.rejected_ids)) < 1e-4
+    assert out.chosen_tokens.tolist() == [2, 5, 1]
+    assert out.rejected_tokens.tolist() == [4, 1, 2]
