@@ -13,7 +13,7 @@ import json
 import sys
 from collections.abc import Sequence
 
-from preftune.config import Config, apply_yaml, field_type, iter_fields, set_option, validate
+from preftune.config import DEFAULT_JOB_OVERRIDES, Config, apply_yaml, field_type, iter_fields, set_option, validate
 from preftune.errors import EXIT_USER_ERROR, UserError
 
 # Options `preftune eval` takes, and the flag names it gives them where they differ from train's.
@@ -62,7 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
         "train",
         help="train a policy on preference pairs (no --data: the default sentiment job)",
         description="Train a policy with DPO. Without --data, runs the default job: the DPO paper's "
-        "controlled-sentiment experiment in miniature on SmolLM2-135M-Instruct.",
+        "controlled-sentiment experiment in miniature on SmolLM2-135M-Instruct, which uses "
+        + ", ".join(f"{k.split('.')[1]}={v}" for k, v in DEFAULT_JOB_OVERRIDES.items())
+        + " unless you set them.",
     )
     train.add_argument("--config", metavar="FILE", help="YAML file of options; flags override it")
     add_config_flags(train, None)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from preftune.config import Config
+from preftune.config import DEFAULT_JOB_OVERRIDES, Config
 from preftune.evaluate import Sample, kl_from_samples, sample, sequence_logps_of_samples
 from preftune.models import cache_root, load_model, load_tokenizer, resolve_model
 from preftune.trainer import Trainer
@@ -30,16 +30,6 @@ from preftune.trainer import Trainer
 # Bump when prompts, sampling or labelling change, so stale cached pairs are not reused.
 DATA_VERSION = 2
 REPORT_FILE = "sentiment_report.json"
-
-# Settings the default job uses unless the user sets them: enough learning signal for a few minutes of CPU.
-JOB_DEFAULTS = {
-    "train.learning_rate": 2e-5,
-    "train.batch_size": 8,
-    "train.num_epochs": 1.0,
-    "train.warmup_ratio": 0.1,
-    "train.eval_batch_size": 16,
-    "data.max_length": 128,
-}
 
 REQUESTS = (
     "Write a one-sentence review of the movie {title}.",
@@ -217,7 +207,7 @@ def sentiment_report(trainer: Trainer, config: Config) -> dict:
 def run_default_job(config: Config) -> Path:
     """Build (or reuse) the sentiment pairs, train DPO on them, and write the before/after report."""
     started = time.time()
-    for key, value in JOB_DEFAULTS.items():
+    for key, value in DEFAULT_JOB_OVERRIDES.items():
         if key not in config.explicitly_set:
             section, name = key.split(".")
             setattr(getattr(config, section), name, value)
