@@ -156,9 +156,9 @@ def run_eval(config: Config) -> dict[str, float]:
         print(f"dropped {dropped} pairs whose prompt alone fills max_length={d.max_length}", file=sys.stderr)
     if not pairs:
         raise UserError(f"no pairs left after truncation to max_length={d.max_length}")
-    from accelerate import Accelerator
+    from preftune.runtime import make_accelerator
 
-    accelerator = Accelerator(mixed_precision="bf16" if m.bf16 else "no")
+    accelerator = make_accelerator(m.bf16)
     policy = load_model(source, m.trust_remote_code).to(accelerator.device)
     reference_model = policy
     if m.ref_model is not None:

@@ -17,7 +17,6 @@ from datetime import datetime
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
@@ -32,6 +31,7 @@ from preftune.losses import LossParams, compute_loss
 from preftune.metrics import MetricTotals, pair_sums
 from preftune.models import load_policy_and_reference, save_model
 from preftune.reference import reference_source
+from preftune.runtime import make_accelerator
 from preftune.tokenize import TokenizedPair, tokenize_pairs
 
 CONFIG_FILE = "preftune_config.yaml"
@@ -92,9 +92,7 @@ class Trainer:
         c.train.output_dir = str(self.output_dir)
         save_yaml(c, self.output_dir / CONFIG_FILE)
 
-        self.accelerator = Accelerator(
-            mixed_precision="bf16" if c.model.bf16 else "no", gradient_accumulation_steps=c.train.grad_accum
-        )
+        self.accelerator = make_accelerator(c.model.bf16, c.train.grad_accum)
         set_seed(c.train.seed)
         policy, reference, self.tokenizer, self.model_source = load_policy_and_reference(c.model)
         self.pad_token_id = self.tokenizer.pad_token_id
@@ -195,7 +193,9 @@ class Trainer:
                 self.evaluate()
         progress.close()
         if self.eval_pairs:
-            self.final_eval = self.evaluate()
+            # the periodic evaluation may just have run at the last step: reuse it rather than log it twice
+            just_evaluated = c.eval_steps and self.state.step % c.eval_steps == 0
+            self.final_eval = self.last_eval if just_evaluated else self.evaluate()
 
     def evaluate(self) -> dict[str, float]:
         with self.accelerator.autocast():
@@ -210,6 +210,7 @@ class Trainer:
                 device=self.accelerator.device,
             )
         self.log({f"eval_{name}": value for name, value in results.items()})
+        self.last_eval = results
         return results
 
     def log(self, values: dict[str, float]) -> None:
