@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 
 from preftune.config import DEFAULT_JOB_OVERRIDES, Config, apply_yaml, field_type, iter_fields, set_option, validate
-from preftune.errors import EXIT_USER_ERROR, UserError
+from preftune.errors import EXIT_USER_ERROR, RunInterrupted, UserError
 
 # Options `preftune eval` takes, and the flag names it gives them where they differ from train's.
 EVAL_OPTIONS = {
@@ -48,7 +48,10 @@ def add_config_flags(parser: argparse.ArgumentParser, only: dict[str, str | None
         default = getattr(getattr(defaults, section), f.name)
         help_text += f" [default: {default}]"
         flag = "--" + name.replace("_", "-")
-        if field_type(section, f.name) is bool:
+        if key == "train.resume":
+            group.add_argument(flag, dest=key, nargs="?", const="latest", default=argparse.SUPPRESS,
+                               metavar="CHECKPOINT", help=help_text)
+        elif field_type(section, f.name) is bool:
             group.add_argument(flag, dest=key, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                                help=help_text)
         else:
@@ -119,6 +122,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as error:
         print(f"preftune: error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except RunInterrupted as interrupted:
+        print(f"preftune: {interrupted}", file=sys.stderr)
+        return interrupted.exit_code
     except KeyboardInterrupt:
         print("preftune: interrupted", file=sys.stderr)
         return 130

@@ -108,6 +108,17 @@ class TrainConfig:
     eval_steps: int = doc("Evaluate on --eval-data every this many optimizer steps; 0: only at the end.", 0)
     eval_batch_size: int = doc("Pairs per micro-batch when evaluating.", 8)
     shuffle: bool = doc("Shuffle the training pairs each epoch (off: file order, as in exact comparisons).", True)
+    save_steps: int = doc("Write a resumable checkpoint every this many optimizer steps; 0: none.", 0)
+    save_total_limit: int = doc("Keep only the newest this many checkpoints; 0: keep all.", 0)
+    resume: str | None = doc(
+        "Continue a run from a checkpoint: a checkpoint folder, or 'latest' (--resume alone) for the newest whole "
+        "checkpoint in --output-dir. The run's settings must match the checkpoint's."
+    )
+    max_bad_steps: int = doc(
+        "Stop (with a checkpoint) after this many optimizer steps in a row had a non-finite loss or gradient; "
+        "such steps are skipped with a warning.",
+        3,
+    )
 
 
 @dataclass
@@ -260,9 +271,13 @@ def validate(config: Config) -> None:
         if not condition:
             problems.append(message)
 
+    defaults = Config()
+
     def unused(section: str, names: typing.Iterable[str], reason: str) -> None:
+        # set by the user to something other than its default (a saved, resolved config repeats the defaults)
         for name in names:
-            if f"{section}.{name}" in config.explicitly_set:
+            value, default = getattr(getattr(config, section), name), getattr(getattr(defaults, section), name)
+            if f"{section}.{name}" in config.explicitly_set and value != default:
                 problems.append(f"--{name.replace('_', '-')} has no effect {reason}")
 
     need(lo.loss_type in LOSSES, f"--loss-type '{lo.loss_type}' is unknown; choose one of: {', '.join(LOSSES)}")
@@ -283,6 +298,11 @@ def validate(config: Config) -> None:
     need(t.weight_decay >= 0, f"--weight-decay must be >= 0, got {t.weight_decay}")
     need(t.logging_steps >= 1, f"--logging-steps must be >= 1, got {t.logging_steps}")
     need(t.eval_steps >= 0, f"--eval-steps must be >= 0, got {t.eval_steps}")
+    need(t.save_steps >= 0, f"--save-steps must be >= 0, got {t.save_steps}")
+    need(t.save_total_limit >= 0, f"--save-total-limit must be >= 0, got {t.save_total_limit}")
+    need(t.max_bad_steps >= 1, f"--max-bad-steps must be >= 1, got {t.max_bad_steps}")
+    if t.save_steps == 0:
+        unused("train", ["save_total_limit"], "without --save-steps")
     need(m.lora_r >= 1, f"--lora-r must be >= 1, got {m.lora_r}")
     need(0 <= m.lora_dropout < 1, f"--lora-dropout must be in [0, 1), got {m.lora_dropout}")
     if not m.lora:
@@ -300,6 +320,29 @@ def validate(config: Config) -> None:
         need(value >= 1, f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if problems:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
+
+
+# Options that may differ between a checkpoint and the run resuming it: they change where things are written,
+# what is logged or how the result is saved, never the trained weights.
+RESUMABLE_DIFFERENCES = frozenset({
+    "model.cache_dir", "model.merge", "data.eval_data", "data.eval_split", "train.output_dir", "train.overwrite",
+    "train.resume", "train.save_steps", "train.save_total_limit", "train.logging_steps", "train.eval_steps",
+    "train.eval_batch_size", "train.max_bad_steps", "default_job.num_eval_prompts",
+    "default_job.samples_per_eval_prompt",
+})
+
+
+def math_differences(saved: dict[str, dict[str, Any]], current: Config) -> list[str]:
+    """Options whose value differs between a checkpoint's saved config and `current`, ignoring those in
+    RESUMABLE_DIFFERENCES; as 'section.name: saved -> current'."""
+    differences = []
+    for section, values in current.to_dict().items():
+        for name, value in values.items():
+            key = f"{section}.{name}"
+            old = saved.get(section, {}).get(name)
+            if key not in RESUMABLE_DIFFERENCES and old != value:
+                differences.append(f"{key}: {old!r} in the checkpoint, {value!r} now")
+    return differences
 
 
 def reference_markdown() -> str:

@@ -31,3 +31,11 @@ class DataError(UserError):
 
 class ConfigError(UserError):
     """An invalid option or combination of options, found before any model is loaded."""
+
+
+class RunInterrupted(Exception):
+    """Training stopped on SIGTERM or SIGINT after writing a checkpoint; exits with 128 + the signal number."""
+
+    def __init__(self, message: str, signal_number: int) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + signal_number

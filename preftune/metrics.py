@@ -53,5 +53,17 @@ class MetricTotals:
             self.sums[name] += value
         self.num_pairs += num_pairs
 
+    def merge(self, other: MetricTotals) -> None:
+        self.add(other.sums, other.num_pairs)
+
+    def to_dict(self) -> dict:
+        return {"sums": dict(self.sums), "num_pairs": self.num_pairs}
+
+    @classmethod
+    def from_dict(cls, saved: dict) -> MetricTotals:
+        totals = cls()
+        totals.add(saved["sums"], saved["num_pairs"])
+        return totals
+
     def means(self) -> dict[str, float]:
         return {name: self.sums[name] / max(self.num_pairs, 1) for name in METRIC_NAMES}
