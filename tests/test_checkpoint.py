@@ -7,6 +7,7 @@ import errno
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -86,11 +87,12 @@ def test_resume_after_kill_9_equals_the_uninterrupted_run(tmp_path, tiny_model_d
     assert [r["loss"] for r in rows] == [r["loss"] for r in expected]
 
 
-def test_sigterm_checkpoints_and_resumes_exactly(tmp_path, tiny_model_dir, data, uninterrupted):
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_checkpoints_and_resumes_exactly(tmp_path, tiny_model_dir, data, uninterrupted, stop_signal):
     out = tmp_path / "terminated"
     args = run_args(tiny_model_dir, data, out)
-    stopped = start_and_stop(args, out, signal.SIGTERM)
-    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-2000:]
+    stopped = start_and_stop(args, out, stop_signal)
+    assert stopped.returncode == 128 + stop_signal, stopped.stderr[-2000:]
     assert "--resume" in stopped.stderr and "Traceback" not in stopped.stderr
     step = len(train_rows(out))
     assert (out / f"checkpoint-{step}").is_dir()  # written at the step it stopped on
@@ -182,3 +184,16 @@ def test_non_empty_output_dir_needs_resume_or_overwrite(tmp_path, tiny_model_dir
     assert "not empty" in capsys.readouterr().err
     assert main([*run_args(tiny_model_dir, data, out), "--max-steps", "2", "--overwrite"]) == 0
     assert (out / "notes.txt").read_text() == "mine"  # --overwrite replaces run files, never deletes others
+
+
+def test_lora_checkpoint_resumes_the_adapter_exactly(tmp_path, tiny_model_dir, data):
+    out = tmp_path / "lora"
+    args = [*run_args(tiny_model_dir, data, out), "--lora", "--lora-r", "4", "--max-steps", "6", "--save-steps", "3"]
+    assert main(args) == 0
+    finished = load_file(out / "adapter_model.safetensors")
+    saved = load_file(out / "checkpoint-3" / "model.safetensors")
+    assert saved and all("lora_" in name for name in saved)  # only the trainable adapter is checkpointed
+    shutil.rmtree(out / "checkpoint-6")
+    assert main([*args, "--resume"]) == 0  # continues from step 3
+    resumed = load_file(out / "adapter_model.safetensors")
+    assert max((finished[k] - resumed[k]).abs().max().item() for k in finished) == 0.0
