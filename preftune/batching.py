@@ -71,6 +71,26 @@ def batch_order(num_pairs: int, batch_size: int, shuffle: bool, seed: int, epoch
     return [order[i : i + batch_size] for i in range(0, num_pairs, batch_size)]
 
 
+def process_batches(
+    num_pairs: int, batch_size: int, world_size: int, rank: int, shuffle: bool, seed: int, epoch: int
+) -> list[list[int]]:
+    """This process's share of each global micro-batch of one epoch.
+
+    A global micro-batch is `world_size * batch_size` pairs in `batch_order`; process `rank` takes the rank-th
+    contiguous slice, so the processes see disjoint pairs that together cover the epoch, and N processes of
+    batch b see what one process of batch N*b sees. A last global batch too small to give every process a pair
+    is dropped (only when world_size > 1).
+    """
+    batches = batch_order(num_pairs, batch_size * world_size, shuffle, seed, epoch)
+    if world_size > 1 and len(batches[-1]) < world_size:
+        batches = batches[:-1]
+    shares = []
+    for positions in batches:
+        start, end = rank * len(positions) // world_size, (rank + 1) * len(positions) // world_size
+        shares.append(positions[start:end])
+    return shares
+
+
 def iterate_batches(
     pairs: Sequence[TokenizedPair], batch_size: int, pad_token_id: int, shuffle: bool = False, seed: int = 0,
     epoch: int = 0,

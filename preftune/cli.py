@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 from preftune.config import DEFAULT_JOB_OVERRIDES, Config, apply_yaml, field_type, iter_fields, set_option, validate
 from preftune.errors import EXIT_USER_ERROR, RunInterrupted, UserError
+from preftune.runtime import launch_processes, launched
 
 # Options `preftune eval` takes, and the flag names it gives them where they differ from train's.
 EVAL_OPTIONS = {
@@ -115,9 +116,13 @@ def cmd_eval(config: Config) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     try:
         config = build_config(args)
+        if args.command == "train" and config.train.num_processes > 1 and not launched():
+            # checked above, before any process starts; each process parses the same arguments again
+            return launch_processes(config.train.num_processes, argv)
         return cmd_train(config) if args.command == "train" else cmd_eval(config)
     except UserError as error:
         print(f"preftune: error: {error}", file=sys.stderr)

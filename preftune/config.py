@@ -108,6 +108,11 @@ class TrainConfig:
     eval_steps: int = doc("Evaluate on --eval-data every this many optimizer steps; 0: only at the end.", 0)
     eval_batch_size: int = doc("Pairs per micro-batch when evaluating.", 8)
     shuffle: bool = doc("Shuffle the training pairs each epoch (off: file order, as in exact comparisons).", True)
+    num_processes: int = doc(
+        "Processes to train in (started with torchrun; CPU processes use gloo). --batch-size is per process. "
+        "Under an external torchrun or accelerate launch, leave it at 1.",
+        1,
+    )
     save_steps: int = doc("Write a resumable checkpoint every this many optimizer steps; 0: none.", 0)
     save_total_limit: int = doc("Keep only the newest this many checkpoints; 0: keep all.", 0)
     resume: str | None = doc(
@@ -298,6 +303,9 @@ def validate(config: Config) -> None:
     need(t.weight_decay >= 0, f"--weight-decay must be >= 0, got {t.weight_decay}")
     need(t.logging_steps >= 1, f"--logging-steps must be >= 1, got {t.logging_steps}")
     need(t.eval_steps >= 0, f"--eval-steps must be >= 0, got {t.eval_steps}")
+    need(t.num_processes >= 1, f"--num-processes must be >= 1, got {t.num_processes}")
+    need(t.num_processes == 1 or d.data is not None,
+         "--num-processes > 1 needs --data: the default job runs in one process")
     need(t.save_steps >= 0, f"--save-steps must be >= 0, got {t.save_steps}")
     need(t.save_total_limit >= 0, f"--save-total-limit must be >= 0, got {t.save_total_limit}")
     need(t.max_bad_steps >= 1, f"--max-bad-steps must be >= 1, got {t.max_bad_steps}")

@@ -24,7 +24,7 @@ from preftune.reference import ReferenceSource
 from preftune.tokenize import TokenizedPair
 
 
-def evaluate_pairs(
+def evaluate_totals(
     policy: torch.nn.Module,
     reference: ReferenceSource,
     pairs: Sequence[TokenizedPair],
@@ -34,8 +34,8 @@ def evaluate_pairs(
     loss_type: str,
     params: LossParams,
     device: torch.device | str = "cpu",
-) -> dict[str, float]:
-    """The TRL-named preference metrics over `pairs` (pair-weighted means) and `num_pairs`."""
+) -> MetricTotals:
+    """Per-pair sums of the TRL-named preference metrics over `pairs`, without gradients."""
     was_training = policy.training
     policy.eval()
     totals = MetricTotals()
@@ -46,6 +46,13 @@ def evaluate_pairs(
             output = compute_loss(loss_type, policy_logps, reference(batch), params)
             totals.add(pair_sums(output, policy_logps), batch.num_pairs)
     policy.train(was_training)
+    return totals
+
+
+def evaluate_pairs(policy: torch.nn.Module, reference: ReferenceSource, pairs: Sequence[TokenizedPair],
+                   **kwargs) -> dict[str, float]:
+    """The preference metrics over `pairs` (pair-weighted means) and `num_pairs`; arguments as evaluate_totals."""
+    totals = evaluate_totals(policy, reference, pairs, **kwargs)
     return {**totals.means(), "num_pairs": totals.num_pairs}
 
 

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
-from accelerate import Accelerator
-from accelerate.state import AcceleratorState
+import os
+import subprocess
+import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 
 def make_accelerator(bf16: bool, grad_accum: int = 1) -> Accelerator:
@@ -13,5 +18,27 @@ def make_accelerator(bf16: bool, grad_accum: int = 1) -> Accelerator:
     in one process (tests, sweeps, notebooks) are normal here, so the previous run's precision state is cleared
     first. The process group (PartialState) is kept. Remove once accelerate lets an Accelerator be re-configured.
     """
+    # imported here: the CLI imports this module for launching, and `--help` should not wait for torch
+    import torch
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
     AcceleratorState._reset_state(reset_partial_state=False)
-    return Accelerator(mixed_precision="bf16" if bf16 else "no", gradient_accumulation_steps=grad_accum)
+    # cpu=True without CUDA: accelerate then runs several CPU processes (torchrun, accelerate launch) on gloo
+    return Accelerator(
+        mixed_precision="bf16" if bf16 else "no",
+        gradient_accumulation_steps=grad_accum,
+        cpu=not torch.cuda.is_available(),
+    )
+
+
+def launched() -> bool:
+    """True inside a process started by torchrun or accelerate launch."""
+    return "LOCAL_RANK" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def launch_processes(num_processes: int, argv: list[str]) -> int:
+    """Run `preftune <argv>` in `num_processes` processes with torchrun; returns the exit code."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={num_processes}",
+               "-m", "preftune.cli", *argv]
+    return subprocess.call(command)

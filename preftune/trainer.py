@@ -21,16 +21,16 @@ from pathlib import Path
 
 import torch
 import yaml
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast_object_list, set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from preftune.batching import Batch, batch_order, collate_padded
+from preftune.batching import Batch, collate_padded, process_batches
 from preftune.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from preftune.config import Config, math_differences, save_yaml
 from preftune.data import LoadResult, describe_skipped, load_pairs
 from preftune.errors import RunInterrupted, UserError
-from preftune.evaluate import evaluate_pairs
+from preftune.evaluate import evaluate_totals
 from preftune.logprobs import sequence_logps
 from preftune.losses import LossParams, compute_loss
 from preftune.metrics import MetricTotals, pair_sums
@@ -97,11 +97,10 @@ def load_data(source: str, split: str, skip_invalid: bool) -> LoadResult:
     return result
 
 
-def count_steps(num_pairs: int, batch_size: int, grad_accum: int, num_epochs: float, max_steps: int) -> int:
+def count_steps(batches_per_epoch: int, grad_accum: int, num_epochs: float, max_steps: int) -> int:
     """Optimizer steps of the run: --max-steps, else num_epochs passes of grad_accum micro-batches each."""
     if max_steps > 0:
         return max_steps
-    batches_per_epoch = math.ceil(num_pairs / batch_size)
     return max(1, math.ceil(num_epochs * batches_per_epoch / grad_accum))
 
 
@@ -112,6 +111,7 @@ class RunState:
     step: int = 0
     micro_batches_seen: int = 0
     bad_steps_in_row: int = 0
+    world_size: int = 1  # processes; a checkpoint resumes only under the same number
     interval: dict = field(default_factory=lambda: MetricTotals().to_dict())  # metrics since the last log line
 
 
@@ -129,7 +129,17 @@ class Trainer:
         # Data first: a bad file must stop the run before minutes of model loading.
         train_data = load_data(c.data.data, c.data.split, c.data.skip_invalid)
         eval_data = load_data(c.data.eval_data, c.data.eval_split, c.data.skip_invalid) if c.data.eval_data else None
-        self.output_dir = prepare_output_dir(c.train.output_dir, c.train.overwrite, resuming=bool(c.train.resume))
+        self.accelerator = accelerator = make_accelerator(c.model.bf16, c.train.grad_accum)
+        self.rank, self.world_size = accelerator.process_index, accelerator.num_processes
+        self.state.world_size = self.world_size
+        # the main process checks and creates the run folder; the others take its path (the default name has
+        # the time in it, which could differ between processes)
+        folder = [None]
+        if accelerator.is_main_process:
+            folder = [str(prepare_output_dir(c.train.output_dir, c.train.overwrite, bool(c.train.resume)))]
+        if self.world_size > 1:
+            broadcast_object_list(folder)
+        self.output_dir = Path(folder[0])
         c.train.output_dir = str(self.output_dir)
         self.resume_from = find_checkpoint(c.train.resume, self.output_dir) if c.train.resume else None
         if self.resume_from is not None:  # refuse before loading models: a changed setting changes the math
@@ -138,9 +148,8 @@ class Trainer:
             if differences:
                 raise UserError(f"cannot resume from {self.resume_from}: settings differ from the checkpoint's:\n  "
                                 + "\n  ".join(differences))
-        save_yaml(c, self.output_dir / CONFIG_FILE)
-
-        self.accelerator = make_accelerator(c.model.bf16, c.train.grad_accum)
+        if accelerator.is_main_process:
+            save_yaml(c, self.output_dir / CONFIG_FILE)
         set_seed(c.train.seed)
         policy, reference, self.tokenizer, self.model_source = load_policy_and_reference(c.model)
         self.pad_token_id = self.tokenizer.pad_token_id
@@ -148,10 +157,12 @@ class Trainer:
         self.train_pairs = self.tokenize(train_data, "training")
         self.train_locations = [f"{p.source} {p.location}" for p in train_data.pairs]  # for messages
         self.eval_pairs = self.tokenize(eval_data, "evaluation") if eval_data else []
-        self.total_steps = count_steps(
-            len(self.train_pairs), c.train.batch_size, c.train.grad_accum, c.train.num_epochs, c.train.max_steps
-        )
-        self.batches_per_epoch = math.ceil(len(self.train_pairs) / c.train.batch_size)
+        self.batches_per_epoch = len(self.epoch_batches(0))
+        if self.batches_per_epoch == 0:
+            raise UserError(f"{len(self.train_pairs)} training pairs cannot give each of {self.world_size} "
+                            "processes a pair")
+        self.total_steps = count_steps(self.batches_per_epoch, c.train.grad_accum, c.train.num_epochs,
+                                       c.train.max_steps)
 
         trainable = [p for p in policy.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(
@@ -166,7 +177,10 @@ class Trainer:
             num_warmup_steps=math.ceil(c.train.warmup_ratio * self.total_steps),
             num_training_steps=self.total_steps,
         )
-        self.policy, self.optimizer, self.scheduler = self.accelerator.prepare(policy, optimizer, scheduler)
+        # the scheduler stays out of accelerate's prepare: that wrapper steps it once per process, for loaders it
+        # shards itself; our step count is already global
+        self.policy, self.optimizer = self.accelerator.prepare(policy, optimizer)
+        self.scheduler = scheduler
         self.trainable = trainable
         if reference is not None:
             reference.to(self.accelerator.device)
@@ -179,12 +193,16 @@ class Trainer:
 
         from torch.utils.tensorboard import SummaryWriter
 
-        # purge_step: TensorBoard drops events a killed run logged after the checkpoint
-        self.tensorboard = SummaryWriter(str(self.output_dir / "tensorboard"), purge_step=self.state.step + 1)
-        self.metrics_file = (self.output_dir / METRICS_FILE).open("a", encoding="utf-8")
-        print(
+        self.tensorboard = self.metrics_file = None  # written by the main process only
+        if accelerator.is_main_process:
+            # purge_step: TensorBoard drops events a killed run logged after the checkpoint
+            self.tensorboard = SummaryWriter(str(self.output_dir / "tensorboard"), purge_step=self.state.step + 1)
+            self.metrics_file = (self.output_dir / METRICS_FILE).open("a", encoding="utf-8")
+        processes = f" in each of {self.world_size} processes" if self.world_size > 1 else ""
+        accelerator.print(
             f"training {self.model_source} on {len(self.train_pairs)} pairs for {self.total_steps} steps "
-            f"({c.train.batch_size} pairs x {c.train.grad_accum} micro-batches per step); run folder {self.output_dir}",
+            f"({c.train.batch_size} pairs x {c.train.grad_accum} micro-batches per step{processes}); "
+            f"run folder {self.output_dir}",
             flush=True,
         )
 
@@ -198,13 +216,17 @@ class Trainer:
         return pairs
 
     # ---- train -------------------------------------------------------------------------------------------
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """This process's micro-batches of one epoch, as positions in `train_pairs`."""
+        c = self.config.train
+        return process_batches(len(self.train_pairs), c.batch_size, self.world_size, self.rank, c.shuffle, c.seed,
+                               epoch)
+
     def micro_batches(self) -> Iterator[Batch]:
         """Micro-batches forever, epoch after epoch, reshuffled per epoch; resumes at `micro_batches_seen`."""
-        c = self.config.train
         while True:
             epoch, offset = divmod(self.state.micro_batches_seen, self.batches_per_epoch)
-            order = batch_order(len(self.train_pairs), c.batch_size, c.shuffle, c.seed, epoch)
-            for positions in order[offset:]:
+            for positions in self.epoch_batches(epoch)[offset:]:
                 self.state.micro_batches_seen += 1
                 yield collate_padded([self.train_pairs[i] for i in positions], self.pad_token_id).to(
                     self.accelerator.device
@@ -215,22 +237,25 @@ class Trainer:
         accelerator, policy, optimizer, scheduler = self.accelerator, self.policy, self.optimizer, self.scheduler
         stream = self.micro_batches()
         interval = MetricTotals.from_dict(self.state.interval)
-        progress = tqdm(total=self.total_steps, initial=self.state.step, desc="train", dynamic_ncols=True)
+        progress = tqdm(total=self.total_steps, initial=self.state.step, desc="train", dynamic_ncols=True,
+                        disable=not accelerator.is_main_process)
         policy.train()
         with stop_on_signals() as signal_received:
             while self.state.step < self.total_steps:
                 step_totals, bad_pairs = MetricTotals(), []
-                for _ in range(c.grad_accum):
+                for micro in range(c.grad_accum):
                     batch = next(stream)
-                    with accelerator.autocast():
+                    # gradients are averaged across processes once per step, on the last micro-batch
+                    syncing = micro == c.grad_accum - 1
+                    with contextlib.nullcontext() if syncing else accelerator.no_sync(policy), accelerator.autocast():
                         policy_logps = sequence_logps(policy, batch)
                         reference_logps = self.reference(batch)
                         output = compute_loss(
                             self.config.loss.loss_type, policy_logps, reference_logps, self.loss_params
                         )
                         loss = output.losses.mean()
-                    # accelerator.backward divides by grad_accum: the step's gradient is the mean over micro-batches
-                    accelerator.backward(loss)
+                        # divided by grad_accum in accelerator.backward: the gradient is the mean over micro-batches
+                        accelerator.backward(loss)
                     sums = pair_sums(output, policy_logps)  # one device sync per micro-batch, for all metrics
                     if not math.isfinite(sums["loss"]):
                         bad_pairs += batch.pair_indices
@@ -249,11 +274,12 @@ class Trainer:
                 self.state.step += 1
                 progress.update(1)
 
-                if interval.num_pairs and (self.state.step % c.logging_steps == 0
-                                           or self.state.step == self.total_steps):
-                    means = interval.means()
-                    self.log({**means, "learning_rate": learning_rate, "grad_norm": grad_norm})
-                    progress.set_postfix(loss=f"{means['loss']:.4f}", acc=f"{means['rewards/accuracies']:.2f}")
+                if self.state.step % c.logging_steps == 0 or self.state.step == self.total_steps:
+                    logged = self.reduce(interval)
+                    if logged.num_pairs:  # none when every step since the last log was skipped
+                        means = logged.means()
+                        self.log({**means, "learning_rate": learning_rate, "grad_norm": grad_norm})
+                        progress.set_postfix(loss=f"{means['loss']:.4f}", acc=f"{means['rewards/accuracies']:.2f}")
                     interval = MetricTotals()
                 self.state.interval = interval.to_dict()
                 if self.eval_pairs and c.eval_steps and self.state.step % c.eval_steps == 0:
@@ -267,12 +293,12 @@ class Trainer:
                         "non-finite loss or gradient (see the warnings above for the pairs). Lower --learning-rate, "
                         f"check those pairs, or try without --bf16. Checkpoint: {path}"
                     )
-                if signal_received():
+                if self.any_process(signal_received() is not None):
                     path = self.save_checkpoint()
                     raise RunInterrupted(
                         f"stopped at step {self.state.step} of {self.total_steps}; checkpoint {path}. Resume with:\n"
                         f"  preftune train --config {self.output_dir / CONFIG_FILE} --resume",
-                        signal_received(),
+                        signal_received() or signal.SIGTERM,
                     )
         progress.close()
         if self.eval_pairs:
@@ -281,13 +307,31 @@ class Trainer:
             self.final_eval = self.last_eval if just_evaluated else self.evaluate()
 
     def pairs_of_step(self) -> list[int]:
-        """Indices of the pairs in the micro-batches of the step just run (for messages)."""
-        c = self.config.train
+        """Indices of this process's pairs in the micro-batches of the step just run (for messages)."""
         indices = []
-        for seen in range(self.state.micro_batches_seen - c.grad_accum, self.state.micro_batches_seen):
+        for seen in range(self.state.micro_batches_seen - self.config.train.grad_accum, self.state.micro_batches_seen):
             epoch, position = divmod(seen, self.batches_per_epoch)
-            indices += batch_order(len(self.train_pairs), c.batch_size, c.shuffle, c.seed, epoch)[position]
+            indices += self.epoch_batches(epoch)[position]
         return [self.train_pairs[i].index for i in indices]
+
+    def reduce(self, totals: MetricTotals) -> MetricTotals:
+        """Metric sums added over all processes: means are then over every pair of the step, not per process."""
+        if self.world_size == 1:
+            return totals
+        names = sorted(totals.sums)
+        packed = torch.tensor([totals.sums[n] for n in names] + [totals.num_pairs], dtype=torch.float64,
+                              device=self.accelerator.device)
+        packed = self.accelerator.reduce(packed, reduction="sum").tolist()
+        reduced = MetricTotals()
+        reduced.add(dict(zip(names, packed[:-1])), int(packed[-1]))
+        return reduced
+
+    def any_process(self, flag: bool) -> bool:
+        """True on every process if `flag` is true on any (so that all stop at the same step)."""
+        if self.world_size == 1:
+            return flag
+        flags = torch.tensor([float(flag)], device=self.accelerator.device)
+        return bool(self.accelerator.reduce(flags, reduction="sum").item() > 0)
 
     def skip_step(self, pair_indices: list[int], what: str) -> None:
         """Leave the weights as they are for this step, and say which pairs were involved."""
@@ -299,49 +343,63 @@ class Trainer:
         self.log({"skipped": f"non-finite {what}", "pair_indices": indices}, step=self.state.step + 1)
 
     def save_checkpoint(self) -> Path:
-        metrics_lines = (self.output_dir / METRICS_FILE).read_text(encoding="utf-8").splitlines(keepends=True)
-        return save_checkpoint(
-            self.output_dir,
-            self.state.step,
-            self.accelerator.unwrap_model(self.policy),
-            self.optimizer,
-            self.scheduler,
-            asdict(self.state),
-            metrics_lines,
-            yaml.safe_dump(self.config.to_dict(), sort_keys=False),
-            keep=self.config.train.save_total_limit or None,
-        )
+        path = self.output_dir / f"checkpoint-{self.state.step}"
+        if self.accelerator.is_main_process:  # every replica holds the same weights and optimizer state
+            metrics_lines = (self.output_dir / METRICS_FILE).read_text(encoding="utf-8").splitlines(keepends=True)
+            path = save_checkpoint(
+                self.output_dir,
+                self.state.step,
+                self.accelerator.unwrap_model(self.policy),
+                self.optimizer,
+                self.scheduler,
+                asdict(self.state),
+                metrics_lines,
+                yaml.safe_dump(self.config.to_dict(), sort_keys=False),
+                keep=self.config.train.save_total_limit or None,
+            )
+        self.accelerator.wait_for_everyone()
+        return path
 
     def restore(self, checkpoint: Path) -> None:
         """Continue from `checkpoint`: weights, optimizer, schedule, random states, data position, metrics."""
         loop_state, metrics_lines = load_checkpoint(
             checkpoint, self.accelerator.unwrap_model(self.policy), self.optimizer, self.scheduler
         )
+        if loop_state.get("world_size", 1) != self.world_size:
+            raise UserError(f"{checkpoint} was written by {loop_state.get('world_size', 1)} processes; resume it "
+                            f"with the same number (now {self.world_size})")
         self.state = RunState(**loop_state)
-        # metrics.jsonl restarts from the checkpoint's copy: rows a killed run wrote after it are dropped
-        staging = self.output_dir / (METRICS_FILE + ".tmp")
-        staging.write_text("".join(metrics_lines), encoding="utf-8")
-        staging.replace(self.output_dir / METRICS_FILE)
-        print(f"resuming from {checkpoint} at step {self.state.step}", flush=True)
+        if self.accelerator.is_main_process:
+            # metrics.jsonl restarts from the checkpoint's copy: rows a killed run wrote after it are dropped
+            staging = self.output_dir / (METRICS_FILE + ".tmp")
+            staging.write_text("".join(metrics_lines), encoding="utf-8")
+            staging.replace(self.output_dir / METRICS_FILE)
+        self.accelerator.wait_for_everyone()
+        self.accelerator.print(f"resuming from {checkpoint} at step {self.state.step}", flush=True)
 
     def evaluate(self) -> dict[str, float]:
+        # each process scores its share of the pairs with the plain (unwrapped) model: no collective inside
         with self.accelerator.autocast():
-            results = evaluate_pairs(
-                self.policy,
+            totals = evaluate_totals(
+                self.accelerator.unwrap_model(self.policy),
                 self.reference,
-                self.eval_pairs,
+                self.eval_pairs[self.rank :: self.world_size],
                 batch_size=self.config.train.eval_batch_size,
                 pad_token_id=self.pad_token_id,
                 loss_type=self.config.loss.loss_type,
                 params=self.loss_params,
                 device=self.accelerator.device,
             )
+        totals = self.reduce(totals)
+        results = {**totals.means(), "num_pairs": totals.num_pairs}
         self.log({f"eval_{name}": value for name, value in results.items()})
         self.last_eval = results
         return results
 
     def log(self, values: dict, step: int | None = None) -> None:
         """One JSON line in metrics.jsonl (with step, epoch and wall time) and the numbers in TensorBoard."""
+        if self.metrics_file is None:  # not the main process
+            return
         step = self.state.step if step is None else step
         epoch = self.state.micro_batches_seen / self.batches_per_epoch
         record = {"step": step, "epoch": round(epoch, 4), "time": time.time(), **values}
@@ -354,17 +412,19 @@ class Trainer:
 
     # ---- save / cleanup ----------------------------------------------------------------------------------
     def save(self) -> None:
-        policy = self.accelerator.unwrap_model(self.policy)
-        save_model(policy, self.tokenizer, self.output_dir, merge=self.config.model.merge)
-        save_yaml(self.config, self.output_dir / CONFIG_FILE)
-        if self.final_eval is not None:
-            (self.output_dir / "eval_results.json").write_text(json.dumps(self.final_eval, indent=2) + "\n")
-        print(f"saved the trained model to {self.output_dir}", flush=True)
+        if self.accelerator.is_main_process:
+            policy = self.accelerator.unwrap_model(self.policy)
+            save_model(policy, self.tokenizer, self.output_dir, merge=self.config.model.merge)
+            save_yaml(self.config, self.output_dir / CONFIG_FILE)
+            if self.final_eval is not None:
+                (self.output_dir / "eval_results.json").write_text(json.dumps(self.final_eval, indent=2) + "\n")
+            print(f"saved the trained model to {self.output_dir}", flush=True)
+        self.accelerator.wait_for_everyone()
 
     def cleanup(self) -> None:
-        if hasattr(self, "metrics_file"):
+        if getattr(self, "metrics_file", None) is not None:
             self.metrics_file.close()
-        if hasattr(self, "tensorboard"):
+        if getattr(self, "tensorboard", None) is not None:
             self.tensorboard.close()
 
     def run(self) -> Path:

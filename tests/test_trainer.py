@@ -24,10 +24,10 @@ def train(tmp_path, name, model_dir, data, *extra: str):
 
 
 def test_count_steps():
-    assert count_steps(10, 4, 1, 1.0, -1) == 3
-    assert count_steps(10, 4, 2, 1.0, -1) == 2
-    assert count_steps(10, 4, 1, 2.5, -1) == 8
-    assert count_steps(10, 4, 1, 1.0, 5) == 5
+    assert count_steps(3, 1, 1.0, -1) == 3  # 3 micro-batches per epoch
+    assert count_steps(3, 2, 1.0, -1) == 2
+    assert count_steps(3, 1, 2.5, -1) == 8
+    assert count_steps(3, 1, 1.0, 5) == 5
 
 
 def test_gradient_accumulation_equals_the_big_batch(tmp_path, tiny_model_dir):
