@@ -20,6 +20,7 @@ from preftune.runtime import launch_processes, launched
 # Options `preftune eval` takes, and the flag names it gives them where they differ from train's.
 EVAL_OPTIONS = {
     "model.model": None, "model.ref_model": None, "model.trust_remote_code": None, "model.bf16": None,
+    "model.attn_implementation": None,
     "model.cache_dir": None, "data.data": None, "data.split": None, "data.skip_invalid": None,
     "data.max_length": None, "data.truncation_mode": None, "loss.loss_type": None, "loss.beta": None,
     "train.eval_batch_size": "batch_size",

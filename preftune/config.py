@@ -43,6 +43,19 @@ class ModelConfig:
     )
     trust_remote_code: bool = doc("Allow model repositories to run their own Python code. Off: never.", False)
     bf16: bool = doc("Train and evaluate under bfloat16 autocast (weights and optimizer state stay fp32).", False)
+    attn_implementation: str | None = doc(
+        "Attention kernel: sdpa, eager or flash_attention_2 (needs the flash-attn package and a GPU). "
+        "Unset: transformers' choice."
+    )
+    gradient_checkpointing: bool = doc(
+        "Recompute activations in the backward pass instead of storing them: less memory, about a third more "
+        "compute.",
+        False,
+    )
+    load_in_4bit: bool = doc(
+        "QLoRA: load the base weights in 4-bit NF4 (bitsandbytes, CUDA GPUs only) and train a LoRA adapter on them.",
+        False,
+    )
     lora: bool = doc("Train a LoRA adapter (peft) instead of all weights.", False)
     lora_r: int = doc("LoRA rank.", 16)
     lora_alpha: int = doc("LoRA scaling numerator (the update is scaled by lora_alpha / lora_r).", 32)
@@ -313,6 +326,10 @@ def validate(config: Config) -> None:
         unused("train", ["save_total_limit"], "without --save-steps")
     need(m.lora_r >= 1, f"--lora-r must be >= 1, got {m.lora_r}")
     need(0 <= m.lora_dropout < 1, f"--lora-dropout must be in [0, 1), got {m.lora_dropout}")
+    need(m.attn_implementation in {None, "sdpa", "eager", "flash_attention_2", "flex_attention"},
+         f"--attn-implementation must be sdpa, eager, flash_attention_2 or flex_attention, got "
+         f"'{m.attn_implementation}'")
+    need(not m.load_in_4bit or m.lora, "--load-in-4bit trains a LoRA adapter on 4-bit weights: add --lora")
     if not m.lora:
         unused("model", ["lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "merge"], "without --lora")
     if d.eval_data is None:

@@ -166,10 +166,11 @@ def run_eval(config: Config) -> dict[str, float]:
     from preftune.runtime import make_accelerator
 
     accelerator = make_accelerator(m.bf16)
-    policy = load_model(source, m.trust_remote_code).to(accelerator.device)
+    policy = load_model(source, m.trust_remote_code, m.attn_implementation).to(accelerator.device)
     reference_model = policy
     if m.ref_model is not None:
-        reference_model = load_model(resolve_model(m.ref_model, m.cache_dir), m.trust_remote_code)
+        reference_model = load_model(resolve_model(m.ref_model, m.cache_dir), m.trust_remote_code,
+                                     m.attn_implementation)
         reference_model.to(accelerator.device)
     with accelerator.autocast():
         return evaluate_pairs(

@@ -126,10 +126,30 @@ def disable_dropout(model: torch.nn.Module) -> None:
             module.p = 0.0
 
 
-def load_model(source: str, trust_remote_code: bool = False) -> PreTrainedModel:
+def quantization_config() -> object:
+    """QLoRA's 4-bit NF4 base weights (bitsandbytes); a clear error where they cannot run."""
+    if not torch.cuda.is_available():
+        raise UserError("--load-in-4bit (QLoRA) needs a CUDA GPU: bitsandbytes' 4-bit kernels do not run on this "
+                        "machine's CPU. Use --lora without --load-in-4bit here.")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise UserError("--load-in-4bit needs the bitsandbytes package: pip install bitsandbytes")
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16)
+
+
+def load_model(
+    source: str, trust_remote_code: bool = False, attn_implementation: str | None = None, load_in_4bit: bool = False
+) -> PreTrainedModel:
+    extra: dict = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    if load_in_4bit:
+        extra["quantization_config"] = quantization_config()
     try:
         AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=torch.float32, trust_remote_code=trust_remote_code, **extra
+        )
     except OSError as error:
         raise UserError(f"cannot load a causal language model from {source}: {error}") from None
     disable_dropout(model)
@@ -163,15 +183,25 @@ def load_policy_and_reference(
     and the resolved policy source."""
     source = resolve_model(config.model, config.cache_dir)
     tokenizer = load_tokenizer(source, config.trust_remote_code)
-    policy = load_model(source, config.trust_remote_code)
+    if config.load_in_4bit:
+        quantization_config()  # fail before any weights load
+    policy = load_model(source, config.trust_remote_code, config.attn_implementation, config.load_in_4bit)
     if config.ref_model is not None:
-        reference = frozen(load_model(resolve_model(config.ref_model, config.cache_dir), config.trust_remote_code))
+        reference = frozen(load_model(resolve_model(config.ref_model, config.cache_dir), config.trust_remote_code,
+                                      config.attn_implementation, config.load_in_4bit))
     elif config.lora:
         reference = None
     else:
         reference = frozen(copy.deepcopy(policy))
+    if config.load_in_4bit:
+        from peft import prepare_model_for_kbit_training
+
+        policy = prepare_model_for_kbit_training(policy, use_gradient_checkpointing=config.gradient_checkpointing)
     if config.lora:
         policy = add_lora(policy, config)
+    if config.gradient_checkpointing:
+        # non-reentrant: works with frozen inputs (LoRA) without enable_input_require_grads
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return policy, reference, tokenizer, source
 
 

@@ -65,3 +65,31 @@ def test_bf16_autocast_trains(tmp_path, tiny_model_dir, pairs_file):
     assert all(math.isfinite(r["loss"]) for r in rows)
     # weights and optimizer state stay fp32; autocast only changes the matmuls
     assert all(t.dtype == torch.float32 for t in load_file(out / "model.safetensors").values())
+
+
+def test_gradient_checkpointing_gives_the_same_steps(tmp_path, tiny_model_dir, pairs_file):
+    plain, plain_rows = train(tmp_path, "plain", tiny_model_dir, pairs_file, "--batch-size", "2", "--max-steps", "3")
+    checkpointed, checkpointed_rows = train(tmp_path, "gc", tiny_model_dir, pairs_file, "--batch-size", "2",
+                                            "--max-steps", "3", "--gradient-checkpointing")
+    for a, b in zip(plain_rows, checkpointed_rows, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+    a, b = load_file(plain / "model.safetensors"), load_file(checkpointed / "model.safetensors")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusal")
+def test_qlora_on_cpu_is_a_clear_error(tmp_path, tiny_model_dir, pairs_file, capsys):
+    code = main(["train", "--model", str(tiny_model_dir), "--data", str(pairs_file), "--output-dir",
+                 str(tmp_path / "q"), "--lora", "--load-in-4bit"])
+    assert code == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_attention_implementations_agree(tmp_path, tiny_model_dir, pairs_file, capsys):
+    results = {}
+    for kernel in ("eager", "sdpa"):
+        assert main(["eval", "--model", str(tiny_model_dir), "--data", str(pairs_file), "--ref-model",
+                     str(tiny_model_dir), "--attn-implementation", kernel]) == 0
+        results[kernel] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert results["eager"]["logps/chosen"] == pytest.approx(results["sdpa"]["logps/chosen"], rel=1e-5)
