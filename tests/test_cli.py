@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -102,3 +103,21 @@ def test_bad_data_exits_2_without_traceback_before_loading_a_model(tmp_path):
 def test_bad_option_exits_2_before_loading(tmp_path, pairs_file, capsys):
     assert main(["train", "--data", str(pairs_file), "--beta", "-1"]) == 2
     assert "--beta must be > 0" in capsys.readouterr().err
+
+
+def test_trains_on_real_hh_rlhf_pairs(tmp_path, tiny_model_dir, capsys):
+    """The real HH-RLHF harmless-base test split (implicit prompts) through the whole CLI, on a tiny model."""
+    from tests.conftest import HH_RLHF
+
+    if not HH_RLHF.is_file():
+        pytest.skip(f"{HH_RLHF} not present (it lives in ../shared beside the checkout)")
+    out = tmp_path / "hh"
+    code = main(["train", "--model", str(tiny_model_dir), "--data", str(HH_RLHF), "--skip-invalid", "--output-dir",
+                 str(out), "--max-steps", "2", "--batch-size", "2", "--max-length", "256"])
+    assert code == 0
+    captured = capsys.readouterr().out
+    assert "skipped 4 invalid records" in captured and "line 87" in captured
+    trained = int(re.search(r"on (\d+) pairs", captured).group(1))
+    dropped = re.search(r"dropped (\d+) training pairs", captured)
+    assert trained + (int(dropped.group(1)) if dropped else 0) == 2312 - 4
+    assert len([line for line in (out / "metrics.jsonl").read_text().splitlines()]) == 2
