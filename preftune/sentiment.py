@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from preftune.config import DEFAULT_JOB_OVERRIDES, Config
+from preftune.errors import UserError
 from preftune.evaluate import Sample, kl_from_samples, sample, sequence_logps_of_samples
 from preftune.models import cache_root, load_model, load_tokenizer, resolve_model
 from preftune.trainer import Trainer
@@ -97,8 +98,8 @@ def build_pairs(
     for i, prompt in enumerate(prompts):
         first, second = samples[2 * i], samples[2 * i + 1]
         score_first, score_second = reward(first.text), reward(second.text)
-        if score_first == score_second or first.text.strip() == second.text.strip() or not first.text.strip() \
-                or not second.text.strip():
+        texts = first.text.strip(), second.text.strip()
+        if score_first == score_second or texts[0] == texts[1] or not all(texts):  # no preference to learn
             ties += 1
             continue
         chosen, rejected = (first, second) if score_first > score_second else (second, first)
@@ -136,7 +137,7 @@ def preference_files(config: Config, source: str) -> tuple[Path, Path]:
         prompts = make_prompts(count, seed, held_out)
         records, ties = build_pairs(model, tokenizer, prompts, reward, job.max_new_tokens, seed + int(held_out))
         if not records:
-            raise RuntimeError("every sampled pair was a tie; raise --num-prompts")
+            raise UserError("every sampled pair was a tie (equal rewards); raise --num-prompts")
         write_jsonl(path, records)
         print(f"sampled {len(records)} {'held-out' if held_out else 'training'} pairs "
               f"({ties} ties dropped) into {path}", flush=True)
