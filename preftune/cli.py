@@ -22,8 +22,9 @@ EVAL_OPTIONS = {
     "model.model": None, "model.ref_model": None, "model.trust_remote_code": None, "model.bf16": None,
     "model.attn_implementation": None,
     "model.cache_dir": None, "data.data": None, "data.split": None, "data.skip_invalid": None,
-    "data.max_length": None, "data.truncation_mode": None, "loss.loss_type": None, "loss.beta": None,
-    "train.eval_batch_size": "batch_size",
+    "data.max_length": None, "data.truncation_mode": None, "train.eval_batch_size": "batch_size",
+    # every loss option, so that a model pair can be scored under any objective
+    **{f"loss.{f.name}": None for section, f in iter_fields() if section == "loss"},
 }
 
 
@@ -81,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--config", metavar="FILE", help="YAML file of options; flags override it")
     add_config_flags(evaluate, EVAL_OPTIONS)
+    plot = commands.add_parser("plot", help="draw a run's training and eval curves as a PNG",
+                               description="Loss, preference accuracy, reward margin and chosen/rejected rewards "
+                               "(train and eval) from RUN_DIR/metrics.jsonl, as one PNG.")
+    plot.add_argument("run_dir", metavar="RUN_DIR", help="a preftune run folder (holds metrics.jsonl)")
+    plot.add_argument("--output", metavar="PNG", help="where to write the picture [default: RUN_DIR/curves.png]")
     return parser
 
 
@@ -120,6 +126,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "plot":
+            from preftune.plot import plot_run
+
+            print(plot_run(args.run_dir, args.output))
+            return 0
         config = build_config(args)
         if args.command == "train" and config.train.num_processes > 1 and not launched():
             # checked above, before any process starts; each process parses the same arguments again
