@@ -17,12 +17,24 @@ from preftune.config import DEFAULT_JOB_OVERRIDES, Config, apply_yaml, field_typ
 from preftune.errors import EXIT_USER_ERROR, RunInterrupted, UserError
 from preftune.runtime import launch_processes, launched
 
-# Options `preftune eval` takes, and the flag names it gives them where they differ from train's.
+# The options each command other than train takes, and the flag names it gives them where they differ from
+# train's (their batch size is train's eval_batch_size).
+MODEL_PAIR = {"model.model": None, "model.ref_model": None, "model.trust_remote_code": None, "model.bf16": None,
+              "model.attn_implementation": None, "model.cache_dir": None, "train.eval_batch_size": "batch_size"}
+PAIR_DATA = {"data.data": None, "data.split": None, "data.skip_invalid": None, "data.max_length": None,
+             "data.truncation_mode": None}
+SAMPLING = {"sample.prompts": None, "sample.output": None, "sample.num_samples": None,
+            "sample.max_new_tokens": None, "train.seed": None}
+GENERATE_OPTIONS = {**{k: v for k, v in MODEL_PAIR.items() if k != "model.ref_model"}, **SAMPLING,
+                    "sample.temperature": None, "sample.top_p": None}
+SCORE_OPTIONS = {**MODEL_PAIR, **PAIR_DATA, "sample.prompts": None, "sample.output": None, "loss.beta": None}
+JUDGE_OPTIONS = {**MODEL_PAIR, **SAMPLING, "sample.reward": None}
+FRONTIER_OPTIONS = {"train.output_dir": None, "train.overwrite": None, "train.seed": None, "model.cache_dir": None,
+                    "default_job.num_prompts": None, "default_job.num_eval_prompts": None,
+                    "default_job.samples_per_eval_prompt": None, "default_job.frontier_betas": "betas",
+                    "sample.max_new_tokens": None}
 EVAL_OPTIONS = {
-    "model.model": None, "model.ref_model": None, "model.trust_remote_code": None, "model.bf16": None,
-    "model.attn_implementation": None,
-    "model.cache_dir": None, "data.data": None, "data.split": None, "data.skip_invalid": None,
-    "data.max_length": None, "data.truncation_mode": None, "train.eval_batch_size": "batch_size",
+    **MODEL_PAIR, **PAIR_DATA,
     # every loss option, so that a model pair can be scored under any objective
     **{f"loss.{f.name}": None for section, f in iter_fields() if section == "loss"},
 }
@@ -82,6 +94,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--config", metavar="FILE", help="YAML file of options; flags override it")
     add_config_flags(evaluate, EVAL_OPTIONS)
+    for name, options, summary, description in (
+        ("generate", GENERATE_OPTIONS, "sample completions for a file of prompts (JSONL out)",
+         "Batched sampling from --model (chat template applied to message prompts): --num-samples per prompt, "
+         "--temperature, --top-p, --max-new-tokens, --seed. Writes JSONL (or CSV) to --output or stdout."),
+        ("score", SCORE_OPTIONS, "implicit rewards beta*log(pi/pi_ref) of responses; best-of-N ranks",
+         "The implicit reward of each response under --model against --ref-model: of chosen and rejected for "
+         "--data pairs, or of every candidate (with its rank) for --prompts records with \"responses\"."),
+        ("frontier", FRONTIER_OPTIONS, "the paper's reward-KL frontier in miniature: DPO vs Preferred-FT vs best-of-N",
+         "On the default job's sentiment pairs: DPO at several --betas and training lengths, Preferred-FT (SFT on "
+         "the chosen responses) and best-of-N sampling, as (KL, ground-truth reward) points on held-out prompts; "
+         "writes frontier.csv, frontier.md and frontier.png. About 30 minutes on 2 CPU cores."),
+        ("judge", JUDGE_OPTIONS, "win rate of --model over --ref-model under a ground-truth reward, and KL",
+         "Samples both models on --prompts, scores the samples with --reward, and prints the win rate (ties "
+         "count half) with a 95% interval, and KL(policy || reference) from the policy's samples."),
+    ):
+        command = commands.add_parser(name, help=summary, description=description)
+        command.add_argument("--config", metavar="FILE", help="YAML file of options; flags override it")
+        add_config_flags(command, options)
     plot = commands.add_parser("plot", help="draw a run's training and eval curves as a PNG",
                                description="Loss, preference accuracy, reward margin and chosen/rejected rewards "
                                "(train and eval) from RUN_DIR/metrics.jsonl, as one PNG.")
@@ -97,7 +127,7 @@ def build_config(args: argparse.Namespace) -> Config:
     for key, value in vars(args).items():
         if "." in key:
             set_option(config, key, value, "command line")
-    validate(config)
+    validate(config, args.command)
     return config
 
 
@@ -122,6 +152,44 @@ def cmd_eval(config: Config) -> int:
     return 0
 
 
+def cmd_generate(config: Config) -> int:
+    from preftune.judge import run_generate
+    from preftune.records import write_records
+
+    write_records(run_generate(config), config.sample.output)
+    return 0
+
+
+def cmd_score(config: Config) -> int:
+    from preftune.records import write_records
+    from preftune.score import run_score
+
+    write_records(run_score(config), config.sample.output)
+    return 0
+
+
+def cmd_judge(config: Config) -> int:
+    from preftune.judge import run_judge
+    from preftune.records import write_records
+
+    summary, records = run_judge(config)
+    if config.sample.output:
+        write_records(records, config.sample.output)
+    print(json.dumps(summary), flush=True)
+    return 0
+
+
+def cmd_frontier(config: Config) -> int:
+    from preftune.frontier import run_frontier
+
+    run_frontier(config, [float(b) for b in config.default_job.frontier_betas.split(",")])
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "score": cmd_score, "judge": cmd_judge,
+            "frontier": cmd_frontier}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
@@ -135,7 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "train" and config.train.num_processes > 1 and not launched():
             # checked above, before any process starts; each process parses the same arguments again
             return launch_processes(config.train.num_processes, argv)
-        return cmd_train(config) if args.command == "train" else cmd_eval(config)
+        return COMMANDS[args.command](config)
     except UserError as error:
         print(f"preftune: error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR

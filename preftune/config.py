@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -94,8 +93,45 @@ class DataConfig:
 
 @dataclass
 class LossConfig:
-    loss_type: str = doc("Preference loss; one of the names in preftune.losses.LOSSES.", "sigmoid")
+    loss_type: str = doc(
+        "Preference loss, or several separated by commas (the loss is then their weighted sum, see "
+        "--loss-weights); the names are those of preftune.losses.LOSSES.",
+        "sigmoid",
+    )
+    loss_weights: str | None = doc(
+        "Comma-separated weights, one per --loss-type entry: the loss is the weighted sum of the per-loss means "
+        "(TRL's MPO: sigmoid,bco_pair,sft with 0.8,0.2,1.0). Unset: 1 each."
+    )
     beta: float = doc("Strength of the KL penalty towards the reference (the DPO paper's beta).", 0.1)
+    label_smoothing: float = doc(
+        "Probability that a preference label is flipped: cDPO with sigmoid, the noise rate of robust, the "
+        "smoothing of aot and aot_unpaired (all in [0, 0.5)); EXO's epsilon with exo_pair (in (0, 1), 1e-3 "
+        "suggested).",
+        0.0,
+    )
+    f_divergence_type: str = doc(
+        "Divergence from the reference (f-DPO): reverse_kl, forward_kl, js_divergence or alpha_divergence. "
+        "Other than reverse_kl only with sigmoid, sigmoid_norm, hinge, ipo, exo_pair, robust, discopop (and sft "
+        "beside them).",
+        "reverse_kl",
+    )
+    f_alpha_divergence_coef: float = doc("The alpha of --f-divergence-type alpha_divergence.", 0.5)
+    discopop_tau: float = doc("Temperature of discopop's logistic/exponential blend.", 0.05)
+    simpo_gamma: float = doc("Target reward margin (gamma) of simpo.", 0.5)
+    ld_alpha: float | None = doc(
+        "LD-DPO: weight in [0, 1] of the log-probs of the tokens past the shorter completion's length. "
+        "Unset: no weighting (as 1)."
+    )
+    use_weighting: bool = doc(
+        "WPO: weight each pair's loss by the policy's length-normalised probability of both completions.", False
+    )
+    reference_free: bool = doc(
+        "No reference model (log pi_ref = 0): no reference forward pass; rewards become beta * log pi.", False
+    )
+    rpo_alpha: float | None = doc(
+        "RPO: add the sft term (NLL of the chosen completions) with this weight; shorthand for adding sft to "
+        "--loss-type."
+    )
 
 
 @dataclass
@@ -137,6 +173,36 @@ class TrainConfig:
         "such steps are skipped with a warning.",
         3,
     )
+    sync_ref_model: bool = doc(
+        "TR-DPO: move the reference model towards the policy every --ref-model-sync-steps optimizer steps "
+        "(needs a separate reference: not with --lora or --reference-free).",
+        False,
+    )
+    ref_model_mixup_alpha: float = doc(
+        "TR-DPO's alpha: each update sets the reference to alpha * policy + (1 - alpha) * reference.", 0.6
+    )
+    ref_model_sync_steps: int = doc("TR-DPO's tau: optimizer steps between reference updates.", 512)
+
+
+@dataclass
+class SampleConfig:
+    """Sampling, scoring and judging: `preftune generate`, `score`, `judge` (and the default job's sampling)."""
+
+    prompts: str | None = doc(
+        "JSONL file of prompts, one object per line: {\"prompt\": text or messages}; for `score`, also "
+        "\"responses\": [text or messages, ...], the candidates to rank."
+    )
+    output: str | None = doc("Where generate / score / judge write their records (.jsonl or .csv). Unset: stdout.")
+    num_samples: int = doc("Samples per prompt.", 1)
+    temperature: float = doc("Sampling temperature (1: the model's distribution).", 1.0)
+    top_p: float = doc("Nucleus sampling: keep the smallest set of tokens with this much probability (1: all).", 1.0)
+    max_new_tokens: int = doc("Tokens sampled per completion at most.", 64)
+    reward: str = doc(
+        "Ground-truth reward for `judge`: 'sentiment' (VADER), 'module:function' (a Python callable taking "
+        "(prompt, completion) texts and returning a float; imported only when named here), or a folder / hub id of "
+        "a sequence-classification reward model.",
+        "sentiment",
+    )
 
 
 @dataclass
@@ -145,8 +211,8 @@ class DefaultJobConfig:
 
     num_prompts: int = doc("Default job: movie-review prompts to build preference pairs from.", 256)
     num_eval_prompts: int = doc("Default job: held-out prompts for the before/after reward report.", 64)
-    max_new_tokens: int = doc("Default job: tokens sampled per completion.", 24)
     samples_per_eval_prompt: int = doc("Default job: samples per held-out prompt from each model.", 2)
+    frontier_betas: str = doc("preftune frontier: the DPO betas to compare, comma-separated.", "0.05,0.1,0.5")
 
 
 # Training settings the default job uses unless the user sets them: enough learning signal for a few minutes of
@@ -158,6 +224,7 @@ DEFAULT_JOB_OVERRIDES: dict[str, Any] = {
     "train.warmup_ratio": 0.1,
     "train.eval_batch_size": 16,
     "data.max_length": 128,
+    "sample.max_new_tokens": 24,
 }
 
 
@@ -167,6 +234,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
     default_job: DefaultJobConfig = field(default_factory=DefaultJobConfig)
     # Fields the user set (YAML or flags), as "section.name": lets checks tell "left at default" from "asked for".
     explicitly_set: set[str] = field(default_factory=set, repr=False, compare=False)
@@ -277,10 +345,11 @@ def save_yaml(config: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")
 
 
-def validate(config: Config) -> None:
-    """Cross-field checks; raises ConfigError with every problem found. Runs before any model loads."""
-    # Imported here: the loss table is the single source of loss names, and it imports torch.
-    from preftune.losses import LOSSES
+def validate(config: Config, command: str = "train") -> None:
+    """Cross-field checks for `command`; raises ConfigError with every problem found. Runs before any model
+    loads."""
+    # Imported here: the loss options are checked next to the losses, and losses.py imports torch.
+    from preftune.losses import check_loss_options
 
     m, d, lo, t = config.model, config.data, config.loss, config.train
     problems: list[str] = []
@@ -298,8 +367,23 @@ def validate(config: Config) -> None:
             if f"{section}.{name}" in config.explicitly_set and value != default:
                 problems.append(f"--{name.replace('_', '-')} has no effect {reason}")
 
-    need(lo.loss_type in LOSSES, f"--loss-type '{lo.loss_type}' is unknown; choose one of: {', '.join(LOSSES)}")
-    need(math.isfinite(lo.beta) and lo.beta > 0, f"--beta must be > 0, got {lo.beta}")
+    changed_loss_options = {
+        f.name for f in dataclasses.fields(LossConfig)
+        if f"loss.{f.name}" in config.explicitly_set and getattr(lo, f.name) != getattr(defaults.loss, f.name)
+    }
+    problems += check_loss_options(lo, changed_loss_options)
+    if lo.reference_free:
+        unused("model", ["ref_model"], "with --reference-free (no reference model is used)")
+    if t.sync_ref_model:
+        need(not m.lora, "--sync-ref-model needs a separate reference model to update: not with --lora (as TRL)")
+        need(not lo.reference_free, "--sync-ref-model has no reference model to update with --reference-free")
+        need(t.resume is None, "--resume cannot continue a --sync-ref-model run: checkpoints do not hold the "
+                               "updated reference model")
+        need(0 < t.ref_model_mixup_alpha <= 1, f"--ref-model-mixup-alpha must be in (0, 1], got "
+                                               f"{t.ref_model_mixup_alpha}")
+        need(t.ref_model_sync_steps >= 1, f"--ref-model-sync-steps must be >= 1, got {t.ref_model_sync_steps}")
+    else:
+        unused("train", ["ref_model_mixup_alpha", "ref_model_sync_steps"], "without --sync-ref-model")
     need(d.max_length is None or d.max_length >= 0, f"--max-length must be >= 0, got {d.max_length}")
     need(d.truncation_mode in {"keep_start", "keep_end"},
          f"--truncation-mode must be keep_start or keep_end, got '{d.truncation_mode}'")
@@ -340,7 +424,25 @@ def validate(config: Config) -> None:
     else:
         unused("default_job", [f.name for f in dataclasses.fields(DefaultJobConfig)],
                "with --data (it configures the default job, which runs only without --data)")
-    for name in ("num_prompts", "num_eval_prompts", "max_new_tokens", "samples_per_eval_prompt"):
+    if command == "train":
+        unused("default_job", ["frontier_betas"], "in train (it configures preftune frontier)")
+    betas = config.default_job.frontier_betas
+    try:
+        need(all(float(b) > 0 for b in betas.split(",")), f"--frontier-betas must be positive numbers, got '{betas}'")
+    except ValueError:
+        problems.append(f"--frontier-betas: expected comma-separated numbers, got '{betas}'")
+    sample_fields = [f.name for f in dataclasses.fields(SampleConfig)]
+    if command == "train":  # train samples only for report.md (and the default job), with --max-new-tokens
+        unused("sample", [n for n in sample_fields if n != "max_new_tokens"],
+               "in train (it configures generate, score and judge)")
+    sample_options = config.sample
+    need(command not in ("generate", "judge") or sample_options.prompts is not None,
+         f"preftune {command} needs --prompts (a JSONL file of prompts)")
+    need(sample_options.temperature > 0, f"--temperature must be > 0, got {sample_options.temperature}")
+    need(0 < sample_options.top_p <= 1, f"--top-p must be in (0, 1], got {sample_options.top_p}")
+    need(sample_options.num_samples >= 1, f"--num-samples must be >= 1, got {sample_options.num_samples}")
+    need(sample_options.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {sample_options.max_new_tokens}")
+    for name in ("num_prompts", "num_eval_prompts", "samples_per_eval_prompt"):
         value = getattr(config.default_job, name)
         need(value >= 1, f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if problems:
@@ -364,7 +466,8 @@ def math_differences(saved: dict[str, dict[str, Any]], current: Config) -> list[
     for section, values in current.to_dict().items():
         for name, value in values.items():
             key = f"{section}.{name}"
-            old = saved.get(section, {}).get(name)
+            # a field added since the checkpoint was written counts as its default
+            old = saved.get(section, {}).get(name, getattr(getattr(Config(), section), name))
             if key not in RESUMABLE_DIFFERENCES and old != value:
                 differences.append(f"{key}: {old!r} in the checkpoint, {value!r} now")
     return differences

@@ -528,6 +528,65 @@ def load_pairs(source: str | os.PathLike, *, split: str = "train", skip_invalid:
     return LoadResult(pairs, skipped)
 
 
+@dataclass(frozen=True)
+class PromptRecord:
+    """A prompt to sample from, and (for scoring) the candidate responses to rank."""
+
+    prompt: Text
+    responses: list[Text]
+    source: str
+    location: str
+
+
+def _validate_prompt(record: object, with_responses: bool) -> tuple[Text, list[Text]]:
+    if not isinstance(record, Mapping):
+        raise _Invalid(None, f"expected an object with a 'prompt' key, got {_kind(record)}")
+    if "prompt" not in record:
+        found = ", ".join(map(str, record)) or "none"
+        raise _Invalid("prompt", f"missing (found keys: {found})")
+    prompt = _check_text(record["prompt"], "prompt")
+    if not with_responses:
+        return prompt, []
+    key = "responses" if "responses" in record else "completions"
+    if key not in record:
+        raise _Invalid("responses", "missing (expected a list of candidate responses to score)")
+    candidates = record[key]
+    if not isinstance(candidates, list | tuple) or not candidates:
+        raise _Invalid(key, f"expected a non-empty list of responses, got {_kind(candidates)}")
+    responses = []
+    for i, candidate in enumerate(candidates):
+        response = _check_text(candidate, f"{key}[{i}]")
+        _same_kind(prompt, "prompt", response, f"{key}[{i}]")
+        if isinstance(response, list):
+            _check_reply(response, f"{key}[{i}]")
+        responses.append(response)
+    return prompt, responses
+
+
+def load_prompts(source: str | os.PathLike, *, with_responses: bool = False) -> list[PromptRecord]:
+    """Prompts from a JSONL file (`.jsonl` or `.jsonl.gz`), one `{"prompt": ...}` object a line; with
+    `with_responses`, each also needs `"responses"` (or `"completions"`): a list of candidates of the prompt's kind.
+    The first bad record raises a `DataError` naming its line and field."""
+    name = os.fspath(source)
+    path = Path(name).expanduser()
+    if not path.is_file():
+        raise UserError(f"{name}: file not found")
+    if not path.name.lower().endswith((".jsonl", ".jsonl.gz")):
+        raise UserError(f"{name}: prompts are read from JSON Lines (.jsonl or .jsonl.gz), one object per line")
+    records = []
+    for location, record in _jsonl_records(_binary_lines(path, name), name):
+        if isinstance(record, DataError):
+            raise record
+        try:
+            prompt, responses = _validate_prompt(record, with_responses)
+        except _Invalid as exc:
+            raise DataError(name, location, exc.field, exc.problem) from None
+        records.append(PromptRecord(prompt, responses, name, location))
+    if not records:
+        raise UserError(f"{name}: no prompts found (empty file)")
+    return records
+
+
 def describe_skipped(skipped: list[DataError], limit: int = 10) -> str:
     """One line for the log: how many records were skipped, the first `limit` in full."""
     if not skipped:

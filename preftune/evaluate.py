@@ -31,7 +31,6 @@ def evaluate_totals(
     *,
     batch_size: int,
     pad_token_id: int,
-    loss_type: str,
     params: LossParams,
     device: torch.device | str = "cpu",
 ) -> MetricTotals:
@@ -42,8 +41,8 @@ def evaluate_totals(
     with torch.no_grad():
         for batch in iterate_batches(pairs, batch_size, pad_token_id):
             batch = batch.to(device)
-            policy_logps = sequence_logps(policy, batch)
-            output = compute_loss(loss_type, policy_logps, reference(batch), params)
+            policy_logps = sequence_logps(policy, batch, params.length_split, params.use_weighting)
+            output = compute_loss(policy_logps, reference(batch), params)
             totals.add(pair_sums(output, policy_logps), batch.num_pairs)
     policy.train(was_training)
     return totals
@@ -72,11 +71,13 @@ def sample(
     num_samples: int = 1,
     max_new_tokens: int = 32,
     temperature: float = 1.0,
+    top_p: float = 1.0,
     batch_size: int = 32,
     seed: int = 0,
 ) -> list[Sample]:
-    """Sample `num_samples` completions per prompt from the model's full distribution (no top-k / top-p,
-    so the samples can estimate a KL). Deterministic for a given seed and batch size."""
+    """Sample `num_samples` completions per prompt, in prompt order. With the defaults (temperature 1, no top-k,
+    top-p 1) the samples follow the model's own distribution, as a KL estimate needs. Deterministic for a given
+    seed and batch size."""
     was_training = model.training
     model.eval()
     generator_state = torch.random.get_rng_state()
@@ -100,7 +101,7 @@ def sample(
                 do_sample=True,
                 temperature=temperature,
                 top_k=0,
-                top_p=1.0,
+                top_p=top_p,
                 max_new_tokens=max_new_tokens,
                 pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=eos,
@@ -167,6 +168,7 @@ def run_eval(config: Config) -> dict[str, float]:
 
     accelerator = make_accelerator(m.bf16)
     policy = load_model(source, m.trust_remote_code, m.attn_implementation).to(accelerator.device)
+    params = LossParams.from_config(config.loss)
     reference_model = policy
     if m.ref_model is not None:
         reference_model = load_model(resolve_model(m.ref_model, m.cache_dir), m.trust_remote_code,
@@ -175,11 +177,10 @@ def run_eval(config: Config) -> dict[str, float]:
     with accelerator.autocast():
         return evaluate_pairs(
             policy,
-            reference_source(policy, reference_model),
+            reference_source(policy, reference_model, params.length_split, params.reference_free),
             pairs,
             batch_size=config.train.eval_batch_size,
             pad_token_id=tokenizer.pad_token_id,
-            loss_type=config.loss.loss_type,
-            params=LossParams(beta=config.loss.beta),
+            params=params,
             device=accelerator.device,
         )

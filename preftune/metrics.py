@@ -25,8 +25,13 @@ METRIC_NAMES = (
 
 
 def pair_sums(output: LossOutput, policy: SequenceLogps) -> dict[str, float]:
-    """Sums over the pairs of one micro-batch for every metric in METRIC_NAMES (one device sync)."""
+    """Sums over the pairs of one micro-batch for every metric in METRIC_NAMES (one device sync).
+
+    logps/* are the log-probs the losses saw (`output`'s, LD-DPO-weighted as TRL logs them) when `output` has them.
+    """
     chosen, rejected = output.chosen_rewards, output.rejected_rewards
+    chosen_logps = policy.chosen if output.chosen_logps is None else output.chosen_logps
+    rejected_logps = policy.rejected if output.rejected_logps is None else output.rejected_logps
     stacked = torch.stack(
         [
             output.losses.detach().float().sum(),
@@ -34,8 +39,8 @@ def pair_sums(output: LossOutput, policy: SequenceLogps) -> dict[str, float]:
             rejected.sum(),
             (chosen > rejected).float().sum(),
             (chosen - rejected).sum(),
-            policy.chosen.detach().sum(),
-            policy.rejected.detach().sum(),
+            chosen_logps.detach().sum(),
+            rejected_logps.detach().sum(),
         ]
     )
     return dict(zip(METRIC_NAMES, stacked.tolist()))

@@ -177,16 +177,18 @@ def frozen(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def load_policy_and_reference(
-    config: ModelConfig,
+    config: ModelConfig, need_reference: bool = True
 ) -> tuple[torch.nn.Module, torch.nn.Module | None, PreTrainedTokenizerBase, str]:
-    """The policy (LoRA-wrapped if asked), the frozen reference or None (LoRA: adapter disabled), the tokenizer
-    and the resolved policy source."""
+    """The policy (LoRA-wrapped if asked), the frozen reference or None (LoRA: adapter disabled; or not needed,
+    as with --reference-free), the tokenizer and the resolved policy source."""
     source = resolve_model(config.model, config.cache_dir)
     tokenizer = load_tokenizer(source, config.trust_remote_code)
     if config.load_in_4bit:
         quantization_config()  # fail before any weights load
     policy = load_model(source, config.trust_remote_code, config.attn_implementation, config.load_in_4bit)
-    if config.ref_model is not None:
+    if not need_reference:
+        reference = None
+    elif config.ref_model is not None:
         reference = frozen(load_model(resolve_model(config.ref_model, config.cache_dir), config.trust_remote_code,
                                       config.attn_implementation, config.load_in_4bit))
     elif config.lora:
@@ -223,3 +225,21 @@ def save_model(
         merged.save_pretrained(output_dir, safe_serialization=True)
     else:
         policy.save_pretrained(output_dir, safe_serialization=True)
+
+
+def load_for_inference(
+    config: ModelConfig, device: torch.device | str, with_reference: bool = True
+) -> tuple[torch.nn.Module, torch.nn.Module | None, PreTrainedTokenizerBase]:
+    """Frozen policy (--model, default the embedded model) and reference (--ref-model, default the policy
+    itself) for scoring, sampling and judging, with the policy's tokenizer."""
+    source = resolve_model(config.model, config.cache_dir)
+    tokenizer = load_tokenizer(source, config.trust_remote_code)
+    policy = frozen(load_model(source, config.trust_remote_code, config.attn_implementation)).to(device)
+    reference = None
+    if with_reference:
+        reference = policy
+        if config.ref_model is not None:
+            reference_source = resolve_model(config.ref_model, config.cache_dir)
+            reference = frozen(load_model(reference_source, config.trust_remote_code, config.attn_implementation))
+            reference.to(device)
+    return policy, reference, tokenizer

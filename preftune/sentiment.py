@@ -121,8 +121,8 @@ def write_jsonl(path: Path, records: Sequence[dict]) -> None:
 
 def preference_files(config: Config, source: str) -> tuple[Path, Path]:
     """The cached training and held-out pair files for these settings, sampled on first use."""
-    job, seed = config.default_job, config.train.seed
-    key = json.dumps([DATA_VERSION, source, job.num_prompts, job.num_eval_prompts, job.max_new_tokens, seed])
+    job, seed, new_tokens = config.default_job, config.train.seed, config.sample.max_new_tokens
+    key = json.dumps([DATA_VERSION, source, job.num_prompts, job.num_eval_prompts, new_tokens, seed])
     folder = cache_root(config.model.cache_dir) / "data" / f"sentiment-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
     train_file, eval_file = folder / "train.jsonl", folder / "eval.jsonl"
     if train_file.is_file() and eval_file.is_file():
@@ -135,7 +135,7 @@ def preference_files(config: Config, source: str) -> tuple[Path, Path]:
     reward = SentimentReward()
     for path, held_out, count in ((train_file, False, job.num_prompts), (eval_file, True, job.num_eval_prompts)):
         prompts = make_prompts(count, seed, held_out)
-        records, ties = build_pairs(model, tokenizer, prompts, reward, job.max_new_tokens, seed + int(held_out))
+        records, ties = build_pairs(model, tokenizer, prompts, reward, new_tokens, seed + int(held_out))
         if not records:
             raise UserError("every sampled pair was a tie (equal rewards); raise --num-prompts")
         write_jsonl(path, records)
@@ -171,7 +171,7 @@ def sentiment_report(trainer: Trainer, config: Config) -> dict:
     tokenizer, reward = trainer.tokenizer, SentimentReward()
     prompts = make_prompts(job.num_eval_prompts, config.train.seed, held_out=True)
     prompt_ids = prompt_token_ids(tokenizer, prompts)
-    sampling = dict(num_samples=job.samples_per_eval_prompt, max_new_tokens=job.max_new_tokens,
+    sampling = dict(num_samples=job.samples_per_eval_prompt, max_new_tokens=config.sample.max_new_tokens,
                     seed=config.train.seed + 7)
     policy = trainer.accelerator.unwrap_model(trainer.policy)
     policy_samples = sample(policy, tokenizer, prompt_ids, **sampling)
@@ -220,6 +220,7 @@ def run_default_job(config: Config) -> Path:
     try:
         trainer.setup()
         trainer.train()
+        trainer.report_reward = SentimentReward()  # report.md shows the ground truth beside the implicit reward
         trainer.save()
         report = sentiment_report(trainer, config)
     finally:

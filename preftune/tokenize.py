@@ -46,6 +46,31 @@ def _ids(tokenizer: PreTrainedTokenizerBase, text: Text, add_generation_prompt: 
     return list(tokenizer(text=text)["input_ids"])
 
 
+def tokenize_completion(
+    prompt: Text, completion: Text, tokenizer: PreTrainedTokenizerBase
+) -> tuple[list[int], list[int]]:
+    """(prompt ids, completion ids) of one response, with the same boundary rule and EOS as `tokenize_pair`."""
+    pair = tokenize_pair(_Single(prompt, completion), tokenizer)
+    return pair.prompt_ids, pair.chosen_ids
+
+
+def prompt_ids(prompt: Text, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The ids a model is given to continue `prompt`: chat template with the generation prompt, or plain text."""
+    return _ids(tokenizer, prompt, add_generation_prompt=isinstance(prompt, list))
+
+
+@dataclass(frozen=True)
+class _Single:
+    """A prompt with one completion, shaped as a pair so that the one boundary rule serves both."""
+
+    prompt: Text
+    chosen: Text
+
+    @property
+    def rejected(self) -> Text:
+        return self.chosen
+
+
 def tokenize_pair(pair: PreferencePair, tokenizer: PreTrainedTokenizerBase, index: int = 0) -> TokenizedPair:
     """Tokenize one pair: chat template for messages, EOS appended to plain-text completions (as TRL)."""
     prompt, chosen, rejected = pair.prompt, pair.chosen, pair.rejected

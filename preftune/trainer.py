@@ -35,7 +35,8 @@ from preftune.logprobs import sequence_logps
 from preftune.losses import LossParams, compute_loss
 from preftune.metrics import MetricTotals, pair_sums
 from preftune.models import load_policy_and_reference, save_model
-from preftune.reference import reference_source
+from preftune.reference import check_syncable, reference_source, sync_reference_model
+from preftune.report import example_prompts, example_rows, final_metrics_of, write_report
 from preftune.runtime import make_accelerator
 from preftune.tokenize import TokenizedPair, tokenize_pairs
 
@@ -122,6 +123,7 @@ class Trainer:
         self.config = config
         self.state = RunState()
         self.final_eval: dict[str, float] | None = None
+        self.report_reward: Callable[[str], float] | None = None  # a ground-truth reward for report.md, if any
 
     # ---- setup -------------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -151,10 +153,15 @@ class Trainer:
         if accelerator.is_main_process:
             save_yaml(c, self.output_dir / CONFIG_FILE)
         set_seed(c.train.seed)
-        policy, reference, self.tokenizer, self.model_source = load_policy_and_reference(c.model)
+        self.loss_params = params = LossParams.from_config(c.loss)
+        policy, reference, self.tokenizer, self.model_source = load_policy_and_reference(
+            c.model, need_reference=not params.reference_free
+        )
         self.pad_token_id = self.tokenizer.pad_token_id
 
         self.train_pairs = self.tokenize(train_data, "training")
+        # prompts shown with samples in report.md: the first distinct ones of the held-out (else training) data
+        self.report_prompts = example_prompts(eval_data or train_data, self.tokenizer)
         self.train_locations = [f"{p.source} {p.location}" for p in train_data.pairs]  # for messages
         self.eval_pairs = self.tokenize(eval_data, "evaluation") if eval_data else []
         self.batches_per_epoch = len(self.epoch_batches(0))
@@ -184,9 +191,11 @@ class Trainer:
         self.trainable = trainable
         if reference is not None:
             reference.to(self.accelerator.device)
+        if c.train.sync_ref_model:
+            check_syncable(self.accelerator.unwrap_model(self.policy), reference)
         self.reference_model = reference
-        self.reference = reference_source(self.accelerator.unwrap_model(self.policy), reference)
-        self.loss_params = LossParams(beta=c.loss.beta)
+        self.reference = reference_source(self.accelerator.unwrap_model(self.policy), reference,
+                                          params.length_split, params.reference_free)
 
         if self.resume_from is not None:
             self.restore(self.resume_from)
@@ -248,11 +257,9 @@ class Trainer:
                     # gradients are averaged across processes once per step, on the last micro-batch
                     syncing = micro == c.grad_accum - 1
                     with contextlib.nullcontext() if syncing else accelerator.no_sync(policy), accelerator.autocast():
-                        policy_logps = sequence_logps(policy, batch)
-                        reference_logps = self.reference(batch)
-                        output = compute_loss(
-                            self.config.loss.loss_type, policy_logps, reference_logps, self.loss_params
-                        )
+                        policy_logps = sequence_logps(policy, batch, self.loss_params.length_split,
+                                                      self.loss_params.use_weighting)
+                        output = compute_loss(policy_logps, self.reference(batch), self.loss_params)
                         loss = output.losses.mean()
                         # divided by grad_accum in accelerator.backward: the gradient is the mean over micro-batches
                         accelerator.backward(loss)
@@ -273,6 +280,9 @@ class Trainer:
                 optimizer.zero_grad(set_to_none=True)
                 self.state.step += 1
                 progress.update(1)
+                if c.sync_ref_model and self.state.step % c.ref_model_sync_steps == 0:  # TR-DPO, as TRL's callback
+                    sync_reference_model(accelerator.unwrap_model(policy), self.reference_model,
+                                         c.ref_model_mixup_alpha)
 
                 if self.state.step % c.logging_steps == 0 or self.state.step == self.total_steps:
                     logged = self.reduce(interval)
@@ -386,7 +396,6 @@ class Trainer:
                 self.eval_pairs[self.rank :: self.world_size],
                 batch_size=self.config.train.eval_batch_size,
                 pad_token_id=self.pad_token_id,
-                loss_type=self.config.loss.loss_type,
                 params=self.loss_params,
                 device=self.accelerator.device,
             )
@@ -419,7 +428,28 @@ class Trainer:
             if self.final_eval is not None:
                 (self.output_dir / "eval_results.json").write_text(json.dumps(self.final_eval, indent=2) + "\n")
             print(f"saved the trained model to {self.output_dir}", flush=True)
+            self.write_report()
         self.accelerator.wait_for_everyone()
+
+    def write_report(self) -> None:
+        """report.md: config, final metrics, curves, and held-out prompts with reference and policy samples."""
+        policy = self.accelerator.unwrap_model(self.policy)
+
+        @contextlib.contextmanager
+        def reference_model() -> Iterator[torch.nn.Module]:
+            if self.reference_model is not None:
+                yield self.reference_model
+            else:  # LoRA: the reference is the policy with its adapter off
+                with policy.disable_adapter():
+                    yield policy
+
+        with self.accelerator.autocast():
+            examples = example_rows(policy, reference_model, self.tokenizer, self.report_prompts,
+                                    self.config.loss.beta, self.config.sample.max_new_tokens, self.config.train.seed,
+                                    self.report_reward)
+        path = write_report(self.output_dir, self.config.to_dict(), final_metrics_of(self.output_dir), examples,
+                            f"preftune run {self.output_dir.name}")
+        print(f"wrote {path}", flush=True)
 
     def cleanup(self) -> None:
         if getattr(self, "metrics_file", None) is not None:

@@ -46,6 +46,11 @@ def test_tiny_llama_learns_preferences(tmp_path, tiny_model_dir, pairs_file):
     start = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     assert not torch.equal(trained.model.layers[0].mlp.up_proj.weight, start.model.layers[0].mlp.up_proj.weight)
     assert (out / "preftune_config.yaml").is_file() and (out / "tokenizer_config.json").is_file()
+    report = (out / "report.md").read_text()
+    assert "![training and evaluation curves](curves.png)" in report and (out / "curves.png").is_file()
+    assert "| eval_loss |" in report and "prompt_length" not in report
+    sample_rows = [line for line in report.splitlines() if line.startswith("| ") and "*(implicit" in line]
+    assert len(sample_rows) == len(PAIRS)  # four distinct held-out prompts (five at most)
     assert any((out / "tensorboard").iterdir())
 
 

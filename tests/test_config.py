@@ -66,3 +66,88 @@ def test_unknown_flag_is_an_argparse_error(capsys):
     with pytest.raises(SystemExit) as exit_info:
         build_parser().parse_args(["train", "--bta", "0.1"])
     assert exit_info.value.code == 2
+
+
+# ---- loss options: one case per rejection rule, all before any model loads ---------------------------------
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--beta", "-0.5"], r"--beta must be > 0"),
+        (["--beta", "nan"], r"--beta must be > 0"),
+        (["--loss-type", "sigmoid,nope"], r"--loss-type 'nope' is unknown; choose one of: sigmoid, hinge"),
+        (["--loss-type", "sigmoid,"], r"has an empty name"),
+        (["--loss-type", "sigmoid,sigmoid"], r"names a loss twice"),
+        (["--loss-type", "sigmoid,sft", "--loss-weights", "1.0"], r"gives 1 weights for the 2 losses"),
+        (["--loss-weights", "a,b"], r"--loss-weights 'a,b' is not a comma-separated list of numbers"),
+        (["--loss-weights", "-1"], r"--loss-weights must be > 0"),
+        (["--loss-type", "hinge", "--label-smoothing", "0.1"],
+         r"--label-smoothing has no effect with --loss-type hinge \(read only by sigmoid, robust, aot"),
+        (["--label-smoothing", "0.5"], r"--label-smoothing must be in \[0, 0.5\) for sigmoid, got 0.5"),
+        (["--loss-type", "robust", "--label-smoothing", "0.6"], r"must be in \[0, 0.5\) for robust"),
+        (["--loss-type", "aot", "--label-smoothing", "-0.1"], r"must be in \[0, 0.5\) for aot"),
+        (["--loss-type", "exo_pair"], r"--label-smoothing must be in \(0, 1\) for exo_pair, got 0.0 \(the EXO"),
+        (["--f-divergence-type", "tv"], r"--f-divergence-type 'tv' is unknown; choose one of: reverse_kl"),
+        (["--loss-type", "sigmoid,bco_pair", "--f-divergence-type", "forward_kl"],
+         r"--f-divergence-type forward_kl has no valid form for bco_pair"),
+        (["--loss-type", "sft", "--f-divergence-type", "js_divergence"],
+         r"--f-divergence-type has no effect with --loss-type sft"),
+        (["--f-alpha-divergence-coef", "0.3"],
+         r"--f-alpha-divergence-coef has no effect without --f-divergence-type alpha_divergence"),
+        (["--f-divergence-type", "alpha_divergence", "--f-alpha-divergence-coef", "inf"], r"must be finite"),
+        (["--discopop-tau", "0.1"], r"--discopop-tau has no effect with --loss-type sigmoid \(read only by discopop\)"),
+        (["--loss-type", "discopop", "--discopop-tau", "0"], r"--discopop-tau must be > 0"),
+        (["--simpo-gamma", "1.0"], r"--simpo-gamma has no effect with --loss-type sigmoid \(read only by simpo\)"),
+        (["--loss-type", "simpo", "--simpo-gamma", "-1"], r"--simpo-gamma must be >= 0"),
+        (["--ld-alpha", "1.5"], r"--ld-alpha must be in \[0, 1\]"),
+        (["--loss-type", "simpo", "--ld-alpha", "0.5"], r"--ld-alpha has no effect with --loss-type simpo"),
+        (["--loss-type", "aot", "--use-weighting"], r"--use-weighting has no per-pair meaning for aot"),
+        (["--rpo-alpha", "0"], r"--rpo-alpha must be > 0"),
+        (["--loss-type", "sigmoid,sft", "--rpo-alpha", "1"], r"--rpo-alpha adds the sft term"),
+        (["--reference-free", "--ref-model", "x"], r"--ref-model has no effect with --reference-free"),
+        (["--ref-model-sync-steps", "8"], r"--ref-model-sync-steps has no effect without --sync-ref-model"),
+        (["--ref-model-mixup-alpha", "0.5"], r"--ref-model-mixup-alpha has no effect without --sync-ref-model"),
+        (["--sync-ref-model", "--lora"], r"--sync-ref-model needs a separate reference model to update"),
+        (["--sync-ref-model", "--reference-free"], r"--sync-ref-model has no reference model to update"),
+        (["--sync-ref-model", "--ref-model-mixup-alpha", "0"], r"--ref-model-mixup-alpha must be in \(0, 1\]"),
+        (["--sync-ref-model", "--ref-model-sync-steps", "0"], r"--ref-model-sync-steps must be >= 1"),
+        (["--sync-ref-model", "--resume", "latest"], r"--resume cannot continue a --sync-ref-model run"),
+    ],
+)
+def test_loss_option_checks(argv, message):
+    with pytest.raises(ConfigError, match=message):
+        parse(["train", "--data", "x.jsonl", *argv])
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--loss-type", "sigmoid,bco_pair,sft", "--loss-weights", "0.8,0.2,1.0"],
+        ["--label-smoothing", "0.1"],  # cDPO
+        ["--loss-type", "exo_pair", "--label-smoothing", "1e-3"],
+        ["--loss-type", "hinge,sft", "--f-divergence-type", "alpha_divergence", "--f-alpha-divergence-coef", "0.3"],
+        ["--loss-type", "sigmoid,simpo", "--ld-alpha", "0.5", "--simpo-gamma", "1"],
+        ["--loss-type", "simpo", "--reference-free", "--use-weighting", "--rpo-alpha", "0.2"],
+        ["--sync-ref-model", "--ref-model-sync-steps", "4", "--ref-model-mixup-alpha", "0.9"],
+        ["--loss-type", "bco_pair", "--f-divergence-type", "reverse_kl"],  # the default, whatever the loss
+    ],
+)
+def test_loss_options_accepted(argv):
+    parse(["train", "--data", "x.jsonl", *argv])
+
+
+def test_eval_takes_every_loss_option():
+    config = parse(["eval", "--data", "x.jsonl", "--loss-type", "ipo,sft", "--loss-weights", "1,0.5", "--ld-alpha",
+                    "0.5", "--use-weighting", "--reference-free", "--f-divergence-type", "js_divergence"])
+    assert config.loss.loss_type == "ipo,sft" and config.loss.reference_free
+    with pytest.raises(ConfigError, match="--discopop-tau has no effect"):
+        parse(["eval", "--data", "x.jsonl", "--discopop-tau", "0.1"])
+
+
+def test_train_help_lists_every_loss_with_its_meaning(capsys):
+    from preftune.losses import LOSSES
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--help"])
+    text = "".join(capsys.readouterr().out.split())  # argparse re-wraps lines (also at hyphens)
+    for name, (_, meaning) in LOSSES.items():
+        assert "".join(f"{name}: {meaning}".split()) in text

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -38,3 +40,27 @@ def test_sequence_logps_matches_brute_force(tiny_model_dir):
         assert abs(out.rejected[i].item() - brute_force(model, pair.prompt_ids, pair.rejected_ids)) < 1e-4
     assert out.chosen_tokens.tolist() == [2, 5, 1]
     assert out.rejected_tokens.tolist() == [4, 1, 2]
+
+
+def test_length_split_and_wpo_weights_match_brute_force(tiny_model_dir):
+    """LD-DPO tails (tokens past min(|y_w|, |y_l|)) and WPO weights exp(mean_t log p(y_t) - log sum_v p(v)^2)."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    pairs = [TokenizedPair([5, 6], [8, 9, 10, 11], [12], index=0), TokenizedPair([20, 21, 22], [23], [24, 25, 26], 1)]
+    with torch.no_grad():
+        plain = sequence_logps(model, collate_padded(pairs, pad_token_id=2))
+        out = sequence_logps(model, collate_padded(pairs, pad_token_id=2), length_split=True, wpo_weights=True)
+    torch.testing.assert_close(out.chosen, plain.chosen)
+    assert plain.chosen_tail is None and plain.chosen_weight is None
+    for i, pair in enumerate(pairs):
+        shared = min(len(pair.chosen_ids), len(pair.rejected_ids))
+        for completion, tail, weight in ((pair.chosen_ids, out.chosen_tail[i], out.chosen_weight[i]),
+                                         (pair.rejected_ids, out.rejected_tail[i], out.rejected_weight[i])):
+            ids = torch.tensor([pair.prompt_ids + completion])
+            with torch.no_grad():
+                logprobs = torch.log_softmax(model(input_ids=ids).logits[0].double(), dim=-1)
+            rows = [logprobs[len(pair.prompt_ids) + t - 1] for t in range(len(completion))]
+            token = [row[c].item() for row, c in zip(rows, completion)]
+            sum_sq = [torch.logsumexp(2 * row, dim=-1).item() for row in rows]
+            assert abs(tail.item() - sum(token[shared:])) < 1e-4
+            expected_weight = math.exp(sum(t - s for t, s in zip(token, sum_sq)) / len(completion))
+            assert abs(weight.item() - expected_weight) < 1e-4 * expected_weight
