@@ -145,3 +145,25 @@ def test_bad_prompts_file_names_line_and_field(tmp_path, tiny_model_dir, capsys)
     assert main(["generate", "--model", str(tiny_model_dir), "--prompts", str(prompts)]) == 2
     err = capsys.readouterr().err
     assert "prompts.jsonl: line 2: field 'prompt': expected a string or a list of messages, got int" in err
+
+
+def test_judge_with_a_sequence_classification_reward_model(tmp_path, tiny_model_dir, tiny_ref_dir, tokenizer_dir,
+                                                            capsys):
+    from transformers import LlamaForSequenceClassification
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=49152, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, num_labels=1, pad_token_id=2)
+    reward_dir = tmp_path / "reward-model"
+    LlamaForSequenceClassification(config).save_pretrained(reward_dir)
+    for file in tokenizer_dir.iterdir():
+        (reward_dir / file.name).write_bytes(file.read_bytes())
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", PROMPTS)
+    out = tmp_path / "judged.jsonl"
+    assert main(["judge", "--model", str(tiny_model_dir), "--ref-model", str(tiny_ref_dir), "--prompts",
+                 str(prompts), "--reward", str(reward_dir), "--max-new-tokens", "4", "--output", str(out)]) == 0
+    summary = last_json(capsys)[-1]
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    # the reward model's logits differ between completions: real scores, not a constant
+    assert len({r["policy_reward"] for r in records} | {r["reference_reward"] for r in records}) > 1
+    assert summary["reward"] == str(reward_dir)
