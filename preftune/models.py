@@ -202,8 +202,13 @@ def load_policy_and_reference(
     if config.lora:
         policy = add_lora(policy, config)
     if config.gradient_checkpointing:
-        # non-reentrant: works with frozen inputs (LoRA) without enable_input_require_grads
-        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # non-reentrant: works with frozen inputs (LoRA) without enable_input_require_grads. transformers 5.x renamed
+        # the method (the old name warns until v6); the fallback serves older 5.x releases
+        kwargs = {"use_reentrant": False}
+        if hasattr(policy, "activation_checkpointing_enable"):
+            policy.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     return policy, reference, tokenizer, source
 
 

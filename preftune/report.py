@@ -1,5 +1,6 @@
 """`OUTPUT_DIR/report.md`, written at the end of training: the config, the final metrics, the curves, and five
-held-out prompts with a reference and a policy sample side by side, with their rewards.
+held-out prompts with a reference and a policy sample side by side, with their rewards (with --reference-free and
+no LoRA, the "reference" column is the starting model, loaded for the report).
 
 The rewards shown are the implicit reward beta * log(pi(y|x) / pi_ref(y|x)) of each sample and, when the run
 has one (the default job), the ground-truth reward.

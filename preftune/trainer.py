@@ -34,7 +34,7 @@ from preftune.evaluate import evaluate_totals
 from preftune.logprobs import sequence_logps
 from preftune.losses import LossParams, compute_loss
 from preftune.metrics import MetricTotals, pair_sums
-from preftune.models import load_policy_and_reference, save_model
+from preftune.models import frozen, load_model, load_policy_and_reference, save_model
 from preftune.reference import check_syncable, reference_source, sync_reference_model
 from preftune.report import example_prompts, example_rows, final_metrics_of, write_report
 from preftune.runtime import make_accelerator
@@ -439,9 +439,13 @@ class Trainer:
         def reference_model() -> Iterator[torch.nn.Module]:
             if self.reference_model is not None:
                 yield self.reference_model
-            else:  # LoRA: the reference is the policy with its adapter off
+            elif hasattr(policy, "disable_adapter"):  # LoRA: the reference is the policy with its adapter off
                 with policy.disable_adapter():
                     yield policy
+            else:  # --reference-free full training kept no reference: load the starting model for the report only
+                model = self.config.model
+                yield frozen(load_model(self.model_source, model.trust_remote_code, model.attn_implementation)
+                             ).to(self.accelerator.device)
 
         with self.accelerator.autocast():
             examples = example_rows(policy, reference_model, self.tokenizer, self.report_prompts,

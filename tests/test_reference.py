@@ -99,3 +99,5 @@ def test_reference_free_training_rewards_are_beta_log_pi(tmp_path, tiny_model_di
     for row in (r for r in read_rows(out) if "loss" in r):
         assert row["rewards/chosen"] == pytest.approx(2.0 * row["logps/chosen"], rel=1e-6)
         assert row["rewards/rejected"] == pytest.approx(2.0 * row["logps/rejected"], rel=1e-6)
+    # no reference was kept: report.md compares with the starting model, loaded for it
+    assert "| prompt | reference sample | policy sample |" in (out / "report.md").read_text()

@@ -67,14 +67,18 @@ def test_bf16_autocast_trains(tmp_path, tiny_model_dir, pairs_file):
     assert all(t.dtype == torch.float32 for t in load_file(out / "model.safetensors").values())
 
 
-def test_gradient_checkpointing_gives_the_same_steps(tmp_path, tiny_model_dir, pairs_file):
-    plain, plain_rows = train(tmp_path, "plain", tiny_model_dir, pairs_file, "--batch-size", "2", "--max-steps", "3")
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_gradient_checkpointing_gives_the_same_steps(tmp_path, tiny_model_dir, pairs_file, lora):
+    extra = ["--lora", "--learning-rate", "1e-3"] if lora else []
+    plain, plain_rows = train(tmp_path, "plain", tiny_model_dir, pairs_file, "--batch-size", "2", "--max-steps", "3",
+                              *extra)
     checkpointed, checkpointed_rows = train(tmp_path, "gc", tiny_model_dir, pairs_file, "--batch-size", "2",
-                                            "--max-steps", "3", "--gradient-checkpointing")
+                                            "--max-steps", "3", "--gradient-checkpointing", *extra)
     for a, b in zip(plain_rows, checkpointed_rows, strict=True):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
-    a, b = load_file(plain / "model.safetensors"), load_file(checkpointed / "model.safetensors")
+    weights = "adapter_model.safetensors" if lora else "model.safetensors"
+    a, b = load_file(plain / weights), load_file(checkpointed / weights)
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
 
 
