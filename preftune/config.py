@@ -182,6 +182,13 @@ class TrainConfig:
         "TR-DPO's alpha: each update sets the reference to alpha * policy + (1 - alpha) * reference.", 0.6
     )
     ref_model_sync_steps: int = doc("TR-DPO's tau: optimizer steps between reference updates.", 512)
+    precompute_ref_log_probs: bool = doc(
+        "Compute the reference log-probs of every training and evaluation pair once, before training, and cache "
+        "them on disk (under --cache-dir, keyed by the reference weights, the token ids and the settings that "
+        "change them); later runs on the same pairs (a beta sweep) read them back. No reference model is held "
+        "while training.",
+        False,
+    )
 
 
 @dataclass
@@ -382,8 +389,12 @@ def validate(config: Config, command: str = "train") -> None:
         need(0 < t.ref_model_mixup_alpha <= 1, f"--ref-model-mixup-alpha must be in (0, 1], got "
                                                f"{t.ref_model_mixup_alpha}")
         need(t.ref_model_sync_steps >= 1, f"--ref-model-sync-steps must be >= 1, got {t.ref_model_sync_steps}")
+        need(not t.precompute_ref_log_probs, "--precompute-ref-log-probs fixes the reference log-probs before "
+                                             "training: not with --sync-ref-model, which updates the reference")
     else:
         unused("train", ["ref_model_mixup_alpha", "ref_model_sync_steps"], "without --sync-ref-model")
+    if lo.reference_free:
+        unused("train", ["precompute_ref_log_probs"], "with --reference-free (no reference model is used)")
     need(d.max_length is None or d.max_length >= 0, f"--max-length must be >= 0, got {d.max_length}")
     need(d.truncation_mode in {"keep_start", "keep_end"},
          f"--truncation-mode must be keep_start or keep_end, got '{d.truncation_mode}'")
@@ -450,12 +461,13 @@ def validate(config: Config, command: str = "train") -> None:
 
 
 # Options that may differ between a checkpoint and the run resuming it: they change where things are written,
-# what is logged or how the result is saved, never the trained weights.
+# what is logged or how the result is saved, never the trained weights (precomputed reference log-probs equal the
+# live ones up to float rounding).
 RESUMABLE_DIFFERENCES = frozenset({
     "model.cache_dir", "model.merge", "data.eval_data", "data.eval_split", "train.output_dir", "train.overwrite",
     "train.resume", "train.save_steps", "train.save_total_limit", "train.logging_steps", "train.eval_steps",
-    "train.eval_batch_size", "train.max_bad_steps", "default_job.num_eval_prompts",
-    "default_job.samples_per_eval_prompt",
+    "train.eval_batch_size", "train.max_bad_steps", "train.precompute_ref_log_probs",
+    "default_job.num_eval_prompts", "default_job.samples_per_eval_prompt",
 })
 
 

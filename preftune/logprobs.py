@@ -7,6 +7,8 @@ Training, `preftune eval` and the reward scores all go through `sequence_logps`,
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -39,12 +41,30 @@ class SequenceLogps:
 
 
 def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[label] per position, (N, L, V), (N, L) -> (N, L), in float32.
+    """log softmax(logits)[label] per position, (..., V), (...) -> (...), in float32.
 
     logsumexp + gather instead of log_softmax: avoids a second (N, L, V) tensor.
     """
     logits = logits.float()
     return logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def keeps_positions(model: torch.nn.Module) -> bool:
+    """Whether `model(..., logits_to_keep=<bool (N, L) mask>)` computes the logits at the masked positions only.
+
+    transformers' models that slice with `slice_logits_to_keep` (nearly all causal LMs since 5.x) do; others get
+    the full logits, sliced here.
+    """
+    while True:  # through DDP's and peft's wrappers to the transformers model
+        if hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+            model = model.module
+        elif hasattr(model, "get_base_model"):
+            model = model.get_base_model()
+        else:
+            break
+    modeling = sys.modules.get(type(model).__module__)
+    return (hasattr(modeling, "slice_logits_to_keep")
+            and "logits_to_keep" in inspect.signature(model.forward).parameters)
 
 
 def completion_token_logps(
@@ -55,15 +75,30 @@ def completion_token_logps(
     log_sum_sq: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Per-position log-probs of the completion tokens (0 elsewhere) and the completion mask, (N, L) -> (N, L-1);
-    with `log_sum_sq`, also log sum_v p(v)^2 at each position (WPO's normaliser), detached, else None."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1]
-    mask = completion_mask[:, 1:]
-    per_token = token_logps(logits, input_ids[:, 1:]).masked_fill(~mask, 0.0)
+    with `log_sum_sq`, also log sum_v p(v)^2 at each completion position (WPO's normaliser; 0 elsewhere),
+    detached, else None.
+
+    The output head runs only where a completion token is predicted: the (tokens x vocabulary) logits of the
+    prompts and the padding are never formed, which saves the head's compute there and most of the logits' memory.
+    """
+    mask = completion_mask[:, 1:]  # position t predicts token t + 1
+    labels = input_ids[:, 1:][mask]  # (T,), T = completion tokens in the batch, row by row
+    if keeps_positions(model):
+        predicting = torch.zeros_like(completion_mask)
+        predicting[:, :-1] = mask
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                       logits_to_keep=predicting).logits  # (T, V)
+    else:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1][mask]
+    per_token = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_scatter(
+        mask, token_logps(logits, labels)
+    )
     sum_sq = None
     if log_sum_sq:
         with torch.no_grad():
             z = logits.float()
-            sum_sq = torch.logsumexp(2 * z, dim=-1) - 2 * torch.logsumexp(z, dim=-1)
+            values = torch.logsumexp(2 * z, dim=-1) - 2 * torch.logsumexp(z, dim=-1)
+            sum_sq = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_scatter(mask, values)
     return per_token, mask, sum_sq
 
 

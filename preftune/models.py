@@ -176,6 +176,12 @@ def frozen(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def load_reference_model(config: ModelConfig) -> PreTrainedModel:
+    """The frozen --ref-model, or (unset) a fresh frozen copy of the starting policy from --model."""
+    source = resolve_model(config.ref_model or config.model, config.cache_dir)
+    return frozen(load_model(source, config.trust_remote_code, config.attn_implementation, config.load_in_4bit))
+
+
 def load_policy_and_reference(
     config: ModelConfig, need_reference: bool = True
 ) -> tuple[torch.nn.Module, torch.nn.Module | None, PreTrainedTokenizerBase, str]:
@@ -189,8 +195,7 @@ def load_policy_and_reference(
     if not need_reference:
         reference = None
     elif config.ref_model is not None:
-        reference = frozen(load_model(resolve_model(config.ref_model, config.cache_dir), config.trust_remote_code,
-                                      config.attn_implementation, config.load_in_4bit))
+        reference = load_reference_model(config)
     elif config.lora:
         reference = None
     else:

@@ -1,19 +1,26 @@
 """Where the reference log-probabilities come from.
 
-Today: a separate frozen model, or (LoRA without --ref-model) the policy itself with its adapter switched off,
-which costs no extra weights; or none (--reference-free). A later on-disk cache of reference log-probs plugs in
-here as another source. TR-DPO's reference updates (--sync-ref-model) live here too.
+A separate frozen model, or (LoRA without --ref-model) the policy itself with its adapter switched off, which
+costs no extra weights; or none (--reference-free); or a table of log-probs computed once before training and
+cached on disk (--precompute-ref-log-probs), so that no reference model is held while training and a beta sweep
+pays for the reference once. TR-DPO's reference updates (--sync-ref-model) live here too.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import hashlib
+import json
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
-from preftune.batching import Batch
+from preftune.batching import Batch, iterate_batches
 from preftune.errors import UserError
 from preftune.logprobs import SequenceLogps, sequence_logps
+from preftune.tokenize import TokenizedPair
 
 ReferenceSource = Callable[[Batch], SequenceLogps]
 
@@ -71,3 +78,80 @@ def sync_reference_model(policy: torch.nn.Module, reference: torch.nn.Module, mi
     with torch.no_grad():
         for target, source in zip(reference.parameters(), policy.parameters(), strict=True):
             target.mul_(1.0 - mixup_alpha).add_(source.detach(), alpha=mixup_alpha)
+
+
+# ---- precomputed reference log-probs --------------------------------------------------------------------------
+# Bump when the way log-probs are computed changes, so that older cache files are not read back.
+CACHE_FORMAT = 1
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """sha256 of a model's weights (names and bytes), LoRA adapters left out: the reference a cache entry is for.
+
+    Reads every parameter once (about a second per 500 MB); peft's name wrapping is undone, so a base model has
+    the same fingerprint with or without an adapter attached.
+    """
+    digest = hashlib.sha256()
+    for name, parameter in model.named_parameters():
+        if "lora_" in name:
+            continue
+        digest.update(name.replace("base_model.model.", "").replace(".base_layer", "").encode())
+        digest.update(parameter.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def cache_key(reference_fingerprint: str, pairs: Sequence[TokenizedPair], settings: dict) -> str:
+    """What the cached log-probs depend on: the reference weights, every pair's token ids (so also the tokenizer,
+    the chat template, max_length and truncation) and `settings` (autocast dtype, attention kernel, LD-DPO tails)."""
+    digest = hashlib.sha256(json.dumps({"format": CACHE_FORMAT, "reference": reference_fingerprint,
+                                        "settings": settings}, sort_keys=True).encode())
+    for pair in pairs:
+        digest.update(json.dumps([pair.prompt_ids, pair.chosen_ids, pair.rejected_ids]).encode())
+    return digest.hexdigest()[:32]
+
+
+def compute_reference_table(
+    source: ReferenceSource, pairs: Sequence[TokenizedPair], batch_size: int, pad_token_id: int,
+    device: torch.device | str, length_split: bool,
+) -> torch.Tensor:
+    """(len(pairs), 2) float32 on the CPU: the reference's chosen and rejected log-probs of each pair, in order;
+    with `length_split`, (len(pairs), 4) with the LD-DPO tails after them."""
+    rows = []
+    for batch in iterate_batches(pairs, batch_size, pad_token_id):
+        logps = source(batch.to(device))
+        columns = [logps.chosen, logps.rejected]
+        if length_split:
+            columns += [logps.chosen_tail, logps.rejected_tail]
+        rows.append(torch.stack(columns, dim=-1).float().cpu())
+    return torch.cat(rows)
+
+
+def cached_reference_table(
+    cache_file: Path, compute: Callable[[], torch.Tensor], write: bool
+) -> tuple[torch.Tensor, bool]:
+    """The table in `cache_file`, else `compute()`'s (written to `cache_file` when `write`); and whether it was
+    read from the cache. Written atomically: a killed run leaves no half-written entry behind."""
+    if cache_file.exists():
+        return load_file(cache_file)["logps"], True
+    table = compute()
+    if write:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        staging = cache_file.with_name(f"{cache_file.name}.{os.getpid()}.tmp")
+        save_file({"logps": table.contiguous()}, staging)
+        staging.replace(cache_file)
+    return table, False
+
+
+def table_source(table: torch.Tensor, pairs: Sequence[TokenizedPair]) -> ReferenceSource:
+    """A ReferenceSource reading the rows of `table` (as `compute_reference_table` gives for `pairs`): no model."""
+    row_of = {pair.index: row for row, pair in enumerate(pairs)}
+
+    def from_table(batch: Batch) -> SequenceLogps:
+        values = table[[row_of[i] for i in batch.pair_indices]].to(batch.input_ids.device)
+        counts = batch.completion_mask[:, 1:].sum(dim=-1)
+        logps = SequenceLogps(values[:, 0], values[:, 1], *counts.chunk(2))
+        if values.shape[1] == 4:
+            logps.chosen_tail, logps.rejected_tail = values[:, 2], values[:, 3]
+        return logps
+
+    return from_table

@@ -34,8 +34,18 @@ from preftune.evaluate import evaluate_totals
 from preftune.logprobs import sequence_logps
 from preftune.losses import LossParams, compute_loss
 from preftune.metrics import MetricTotals, pair_sums
-from preftune.models import frozen, load_model, load_policy_and_reference, save_model
-from preftune.reference import check_syncable, reference_source, sync_reference_model
+from preftune.models import cache_root, load_policy_and_reference, load_reference_model, save_model
+from preftune.reference import (
+    ReferenceSource,
+    cache_key,
+    cached_reference_table,
+    check_syncable,
+    compute_reference_table,
+    reference_source,
+    sync_reference_model,
+    table_source,
+    weights_fingerprint,
+)
 from preftune.report import example_prompts, example_rows, final_metrics_of, write_report
 from preftune.runtime import make_accelerator
 from preftune.tokenize import TokenizedPair, tokenize_pairs
@@ -154,8 +164,9 @@ class Trainer:
             save_yaml(c, self.output_dir / CONFIG_FILE)
         set_seed(c.train.seed)
         self.loss_params = params = LossParams.from_config(c.loss)
+        precompute = c.train.precompute_ref_log_probs
         policy, reference, self.tokenizer, self.model_source = load_policy_and_reference(
-            c.model, need_reference=not params.reference_free
+            c.model, need_reference=not (params.reference_free or precompute)
         )
         self.pad_token_id = self.tokenizer.pad_token_id
 
@@ -194,8 +205,12 @@ class Trainer:
         if c.train.sync_ref_model:
             check_syncable(self.accelerator.unwrap_model(self.policy), reference)
         self.reference_model = reference
-        self.reference = reference_source(self.accelerator.unwrap_model(self.policy), reference,
-                                          params.length_split, params.reference_free)
+        if precompute:  # before restore: the reference is the starting policy
+            self.reference, self.eval_reference = self.precompute_reference()
+        else:
+            self.reference = self.eval_reference = reference_source(
+                self.accelerator.unwrap_model(self.policy), reference, params.length_split, params.reference_free
+            )
 
         if self.resume_from is not None:
             self.restore(self.resume_from)
@@ -214,6 +229,38 @@ class Trainer:
             f"run folder {self.output_dir}",
             flush=True,
         )
+
+    def precompute_reference(self) -> tuple[ReferenceSource, ReferenceSource | None]:
+        """--precompute-ref-log-probs: reference log-probs of the training and evaluation pairs, read from the cache
+        or computed now (every process computes what is not cached; the main process writes it). The reference is
+        --ref-model, loaded only for this, or the starting policy itself (with LoRA: its adapter off)."""
+        c, accelerator = self.config, self.accelerator
+        policy = accelerator.unwrap_model(self.policy)
+        model = load_reference_model(c.model).to(accelerator.device) if c.model.ref_model else None
+        live = reference_source(policy, model if model is not None else (None if c.model.lora else policy),
+                                self.loss_params.length_split)
+        fingerprint = weights_fingerprint(model if model is not None else policy)
+        settings = {"mixed_precision": accelerator.mixed_precision, "attn_implementation": c.model.attn_implementation,
+                    "length_split": self.loss_params.length_split}
+        sources = []
+        for pairs, what in ((self.train_pairs, "training"), (self.eval_pairs, "evaluation")):
+            if not pairs:  # no evaluation data: nothing reads this source (and `live` must not outlive this call)
+                sources.append(None)
+                continue
+            cache_file = cache_root(c.model.cache_dir) / "reference-logps" / (
+                cache_key(fingerprint, pairs, settings) + ".safetensors")
+            started = time.time()
+
+            def compute(pairs: list[TokenizedPair] = pairs) -> torch.Tensor:
+                return compute_reference_table(live, pairs, c.train.eval_batch_size, self.pad_token_id,
+                                               accelerator.device, self.loss_params.length_split)
+
+            with torch.no_grad(), accelerator.autocast():
+                table, cached = cached_reference_table(cache_file, compute, write=accelerator.is_main_process)
+            how = "read from" if cached else f"computed in {time.time() - started:.0f} s, cached in"
+            accelerator.print(f"reference log-probs of {len(pairs)} {what} pairs {how} {cache_file}", flush=True)
+            sources.append(table_source(table, pairs))
+        return sources[0], sources[1]
 
     def tokenize(self, data: LoadResult, what: str) -> list[TokenizedPair]:
         d = self.config.data
@@ -392,7 +439,7 @@ class Trainer:
         with self.accelerator.autocast():
             totals = evaluate_totals(
                 self.accelerator.unwrap_model(self.policy),
-                self.reference,
+                self.eval_reference,
                 self.eval_pairs[self.rank :: self.world_size],
                 batch_size=self.config.train.eval_batch_size,
                 pad_token_id=self.pad_token_id,
@@ -442,10 +489,8 @@ class Trainer:
             elif hasattr(policy, "disable_adapter"):  # LoRA: the reference is the policy with its adapter off
                 with policy.disable_adapter():
                     yield policy
-            else:  # --reference-free full training kept no reference: load the starting model for the report only
-                model = self.config.model
-                yield frozen(load_model(self.model_source, model.trust_remote_code, model.attn_implementation)
-                             ).to(self.accelerator.device)
+            else:  # no reference kept (--reference-free, --precompute-ref-log-probs): load it for the report only
+                yield load_reference_model(self.config.model).to(self.accelerator.device)
 
         with self.accelerator.autocast():
             examples = example_rows(policy, reference_model, self.tokenizer, self.report_prompts,

@@ -1,15 +1,26 @@
-"""Summed completion log-probs of the padded batch equal a brute-force, one-sequence-at-a-time computation."""
+"""Summed completion log-probs of the padded batch equal a brute-force, one-sequence-at-a-time computation, both
+with the output head on completion positions only and with full logits."""
 
 from __future__ import annotations
 
+import copy
 import math
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+import preftune.logprobs
 from preftune.batching import collate_padded
-from preftune.logprobs import sequence_logps, token_logps
+from preftune.logprobs import keeps_positions, sequence_logps, token_logps
 from preftune.tokenize import TokenizedPair
+
+
+@pytest.fixture(params=["head-on-completions", "full-logits"])
+def head_path(request, monkeypatch) -> str:
+    if request.param == "full-logits":  # as for a model that cannot slice its logits
+        monkeypatch.setattr(preftune.logprobs, "keeps_positions", lambda model: False)
+    return request.param
 
 
 def brute_force(model, prompt: list[int], completion: list[int]) -> float:
@@ -26,7 +37,7 @@ def test_token_logps_is_log_softmax_gather():
     torch.testing.assert_close(token_logps(logits, labels), expected)
 
 
-def test_sequence_logps_matches_brute_force(tiny_model_dir):
+def test_sequence_logps_matches_brute_force(tiny_model_dir, head_path):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     pairs = [
         TokenizedPair([5, 6, 7], [8, 9], [10, 11, 12, 13], index=0),
@@ -42,7 +53,7 @@ def test_sequence_logps_matches_brute_force(tiny_model_dir):
     assert out.rejected_tokens.tolist() == [4, 1, 2]
 
 
-def test_length_split_and_wpo_weights_match_brute_force(tiny_model_dir):
+def test_length_split_and_wpo_weights_match_brute_force(tiny_model_dir, head_path):
     """LD-DPO tails (tokens past min(|y_w|, |y_l|)) and WPO weights exp(mean_t log p(y_t) - log sum_v p(v)^2)."""
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     pairs = [TokenizedPair([5, 6], [8, 9, 10, 11], [12], index=0), TokenizedPair([20, 21, 22], [23], [24, 25, 26], 1)]
@@ -64,3 +75,41 @@ def test_length_split_and_wpo_weights_match_brute_force(tiny_model_dir):
             assert abs(tail.item() - sum(token[shared:])) < 1e-4
             expected_weight = math.exp(sum(t - s for t, s in zip(token, sum_sq)) / len(completion))
             assert abs(weight.item() - expected_weight) < 1e-4 * expected_weight
+
+
+def test_the_head_runs_on_completion_positions_only(tiny_model_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    pairs = [TokenizedPair([5, 6, 7, 8, 9], [10, 11], [12], 0), TokenizedPair([20], [21, 22, 23], [24, 25], 1)]
+    batch = collate_padded(pairs, pad_token_id=2)
+    rows_seen = []
+    model.lm_head.register_forward_hook(lambda module, args, output: rows_seen.append(args[0].shape))
+    fast = sequence_logps(model, batch)
+    fast_loss = (fast.chosen - 0.5 * fast.rejected).sum()
+    fast_grads = torch.autograd.grad(fast_loss, list(model.parameters()))
+    assert rows_seen == [(2 + 3 + 1 + 2, 32)]  # completion tokens only, not 2 rows x 7 positions
+    assert keeps_positions(model)
+
+    full = copy.deepcopy(model)
+    preftune.logprobs.keeps_positions, saved = (lambda m: False), preftune.logprobs.keeps_positions
+    try:
+        slow = sequence_logps(full, batch)
+    finally:
+        preftune.logprobs.keeps_positions = saved
+    slow_grads = torch.autograd.grad((slow.chosen - 0.5 * slow.rejected).sum(), list(full.parameters()))
+    torch.testing.assert_close(fast.chosen, slow.chosen)
+    torch.testing.assert_close(fast.rejected, slow.rejected)
+    for a, b in zip(fast_grads, slow_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_keeps_positions_sees_through_wrappers(tiny_model_dir):
+    from peft import LoraConfig, get_peft_model
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert keeps_positions(get_peft_model(model, LoraConfig(r=2, target_modules="all-linear")))
+
+    class NoSlicing(torch.nn.Module):  # a model whose forward has no logits_to_keep
+        def forward(self, input_ids, attention_mask=None, use_cache=False):
+            return input_ids
+
+    assert not keeps_positions(NoSlicing())

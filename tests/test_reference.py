@@ -1,5 +1,6 @@
-"""Where reference log-probs come from: none (--reference-free), and TR-DPO's updates of the reference model
-(against TRL's SyncRefModelCallback); training runs that use them and the per-token loss extras."""
+"""Where reference log-probs come from: none (--reference-free), TR-DPO's updates of the reference model (against
+TRL's SyncRefModelCallback), and the precomputed, cached table (--precompute-ref-log-probs); training runs that use
+them and the per-token loss extras."""
 
 from __future__ import annotations
 
@@ -15,7 +16,16 @@ from preftune.batching import collate_padded
 from preftune.cli import main
 from preftune.errors import UserError
 from preftune.logprobs import sequence_logps
-from preftune.reference import check_syncable, reference_source, sync_reference_model
+from preftune.reference import (
+    cache_key,
+    cached_reference_table,
+    check_syncable,
+    compute_reference_table,
+    reference_source,
+    sync_reference_model,
+    table_source,
+    weights_fingerprint,
+)
 from preftune.tokenize import TokenizedPair
 
 
@@ -101,3 +111,87 @@ def test_reference_free_training_rewards_are_beta_log_pi(tmp_path, tiny_model_di
         assert row["rewards/rejected"] == pytest.approx(2.0 * row["logps/rejected"], rel=1e-6)
     # no reference was kept: report.md compares with the starting model, loaded for it
     assert "| prompt | reference sample | policy sample |" in (out / "report.md").read_text()
+
+
+# ---- --precompute-ref-log-probs ---------------------------------------------------------------------------------
+def train_rows(tmp_path, name, tiny_model_dir, pairs_file, capsys, *extra) -> tuple[list[dict], str]:
+    out = tmp_path / name
+    assert main(["train", "--model", str(tiny_model_dir), "--data", str(pairs_file), "--eval-data", str(pairs_file),
+                 "--output-dir", str(out), "--max-steps", "3", "--batch-size", "2", "--learning-rate", "1e-2",
+                 "--no-shuffle", "--cache-dir", str(tmp_path / "cache"), *extra]) == 0
+    return read_rows(out), capsys.readouterr().out
+
+
+@pytest.mark.parametrize("options", [
+    [],
+    ["--lora", "--learning-rate", "5e-2"],
+    ["--ref-model", "REF"],
+    ["--ld-alpha", "0.3"],
+], ids=["copy", "lora", "ref-model", "ld-dpo-tails"])
+def test_precomputed_reference_trains_as_the_live_one(tmp_path, tiny_model_dir, tiny_ref_dir, pairs_file, capsys,
+                                                      options):
+    options = [str(tiny_ref_dir) if o == "REF" else o for o in options]
+    live, _ = train_rows(tmp_path, "live", tiny_model_dir, pairs_file, capsys, *options)
+    first, printed = train_rows(tmp_path, "first", tiny_model_dir, pairs_file, capsys, "--precompute-ref-log-probs",
+                                *options)
+    assert "reference log-probs of 4 training pairs computed in" in printed
+    again, printed = train_rows(tmp_path, "again", tiny_model_dir, pairs_file, capsys, "--precompute-ref-log-probs",
+                                *options)
+    assert "reference log-probs of 4 training pairs read from" in printed
+    assert "reference log-probs of 4 evaluation pairs read from" in printed
+    assert len(live) == len(first) == len(again) > 3
+    for a, b, c in zip(live, first, again, strict=True):
+        assert set(a) == set(b)
+        for name in a:
+            if name.startswith(("loss", "eval_loss", "rewards/", "eval_rewards/", "grad_norm")):
+                # the same log-probs up to float rounding: the precompute batches pairs differently
+                assert b[name] == pytest.approx(a[name], rel=1e-5, abs=1e-6), name
+                assert c[name] == b[name], name  # read back bit for bit
+
+
+def test_reference_cache_key_follows_weights_pairs_and_settings(tiny_model_dir, tiny_ref_dir):
+    policy, other = (AutoModelForCausalLM.from_pretrained(d) for d in (tiny_model_dir, tiny_ref_dir))
+    pairs = [TokenizedPair([5, 6], [8, 9, 10], [12], 0), TokenizedPair([20], [23], [24, 25], 1)]
+    fingerprint = weights_fingerprint(policy)
+    key = cache_key(fingerprint, pairs, {"length_split": False})
+    assert key == cache_key(weights_fingerprint(copy.deepcopy(policy)), pairs, {"length_split": False})
+    assert key != cache_key(weights_fingerprint(other), pairs, {"length_split": False})
+    assert key != cache_key(fingerprint, pairs[:1], {"length_split": False})
+    moved_boundary = [TokenizedPair([5, 6], [8, 9], [10, 12], 0), pairs[1]]
+    assert key != cache_key(fingerprint, moved_boundary, {"length_split": False})
+    assert key != cache_key(fingerprint, pairs, {"length_split": True})
+    # a LoRA adapter does not change the base weights the reference is (adapter off)
+    from peft import LoraConfig, get_peft_model
+
+    wrapped = get_peft_model(copy.deepcopy(policy), LoraConfig(r=2, target_modules="all-linear"))
+    assert weights_fingerprint(wrapped) == fingerprint
+
+
+def test_table_source_reads_each_pairs_row(tiny_model_dir, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    pairs = [TokenizedPair([5, 6], [8, 9, 10], [12], 3), TokenizedPair([20], [23], [24, 25], 7),
+             TokenizedPair([30, 31, 32], [33], [34], 9)]
+    live = reference_source(None, model, length_split=True)
+    table = compute_reference_table(live, pairs, batch_size=2, pad_token_id=2, device="cpu", length_split=True)
+    assert table.shape == (3, 4)
+    cache_file = tmp_path / "cache" / "entry.safetensors"
+    calls = []
+    for expected_cached in (False, True):
+        read, cached = cached_reference_table(cache_file, lambda: calls.append(1) or table, write=True)
+        assert cached is expected_cached and torch.equal(read, table)
+    assert calls == [1] and [p.name for p in cache_file.parent.iterdir()] == ["entry.safetensors"]
+    batch = collate_padded([pairs[2], pairs[0]], pad_token_id=2)  # another order and batch than the table's
+    from_table, from_model = table_source(table, pairs)(batch), live(batch)
+    for name in ("chosen", "rejected", "chosen_tail", "rejected_tail", "chosen_tokens", "rejected_tokens"):
+        expected = getattr(from_model, name)
+        torch.testing.assert_close(getattr(from_table, name), expected.to(getattr(from_table, name).dtype))
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--sync-ref-model"], "not with --sync-ref-model"),
+    (["--reference-free", "--loss-type", "simpo"], "--precompute-ref-log-probs has no effect with --reference-free"),
+])
+def test_precompute_conflicts_are_config_errors(tmp_path, pairs_file, capsys, extra, message):
+    assert main(["train", "--data", str(pairs_file), "--output-dir", str(tmp_path / "x"),
+                 "--precompute-ref-log-probs", *extra]) == 2
+    assert message in capsys.readouterr().err
