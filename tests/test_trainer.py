@@ -97,3 +97,43 @@ def test_attention_implementations_agree(tmp_path, tiny_model_dir, pairs_file, c
                      str(tiny_model_dir), "--attn-implementation", kernel]) == 0
         results[kernel] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert results["eager"]["logps/chosen"] == pytest.approx(results["sdpa"]["logps/chosen"], rel=1e-5)
+
+
+def test_training_steps_equal_trls(tmp_path, tiny_model_dir):
+    """The same pairs in the same batches (file order), seed, schedule and optimizer settings: preftune's per-step
+    training losses equal TRL 1.16 DPOTrainer's (benchmarks/bench_vs_trl.py checks the same on the real model)."""
+    import warnings
+
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    records = PAIRS * 2
+    data = write_jsonl(tmp_path / "pairs.jsonl", records)
+    settings = {"learning_rate": 1e-2, "max_grad_norm": 1.0, "beta": 0.1}
+    _, rows = train(tmp_path, "ours", tiny_model_dir, data, "--batch-size", "2", "--max-steps", "4",
+                    "--learning-rate", str(settings["learning_rate"]), "--lr-scheduler-type", "linear")
+    ours = [r["loss"] for r in rows if "loss" in r]
+
+    class Losses(TrainerCallback):
+        def __init__(self) -> None:
+            self.values: list[float] = []
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                self.values.append(logs["loss"])
+
+    losses = Losses()
+    config = DPOConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=2, max_steps=4,
+                       lr_scheduler_type="linear", warmup_steps=0, logging_steps=1, save_strategy="no",
+                       report_to="none", use_cpu=True, bf16=False, train_sampling_strategy="sequential", **settings)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_model_dir), args=config,
+                             train_dataset=Dataset.from_list(records),
+                             processing_class=AutoTokenizer.from_pretrained(tiny_model_dir), callbacks=[losses])
+        trainer.train()
+    assert len(losses.values) == len(ours) == 4
+    assert ours[-1] < ours[0] - 1e-3  # the steps move the policy: the comparison is not of four constants
+    for step, (a, b) in enumerate(zip(ours, losses.values), start=1):
+        assert a == pytest.approx(b, abs=1e-5), f"step {step}"
