@@ -1,16 +1,22 @@
 """list[TokenizedPair] -> Batch: how pairs are laid out as tensors for one forward pass.
 
-The padded layout is the reference: rows [chosen_0..chosen_{B-1}, rejected_0..rejected_{B-1}], each row
-prompt + completion, right-padded. Chosen and rejected go through the model in one forward pass together.
-`completion_mask` marks the tokens whose log-probabilities count; everything after the layout is chosen
-(log-probs, losses, the loop) reads only `Batch`, so other layouts can replace this one.
+Two layouts, one `Batch`:
+- `padded` (the reference layout, as TRL's): rows [chosen_0..chosen_{B-1}, rejected_0..rejected_{B-1}], each row
+  prompt + completion, right-padded; the prompt is computed twice per pair.
+- `shared_prefix`: one row per pair, prompt | chosen | rejected, right-padded, so the prompt is computed once.
+  The rejected tokens do not attend to the chosen ones and their positions restart after the prompt, so each
+  completion sees exactly what it sees alone (the exact prefix-sharing of arXiv:2410.20305). It needs a 4D
+  attention mask, which SDPA and eager attention take.
+A Batch also says where every scored (completion) token is: its row, the column whose logits predict it, its id,
+its sequence and its place in its completion. Everything after the layout (log-probs, losses, the loop) reads
+only that, so a layout is one function here.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -19,22 +25,34 @@ from preftune.tokenize import TokenizedPair
 
 @dataclass
 class Batch:
-    input_ids: torch.Tensor  # (2B, L) long: B chosen rows, then B rejected rows
-    attention_mask: torch.Tensor  # (2B, L) long: 1 on real tokens
-    completion_mask: torch.Tensor  # (2B, L) bool: True on completion tokens (the ones scored)
+    """One forward pass. Sequences are numbered 0..2B-1: pair i's chosen is i, its rejected B + i. T = scored
+    tokens, in row-major order of their predicting positions."""
+
+    input_ids: torch.Tensor  # (R, L) long
+    # (R, L) long, 1 on real tokens (causal attention implied); or (R, 1, L, L) bool: True where query attends key
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor | None  # (R, L) long; None: 0, 1, 2, ... in every row
+    token_rows: torch.Tensor  # (T,) long: the row of each scored token
+    token_predictors: torch.Tensor  # (T,) long: the column whose logits predict it
+    token_labels: torch.Tensor  # (T,) long: its id
+    token_sequences: torch.Tensor  # (T,) long: its sequence, in [0, 2B)
+    token_ranks: torch.Tensor  # (T,) long: its place in its completion, from 0
     pair_indices: list[int]  # which loaded pairs these are, for messages that name them
 
     @property
     def num_pairs(self) -> int:
         return len(self.pair_indices)
 
+    def token_counts(self) -> torch.Tensor:
+        """(2B,) long: completion tokens of each sequence."""
+        return torch.bincount(self.token_sequences, minlength=2 * self.num_pairs)
+
     def to(self, device: torch.device | str) -> Batch:
-        return Batch(
-            self.input_ids.to(device),
-            self.attention_mask.to(device),
-            self.completion_mask.to(device),
-            self.pair_indices,
-        )
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        for name, value in moved.items():
+            if isinstance(value, torch.Tensor):
+                moved[name] = value.to(device)
+        return Batch(**moved)
 
 
 def pad_rows(
@@ -53,11 +71,63 @@ def pad_rows(
     return input_ids, attention_mask, completion_mask
 
 
+def padded_batch(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor, pair_indices: list[int]
+) -> Batch:
+    """A Batch of one sequence per row: row r is sequence r; token t of a row is predicted by column t - 1."""
+    rows, columns = completion_mask.nonzero(as_tuple=True)  # row-major
+    first_column = torch.full((input_ids.shape[0],), input_ids.shape[1], dtype=torch.long)
+    first_column = first_column.scatter_reduce(0, rows, columns, reduce="amin")
+    return Batch(input_ids, attention_mask, None, rows, columns - 1, input_ids[rows, columns], rows.clone(),
+                 columns - first_column[rows], pair_indices)
+
+
 def collate_padded(pairs: Sequence[TokenizedPair], pad_token_id: int) -> Batch:
     """Right-padded layout: one row per sequence, chosen rows first."""
     prompts = [p.prompt_ids for p in pairs] * 2
     completions = [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs]
-    return Batch(*pad_rows(prompts, completions, pad_token_id), [p.index for p in pairs])
+    return padded_batch(*pad_rows(prompts, completions, pad_token_id), [p.index for p in pairs])
+
+
+def collate_shared_prefix(pairs: Sequence[TokenizedPair], pad_token_id: int) -> Batch:
+    """One row per pair, prompt | chosen | rejected, right-padded; the prompt is computed once."""
+    width = max(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
+    count = len(pairs)
+    input_ids = torch.full((count, width), pad_token_id, dtype=torch.long)
+    position_ids = torch.zeros((count, width), dtype=torch.long)
+    # pad queries attend to themselves only: a fully masked row would give NaN, which 0-weight attention
+    # to it would still spread (0 * NaN)
+    mask = torch.eye(width, dtype=torch.bool).repeat(count, 1, 1)
+    causal = torch.ones((width, width), dtype=torch.bool).tril()
+    tokens: list[list[int]] = [[], [], [], [], []]  # rows, predictors, labels, sequences, ranks
+    for i, pair in enumerate(pairs):
+        p, c, r = len(pair.prompt_ids), len(pair.chosen_ids), len(pair.rejected_ids)
+        end = p + c + r
+        input_ids[i, :end] = torch.tensor(pair.prompt_ids + pair.chosen_ids + pair.rejected_ids)
+        position_ids[i, :end] = torch.cat([torch.arange(p + c), torch.arange(p, p + r)])
+        mask[i, :end, :end] = causal[:end, :end]
+        mask[i, p + c : end, p : p + c] = False  # rejected does not see chosen
+        chosen_predictors = list(range(p - 1, p + c - 1))
+        rejected_predictors = [p - 1, *range(p + c, end - 1)]
+        for sequence, predictors, labels in ((i, chosen_predictors, pair.chosen_ids),
+                                             (count + i, rejected_predictors, pair.rejected_ids)):
+            for rank, (predictor, label) in enumerate(zip(predictors, labels)):
+                tokens[0].append(i)
+                tokens[1].append(predictor)
+                tokens[2].append(label)
+                tokens[3].append(sequence)
+                tokens[4].append(rank)
+    # row-major order of the predicting positions (chosen's and rejected's first tokens share column p - 1)
+    order = sorted(range(len(tokens[0])), key=lambda t: (tokens[0][t], tokens[1][t], tokens[3][t]))
+    rows, predictors, labels, sequences, ranks = (torch.tensor([column[t] for t in order]) for column in tokens)
+    return Batch(input_ids, mask.unsqueeze(1), position_ids, rows, predictors, labels, sequences, ranks,
+                 [p.index for p in pairs])
+
+
+LAYOUTS: dict[str, Callable[[Sequence[TokenizedPair], int], Batch]] = {
+    "padded": collate_padded,
+    "shared_prefix": collate_shared_prefix,
+}
 
 
 def batch_order(num_pairs: int, batch_size: int, shuffle: bool, seed: int, epoch: int) -> list[list[int]]:
@@ -93,7 +163,8 @@ def process_batches(
 
 def iterate_batches(
     pairs: Sequence[TokenizedPair], batch_size: int, pad_token_id: int, shuffle: bool = False, seed: int = 0,
-    epoch: int = 0,
+    epoch: int = 0, layout: str = "padded",
 ) -> Iterator[Batch]:
+    collate = LAYOUTS[layout]
     for positions in batch_order(len(pairs), batch_size, shuffle, seed, epoch):
-        yield collate_padded([pairs[i] for i in positions], pad_token_id)
+        yield collate([pairs[i] for i in positions], pad_token_id)

@@ -20,7 +20,8 @@ from preftune.runtime import launch_processes, launched
 # The options each command other than train takes, and the flag names it gives them where they differ from
 # train's (their batch size is train's eval_batch_size).
 MODEL_PAIR = {"model.model": None, "model.ref_model": None, "model.trust_remote_code": None, "model.bf16": None,
-              "model.attn_implementation": None, "model.cache_dir": None, "train.eval_batch_size": "batch_size"}
+              "model.attn_implementation": None, "model.cache_dir": None, "train.eval_batch_size": "batch_size",
+              "train.batch_layout": None}
 PAIR_DATA = {"data.data": None, "data.split": None, "data.skip_invalid": None, "data.max_length": None,
              "data.truncation_mode": None}
 SAMPLING = {"sample.prompts": None, "sample.output": None, "sample.num_samples": None,

@@ -156,6 +156,13 @@ class TrainConfig:
     logging_steps: int = doc("Log metrics every this many optimizer steps.", 1)
     eval_steps: int = doc("Evaluate on --eval-data every this many optimizer steps; 0: only at the end.", 0)
     eval_batch_size: int = doc("Pairs per micro-batch when evaluating.", 8)
+    batch_layout: str = doc(
+        "How pairs become tensors. padded: one right-padded row per sequence, chosen and rejected apart (as TRL). "
+        "shared_prefix: one row per pair, prompt | chosen | rejected, so the prompt is computed once; the "
+        "rejected tokens do not see the chosen ones and their positions restart after the prompt (exact, "
+        "arXiv:2410.20305); needs sdpa or eager attention.",
+        "padded",
+    )
     shuffle: bool = doc("Shuffle the training pairs each epoch (off: file order, as in exact comparisons).", True)
     num_processes: int = doc(
         "Processes to train in (started with torchrun; CPU processes use gloo). --batch-size is per process. "
@@ -411,6 +418,11 @@ def validate(config: Config, command: str = "train") -> None:
     need(t.weight_decay >= 0, f"--weight-decay must be >= 0, got {t.weight_decay}")
     need(t.logging_steps >= 1, f"--logging-steps must be >= 1, got {t.logging_steps}")
     need(t.eval_steps >= 0, f"--eval-steps must be >= 0, got {t.eval_steps}")
+    need(t.batch_layout in {"padded", "shared_prefix"},
+         f"--batch-layout must be padded or shared_prefix, got '{t.batch_layout}'")
+    need(t.batch_layout != "shared_prefix" or m.attn_implementation in {None, "sdpa", "eager"},
+         f"--batch-layout shared_prefix needs an attention mask per pair, which sdpa and eager attention take; "
+         f"not --attn-implementation {m.attn_implementation}")
     need(t.num_processes >= 1, f"--num-processes must be >= 1, got {t.num_processes}")
     need(t.num_processes == 1 or d.data is not None,
          "--num-processes > 1 needs --data: the default job runs in one process")
@@ -461,12 +473,12 @@ def validate(config: Config, command: str = "train") -> None:
 
 
 # Options that may differ between a checkpoint and the run resuming it: they change where things are written,
-# what is logged or how the result is saved, never the trained weights (precomputed reference log-probs equal the
-# live ones up to float rounding).
+# what is logged or how the result is saved, never the trained weights (precomputed reference log-probs and the
+# batch layouts give the same log-probs up to float rounding).
 RESUMABLE_DIFFERENCES = frozenset({
     "model.cache_dir", "model.merge", "data.eval_data", "data.eval_split", "train.output_dir", "train.overwrite",
     "train.resume", "train.save_steps", "train.save_total_limit", "train.logging_steps", "train.eval_steps",
-    "train.eval_batch_size", "train.max_bad_steps", "train.precompute_ref_log_probs",
+    "train.eval_batch_size", "train.max_bad_steps", "train.precompute_ref_log_probs", "train.batch_layout",
     "default_job.num_eval_prompts", "default_job.samples_per_eval_prompt",
 })
 

@@ -33,13 +33,14 @@ def evaluate_totals(
     pad_token_id: int,
     params: LossParams,
     device: torch.device | str = "cpu",
+    layout: str = "padded",
 ) -> MetricTotals:
     """Per-pair sums of the TRL-named preference metrics over `pairs`, without gradients."""
     was_training = policy.training
     policy.eval()
     totals = MetricTotals()
     with torch.no_grad():
-        for batch in iterate_batches(pairs, batch_size, pad_token_id):
+        for batch in iterate_batches(pairs, batch_size, pad_token_id, layout=layout):
             batch = batch.to(device)
             policy_logps = sequence_logps(policy, batch, params.length_split, params.use_weighting)
             output = compute_loss(policy_logps, reference(batch), params)
@@ -183,4 +184,5 @@ def run_eval(config: Config) -> dict[str, float]:
             pad_token_id=tokenizer.pad_token_id,
             params=params,
             device=accelerator.device,
+            layout=config.train.batch_layout,
         )

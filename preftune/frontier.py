@@ -124,6 +124,9 @@ def run_frontier(config: Config, betas: list[float], measurements: int = 3) -> P
             section, name = key.split(".")
             setattr(getattr(run_config, section), name, value)
         run_config.train.output_dir = str(folder / method.replace(" ", "_").replace("=", "-"))
+        # every run trains on the same pairs from the same reference: its log-probs are computed by the first run
+        # and read from the cache by the others
+        run_config.train.precompute_ref_log_probs = True
         trainer = MeasuredTrainer(run_config, method, measure)
         try:
             trainer.setup()

@@ -1,6 +1,7 @@
 """(model, Batch) -> SequenceLogps: the only place that runs a model forward for training and evaluation.
 
-Log-probabilities are summed over completion tokens only: token t is scored by the logits at position t-1.
+Log-probabilities are summed over completion tokens only, each scored by the logits of the position the Batch
+names as its predictor (in the padded layout, the position before it).
 Training, `preftune eval` and the reward scores all go through `sequence_logps`, so they agree by construction.
 """
 
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from preftune.batching import Batch
+from preftune.batching import Batch, padded_batch
 
 
 @dataclass
@@ -40,15 +41,6 @@ class SequenceLogps:
         return SequenceLogps(*(None if t is None else t.detach() for t in dataclasses.astuple(self)))
 
 
-def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[label] per position, (..., V), (...) -> (...), in float32.
-
-    logsumexp + gather instead of log_softmax: avoids a second (N, L, V) tensor.
-    """
-    logits = logits.float()
-    return logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-
-
 def keeps_positions(model: torch.nn.Module) -> bool:
     """Whether `model(..., logits_to_keep=<bool (N, L) mask>)` computes the logits at the masked positions only.
 
@@ -67,68 +59,85 @@ def keeps_positions(model: torch.nn.Module) -> bool:
             and "logits_to_keep" in inspect.signature(model.forward).parameters)
 
 
-def completion_token_logps(
-    model: torch.nn.Module,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    completion_mask: torch.Tensor,
-    log_sum_sq: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Per-position log-probs of the completion tokens (0 elsewhere) and the completion mask, (N, L) -> (N, L-1);
-    with `log_sum_sq`, also log sum_v p(v)^2 at each completion position (WPO's normaliser; 0 elsewhere),
-    detached, else None.
+def scored_token_logps(
+    model: torch.nn.Module, batch: Batch, log_sum_sq: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log p(token | what precedes it) of every scored token of `batch`, (T,) float32; with `log_sum_sq`, also
+    log sum_v p(v)^2 at each one's predicting position (WPO's normaliser), detached, else None.
 
-    The output head runs only where a completion token is predicted: the (tokens x vocabulary) logits of the
-    prompts and the padding are never formed, which saves the head's compute there and most of the logits' memory.
+    The output head runs only at the predicting positions: the (tokens x vocabulary) logits of the prompts and
+    the padding are never formed, which saves the head's compute there and most of the logits' memory.
     """
-    mask = completion_mask[:, 1:]  # position t predicts token t + 1
-    labels = input_ids[:, 1:][mask]  # (T,), T = completion tokens in the batch, row by row
+    rows, columns = batch.input_ids.shape
+    keep = torch.zeros((rows, columns), dtype=torch.bool, device=batch.input_ids.device)
+    keep[batch.token_rows, batch.token_predictors] = True
+    # where each token's predicting position lands among the kept ones (row-major; two tokens may share one)
+    slot = keep.flatten().cumsum(0).sub_(1)[batch.token_rows * columns + batch.token_predictors]
+    inputs = {"input_ids": batch.input_ids, "attention_mask": attention_mask_for(model, batch.attention_mask)}
+    if batch.position_ids is not None:
+        inputs["position_ids"] = batch.position_ids
     if keeps_positions(model):
-        predicting = torch.zeros_like(completion_mask)
-        predicting[:, :-1] = mask
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-                       logits_to_keep=predicting).logits  # (T, V)
+        logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits  # (K, V)
     else:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1][mask]
-    per_token = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_scatter(
-        mask, token_logps(logits, labels)
-    )
+        logits = model(**inputs, use_cache=False).logits[keep]
+    logits = logits.float()
+    normaliser = torch.logsumexp(logits, dim=-1)  # (K,)
+    per_token = logits[slot, batch.token_labels] - normaliser[slot]
     sum_sq = None
     if log_sum_sq:
         with torch.no_grad():
-            z = logits.float()
-            values = torch.logsumexp(2 * z, dim=-1) - 2 * torch.logsumexp(z, dim=-1)
-            sum_sq = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_scatter(mask, values)
-    return per_token, mask, sum_sq
+            sum_sq = (torch.logsumexp(2 * logits, dim=-1) - 2 * normaliser)[slot]
+    return per_token, sum_sq
+
+
+def attention_mask_for(model: torch.nn.Module, mask: torch.Tensor) -> torch.Tensor:
+    """A 4D boolean mask as the model's attention takes it: as is for SDPA; for eager, which adds the mask to
+    the scores, 0 where allowed and the float minimum elsewhere."""
+    if mask.dim() != 4:
+        return mask
+    config = getattr(model, "config", None)
+    if getattr(config, "_attn_implementation", "sdpa") == "eager":
+        return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill_(
+            ~mask, torch.finfo(torch.float32).min)
+    return mask
 
 
 def completion_logps(
     model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log-probs of the completion tokens of each row, and their counts; (N, L) inputs -> (N,), (N,)."""
-    per_token, mask, _ = completion_token_logps(model, input_ids, attention_mask, completion_mask)
-    return per_token.sum(dim=-1), mask.sum(dim=-1)
+    """Summed log-probs of the completion tokens of each right-padded row, and their counts; (N, L) inputs ->
+    (N,), (N,)."""
+    batch = padded_batch(input_ids, attention_mask, completion_mask, pair_indices=[])
+    per_token, _ = scored_token_logps(model, batch)
+    rows = input_ids.shape[0]
+    sums = torch.zeros(rows, dtype=torch.float32, device=per_token.device).index_add(0, batch.token_sequences,
+                                                                                    per_token)
+    return sums, torch.bincount(batch.token_sequences, minlength=rows)
 
 
 def sequence_logps(
     model: torch.nn.Module, batch: Batch, length_split: bool = False, wpo_weights: bool = False
 ) -> SequenceLogps:
-    """Run `model` once over chosen and rejected rows together and sum completion log-probs per sequence.
+    """Run `model` once over the batch (chosen and rejected together) and sum completion log-probs per sequence.
 
     length_split: also the LD-DPO tails (arXiv:2409.06411); wpo_weights: also the WPO weights (arXiv:2406.11827).
     """
-    per_token, mask, sum_sq = completion_token_logps(
-        model, batch.input_ids, batch.attention_mask, batch.completion_mask, log_sum_sq=wpo_weights
-    )
-    counts = mask.sum(dim=-1)
-    logps = SequenceLogps(*per_token.sum(dim=-1).chunk(2), *counts.chunk(2))
+    per_token, sum_sq = scored_token_logps(model, batch, log_sum_sq=wpo_weights)
+    sequences = 2 * batch.num_pairs
+
+    def per_sequence(values: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(sequences, dtype=values.dtype, device=values.device).index_add(
+            0, batch.token_sequences, values)
+
+    counts = batch.token_counts()
+    logps = SequenceLogps(*per_sequence(per_token).chunk(2), *counts.chunk(2))
     if length_split:
-        # rows are [chosen..., rejected...]: pair i's shared length applies to rows i and B + i
+        # pair i's shared length min(|y_w|, |y_l|) applies to its sequences i and B + i
         shared = torch.minimum(*counts.chunk(2)).repeat(2)
-        past_shared = mask.cumsum(dim=-1) > shared.unsqueeze(-1)
-        logps.chosen_tail, logps.rejected_tail = per_token.masked_fill(~past_shared, 0.0).sum(dim=-1).chunk(2)
+        past_shared = batch.token_ranks >= shared[batch.token_sequences]
+        logps.chosen_tail, logps.rejected_tail = per_sequence(per_token * past_shared).chunk(2)
     if wpo_weights:
         with torch.no_grad():
-            aligned = ((per_token - sum_sq) * mask).sum(dim=-1) / counts.clamp(min=1)
+            aligned = per_sequence(per_token - sum_sq) / counts.clamp(min=1)
             logps.chosen_weight, logps.rejected_weight = torch.exp(aligned).chunk(2)
     return logps

@@ -37,7 +37,7 @@ def reference_source(
     if reference_free:
 
         def zeros(batch: Batch) -> SequenceLogps:
-            counts = batch.completion_mask[:, 1:].sum(dim=-1)
+            counts = batch.token_counts()
             nothing = torch.zeros(counts.shape[0] // 2, device=counts.device)
             return SequenceLogps(nothing, nothing, *counts.chunk(2))
 
@@ -112,12 +112,12 @@ def cache_key(reference_fingerprint: str, pairs: Sequence[TokenizedPair], settin
 
 def compute_reference_table(
     source: ReferenceSource, pairs: Sequence[TokenizedPair], batch_size: int, pad_token_id: int,
-    device: torch.device | str, length_split: bool,
+    device: torch.device | str, length_split: bool, layout: str = "padded",
 ) -> torch.Tensor:
     """(len(pairs), 2) float32 on the CPU: the reference's chosen and rejected log-probs of each pair, in order;
     with `length_split`, (len(pairs), 4) with the LD-DPO tails after them."""
     rows = []
-    for batch in iterate_batches(pairs, batch_size, pad_token_id):
+    for batch in iterate_batches(pairs, batch_size, pad_token_id, layout=layout):
         logps = source(batch.to(device))
         columns = [logps.chosen, logps.rejected]
         if length_split:
@@ -148,7 +148,7 @@ def table_source(table: torch.Tensor, pairs: Sequence[TokenizedPair]) -> Referen
 
     def from_table(batch: Batch) -> SequenceLogps:
         values = table[[row_of[i] for i in batch.pair_indices]].to(batch.input_ids.device)
-        counts = batch.completion_mask[:, 1:].sum(dim=-1)
+        counts = batch.token_counts()
         logps = SequenceLogps(values[:, 0], values[:, 1], *counts.chunk(2))
         if values.shape[1] == 4:
             logps.chosen_tail, logps.rejected_tail = values[:, 2], values[:, 3]

@@ -25,7 +25,7 @@ from accelerate.utils import broadcast_object_list, set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from preftune.batching import Batch, collate_padded, process_batches
+from preftune.batching import LAYOUTS, Batch, process_batches
 from preftune.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from preftune.config import Config, math_differences, save_yaml
 from preftune.data import LoadResult, describe_skipped, load_pairs
@@ -253,7 +253,8 @@ class Trainer:
 
             def compute(pairs: list[TokenizedPair] = pairs) -> torch.Tensor:
                 return compute_reference_table(live, pairs, c.train.eval_batch_size, self.pad_token_id,
-                                               accelerator.device, self.loss_params.length_split)
+                                               accelerator.device, self.loss_params.length_split,
+                                               c.train.batch_layout)
 
             with torch.no_grad(), accelerator.autocast():
                 table, cached = cached_reference_table(cache_file, compute, write=accelerator.is_main_process)
@@ -280,11 +281,12 @@ class Trainer:
 
     def micro_batches(self) -> Iterator[Batch]:
         """Micro-batches forever, epoch after epoch, reshuffled per epoch; resumes at `micro_batches_seen`."""
+        collate = LAYOUTS[self.config.train.batch_layout]
         while True:
             epoch, offset = divmod(self.state.micro_batches_seen, self.batches_per_epoch)
             for positions in self.epoch_batches(epoch)[offset:]:
                 self.state.micro_batches_seen += 1
-                yield collate_padded([self.train_pairs[i] for i in positions], self.pad_token_id).to(
+                yield collate([self.train_pairs[i] for i in positions], self.pad_token_id).to(
                     self.accelerator.device
                 )
 
@@ -445,6 +447,7 @@ class Trainer:
                 pad_token_id=self.pad_token_id,
                 params=self.loss_params,
                 device=self.accelerator.device,
+                layout=self.config.train.batch_layout,
             )
         totals = self.reduce(totals)
         results = {**totals.means(), "num_pairs": totals.num_pairs}

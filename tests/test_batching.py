@@ -1,26 +1,65 @@
-"""The padded layout: chosen rows then rejected rows, completion mask on completion tokens only."""
+"""The layouts: padded (chosen rows then rejected rows) and shared_prefix (prompt | chosen | rejected per row), and
+where each says its scored tokens are."""
 
 from __future__ import annotations
 
-import torch
-
-from preftune.batching import batch_order, collate_padded
+from preftune.batching import batch_order, collate_padded, collate_shared_prefix
 from preftune.tokenize import TokenizedPair
+
+PAIRS = [TokenizedPair([1, 2], [3, 4, 5], [6], index=7), TokenizedPair([8], [9], [10, 11], index=3)]
+
+
+def scored(batch) -> list[tuple]:
+    """(row, predicting column, label, sequence, rank) of each scored token."""
+    return list(zip(batch.token_rows.tolist(), batch.token_predictors.tolist(), batch.token_labels.tolist(),
+                    batch.token_sequences.tolist(), batch.token_ranks.tolist()))
 
 
 def test_collate_padded_layout():
-    pairs = [TokenizedPair([1, 2], [3, 4, 5], [6], index=7), TokenizedPair([8], [9], [10, 11], index=3)]
-    batch = collate_padded(pairs, pad_token_id=0)
+    batch = collate_padded(PAIRS, pad_token_id=0)
     assert batch.pair_indices == [7, 3] and batch.num_pairs == 2
     assert batch.input_ids.tolist() == [[1, 2, 3, 4, 5], [8, 9, 0, 0, 0], [1, 2, 6, 0, 0], [8, 10, 11, 0, 0]]
     assert batch.attention_mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 0, 0]]
-    assert batch.completion_mask.tolist() == [
-        [False, False, True, True, True],
-        [False, True, False, False, False],
-        [False, False, True, False, False],
-        [False, True, True, False, False],
+    assert batch.position_ids is None
+    assert scored(batch) == [
+        (0, 1, 3, 0, 0), (0, 2, 4, 0, 1), (0, 3, 5, 0, 2),  # chosen of pair 0: 3 4 5 after the prompt 1 2
+        (1, 0, 9, 1, 0),  # chosen of pair 1
+        (2, 1, 6, 2, 0),  # rejected of pair 0 (sequence B + 0)
+        (3, 0, 10, 3, 0), (3, 1, 11, 3, 1),
     ]
-    assert batch.completion_mask.dtype == torch.bool
+    assert batch.token_counts().tolist() == [3, 1, 1, 2]
+
+
+def test_collate_shared_prefix_layout():
+    batch = collate_shared_prefix(PAIRS, pad_token_id=0)
+    assert batch.input_ids.tolist() == [[1, 2, 3, 4, 5, 6], [8, 9, 10, 11, 0, 0]]
+    # positions restart after the prompt for the rejected completion
+    assert batch.position_ids[0].tolist() == [0, 1, 2, 3, 4, 2]
+    assert batch.position_ids[1, :4].tolist() == [0, 1, 1, 2]
+    assert scored(batch) == [
+        (0, 1, 3, 0, 0), (0, 1, 6, 2, 0),  # the last prompt position predicts both first tokens
+        (0, 2, 4, 0, 1), (0, 3, 5, 0, 2),
+        (1, 0, 9, 1, 0), (1, 0, 10, 3, 0), (1, 2, 11, 3, 1),  # rejected's second token: predicted by its first
+    ]
+    assert batch.token_counts().tolist() == [3, 1, 1, 2]
+    mask = batch.attention_mask[:, 0].int()
+    assert mask.shape == (2, 6, 6)
+    assert mask[0].tolist() == [
+        [1, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0],
+        [1, 1, 1, 1, 0, 0],
+        [1, 1, 1, 1, 1, 0],
+        [1, 1, 0, 0, 0, 1],  # rejected: the prompt and itself, not the chosen tokens
+    ]
+    assert mask[1].tolist() == [
+        [1, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0],
+        [1, 0, 1, 0, 0, 0],
+        [1, 0, 1, 1, 0, 0],
+        [0, 0, 0, 0, 1, 0],  # padding attends to itself only (no fully masked row)
+        [0, 0, 0, 0, 0, 1],
+    ]
 
 
 def test_batch_order_covers_every_pair_once_and_depends_on_seed_and_epoch():

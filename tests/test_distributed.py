@@ -30,14 +30,24 @@ def rows(out) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("grad_accum", [1, 2])
-def test_two_processes_equal_one_process_with_twice_the_batch(tmp_path, tiny_model_dir, grad_accum):
+@pytest.mark.parametrize(("grad_accum", "two_process_options"), [
+    (1, []),
+    (2, []),
+    (1, ["--precompute-ref-log-probs"]),  # each process reads or computes the table; the main one writes it
+], ids=["accum-1", "accum-2", "precomputed-reference"])
+def test_two_processes_equal_one_process_with_twice_the_batch(tmp_path, tiny_model_dir, grad_accum,
+                                                              two_process_options):
     data = write_jsonl(tmp_path / "pairs.jsonl", PAIRS * 4)
     common = ["--model", str(tiny_model_dir), "--data", str(data), "--max-steps", "3", "--grad-accum",
-              str(grad_accum), "--learning-rate", "1e-3", "--seed", "3", "--eval-data", str(data)]
+              str(grad_accum), "--learning-rate", "1e-3", "--seed", "3", "--eval-data", str(data), "--cache-dir",
+              str(tmp_path / "cache")]
     one, two = tmp_path / "one", tmp_path / "two"
     assert main(["train", *common, "--output-dir", str(one), "--batch-size", "4"]) == 0
-    assert main(["train", *common, "--output-dir", str(two), "--batch-size", "2", "--num-processes", "2"]) == 0
+    assert main(["train", *common, "--output-dir", str(two), "--batch-size", "2", "--num-processes", "2",
+                 *two_process_options]) == 0
+    if two_process_options:
+        # one entry: the evaluation pairs are the training pairs here, so their key is the same
+        assert len(list((tmp_path / "cache" / "reference-logps").iterdir())) == 1
     one_rows, two_rows = rows(one), rows(two)
     assert [r["step"] for r in one_rows] == [r["step"] for r in two_rows]
     for a, b in zip(one_rows, two_rows, strict=True):

@@ -11,9 +11,19 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import preftune.logprobs
-from preftune.batching import collate_padded
-from preftune.logprobs import keeps_positions, sequence_logps, token_logps
+from preftune.batching import LAYOUTS, collate_padded
+from preftune.logprobs import keeps_positions, sequence_logps
 from preftune.tokenize import TokenizedPair
+
+
+@pytest.fixture(params=list(LAYOUTS))
+def collate(request):
+    return LAYOUTS[request.param]
+
+
+@pytest.fixture(params=["sdpa", "eager"])
+def attention(request) -> str:
+    return request.param
 
 
 @pytest.fixture(params=["head-on-completions", "full-logits"])
@@ -30,22 +40,15 @@ def brute_force(model, prompt: list[int], completion: list[int]) -> float:
     return sum(logprobs[len(prompt) + i - 1, token].item() for i, token in enumerate(completion))
 
 
-def test_token_logps_is_log_softmax_gather():
-    logits = torch.randn(2, 3, 11)
-    labels = torch.randint(0, 11, (2, 3))
-    expected = torch.log_softmax(logits, -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-    torch.testing.assert_close(token_logps(logits, labels), expected)
-
-
-def test_sequence_logps_matches_brute_force(tiny_model_dir, head_path):
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+def test_sequence_logps_matches_brute_force(tiny_model_dir, head_path, collate, attention):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=attention).eval()
     pairs = [
         TokenizedPair([5, 6, 7], [8, 9], [10, 11, 12, 13], index=0),
         TokenizedPair([20], [21, 22, 23, 24, 25], [26], index=1),
         TokenizedPair([30, 31, 32, 33, 34], [35], [36, 37], index=2),
     ]
     with torch.no_grad():
-        out = sequence_logps(model, collate_padded(pairs, pad_token_id=2))
+        out = sequence_logps(model, collate(pairs, pad_token_id=2))
     for i, pair in enumerate(pairs):
         assert abs(out.chosen[i].item() - brute_force(model, pair.prompt_ids, pair.chosen_ids)) < 1e-4
         assert abs(out.rejected[i].item() - brute_force(model, pair.prompt_ids, pair.rejected_ids)) < 1e-4
@@ -53,13 +56,13 @@ def test_sequence_logps_matches_brute_force(tiny_model_dir, head_path):
     assert out.rejected_tokens.tolist() == [4, 1, 2]
 
 
-def test_length_split_and_wpo_weights_match_brute_force(tiny_model_dir, head_path):
+def test_length_split_and_wpo_weights_match_brute_force(tiny_model_dir, head_path, collate):
     """LD-DPO tails (tokens past min(|y_w|, |y_l|)) and WPO weights exp(mean_t log p(y_t) - log sum_v p(v)^2)."""
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     pairs = [TokenizedPair([5, 6], [8, 9, 10, 11], [12], index=0), TokenizedPair([20, 21, 22], [23], [24, 25, 26], 1)]
     with torch.no_grad():
-        plain = sequence_logps(model, collate_padded(pairs, pad_token_id=2))
-        out = sequence_logps(model, collate_padded(pairs, pad_token_id=2), length_split=True, wpo_weights=True)
+        plain = sequence_logps(model, collate(pairs, pad_token_id=2))
+        out = sequence_logps(model, collate(pairs, pad_token_id=2), length_split=True, wpo_weights=True)
     torch.testing.assert_close(out.chosen, plain.chosen)
     assert plain.chosen_tail is None and plain.chosen_weight is None
     for i, pair in enumerate(pairs):
@@ -113,3 +116,21 @@ def test_keeps_positions_sees_through_wrappers(tiny_model_dir):
             return input_ids
 
     assert not keeps_positions(NoSlicing())
+
+
+def test_shared_prefix_gives_the_padded_layouts_values_and_gradients(tiny_model_dir):
+    """The prompt computed once, exactly: the same log-probs and the same gradients as computing it twice."""
+    pairs = [TokenizedPair([5, 6, 7, 8], [10, 11], [12, 13, 14], 0), TokenizedPair([20, 21], [23], [24, 25], 1),
+             TokenizedPair([30], [31, 32, 33, 34], [35], 2)]
+    results = {}
+    for name, collate in LAYOUTS.items():
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        out = sequence_logps(model, collate(pairs, pad_token_id=2), length_split=True)
+        loss = (out.chosen - 0.7 * out.rejected + 0.3 * out.chosen_tail).sum()
+        results[name] = (out, torch.autograd.grad(loss, list(model.parameters())))
+    (padded, padded_grads), (shared, shared_grads) = results["padded"], results["shared_prefix"]
+    for field in ("chosen", "rejected", "chosen_tail", "rejected_tail"):
+        torch.testing.assert_close(getattr(shared, field), getattr(padded, field), rtol=1e-5, atol=1e-5)
+    assert shared.chosen_tokens.tolist() == padded.chosen_tokens.tolist() == [2, 1, 4]
+    for a, b in zip(shared_grads, padded_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)  # float32 reassociation
