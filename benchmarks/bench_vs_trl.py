@@ -93,7 +93,8 @@ def run_worker(side: str, mode: str, args: argparse.Namespace, pairs_file: Path,
     result_file = folder / f"{side}-{mode}.json"
     command = [sys.executable, __file__, "--worker", side, "--mode", mode, "--pairs-file", str(pairs_file),
                "--model", args.model, "--steps", str(args.steps), "--batch-size", str(args.batch_size),
-               "--max-length", str(args.max_length), "--result", str(result_file), "--work-dir", str(folder)]
+               "--max-length", str(args.max_length), "--result", str(result_file), "--work-dir", str(folder),
+               "--layout", args.layout]
     started = time.time()
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL if not args.verbose else None,
                                stderr=subprocess.PIPE, text=True)
@@ -174,6 +175,7 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct")
+    parser.add_argument("--layout", default="shared_prefix", help="preftune's --batch-layout (padded is TRL's)")
     parser.add_argument("--scaling", action="store_true", help="also seconds/step over max_length x batch (live)")
     parser.add_argument("--verbose", action="store_true", help="show the workers' output")
     # worker-only arguments
@@ -205,6 +207,7 @@ def main() -> None:
                     "transformers": transformers.__version__, "trl": trl.__version__},
         "settings": {"model": args.model, "batch_size": args.batch_size, "max_length": args.max_length,
                      "steps": args.steps, "warmup_steps_left_out": args.warmup, "dtype": "float32",
+                     "preftune_batch_layout": args.layout,
                      "data": str(args.data), "lora": LORA},
     }
     report["matmul_fp32_gflops"] = peak = round(matmul_peak_gflops(), 1)
@@ -299,7 +302,7 @@ def worker_preftune(args: argparse.Namespace) -> None:
             "--overwrite", "--max-steps", str(args.steps), "--batch-size", str(args.batch_size), "--max-length",
             str(args.max_length), "--learning-rate", "1e-6", "--lr-scheduler-type", "linear", "--warmup-ratio", "0",
             "--no-shuffle", "--seed", "0", "--beta", "0.1", "--max-grad-norm", "1.0", "--eval-batch-size", "8",
-            "--cache-dir", str(args.work_dir / "preftune-cache")]
+            "--cache-dir", str(args.work_dir / "preftune-cache"), "--batch-layout", args.layout]
     if args.mode == "precomputed":
         argv.append("--precompute-ref-log-probs")
     if args.mode == "lora":

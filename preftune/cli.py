@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("frontier", FRONTIER_OPTIONS, "the paper's reward-KL frontier in miniature: DPO vs Preferred-FT vs best-of-N",
          "On the default job's sentiment pairs: DPO at several --betas and training lengths, Preferred-FT (SFT on "
          "the chosen responses) and best-of-N sampling, as (KL, ground-truth reward) points on held-out prompts; "
-         "writes frontier.csv, frontier.md and frontier.png. About 30 minutes on 2 CPU cores."),
+         "writes frontier.csv, frontier.md and frontier.png. About 40 minutes on 2 CPU cores."),
         ("judge", JUDGE_OPTIONS, "win rate of --model over --ref-model under a ground-truth reward, and KL",
          "Samples both models on --prompts, scores the samples with --reward, and prints the win rate (ties "
          "count half) with a 95% interval, and KL(policy || reference) from the policy's samples."),

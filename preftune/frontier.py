@@ -25,10 +25,10 @@ from pathlib import Path
 
 import torch
 
-from preftune.config import DEFAULT_JOB_OVERRIDES, Config
+from preftune.config import Config
 from preftune.evaluate import kl_from_samples, sample, sequence_logps_of_samples
-from preftune.models import load_model, resolve_model
-from preftune.sentiment import SentimentReward, make_prompts, preference_files, prompt_token_ids
+from preftune.models import load_model
+from preftune.sentiment import SentimentReward, make_prompts, prepare_default_job, prompt_token_ids
 from preftune.trainer import Trainer, prepare_output_dir
 
 BEST_OF = (1, 2, 4, 8, 16)
@@ -98,12 +98,7 @@ class MeasuredTrainer(Trainer):
 def run_frontier(config: Config, betas: list[float], measurements: int = 3) -> Path:
     """Train and measure every method; write the table and the plot. Returns the run folder."""
     started = time.time()
-    for key, value in DEFAULT_JOB_OVERRIDES.items():
-        if key not in config.explicitly_set:
-            section, name = key.split(".")
-            setattr(getattr(config, section), name, value)
-    source = resolve_model(config.model.model, config.model.cache_dir)
-    train_file, eval_file = preference_files(config, source)
+    source, train_file, eval_file = prepare_default_job(config)
     folder = prepare_output_dir(config.train.output_dir or f"runs/frontier-{time.strftime('%Y%m%d-%H%M%S')}",
                                 config.train.overwrite, resuming=False)
 

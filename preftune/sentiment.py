@@ -205,15 +205,21 @@ def sentiment_report(trainer: Trainer, config: Config) -> dict:
     }
 
 
-def run_default_job(config: Config) -> Path:
-    """Build (or reuse) the sentiment pairs, train DPO on them, and write the before/after report."""
-    started = time.time()
+def prepare_default_job(config: Config) -> tuple[str, Path, Path]:
+    """Apply the default job's settings the user did not set; build (or reuse) its pairs. Returns the model's
+    source and the training and held-out pair files."""
     for key, value in DEFAULT_JOB_OVERRIDES.items():
         if key not in config.explicitly_set:
             section, name = key.split(".")
             setattr(getattr(config, section), name, value)
     source = resolve_model(config.model.model, config.model.cache_dir)
-    train_file, eval_file = preference_files(config, source)
+    return source, *preference_files(config, source)
+
+
+def run_default_job(config: Config) -> Path:
+    """Build (or reuse) the sentiment pairs, train DPO on them, and write the before/after report."""
+    started = time.time()
+    source, train_file, eval_file = prepare_default_job(config)
     config.data.data, config.data.eval_data = str(train_file), str(eval_file)
 
     trainer = Trainer(config)

@@ -101,8 +101,8 @@ def test_the_head_runs_on_completion_positions_only(tiny_model_dir):
     slow_grads = torch.autograd.grad((slow.chosen - 0.5 * slow.rejected).sum(), list(full.parameters()))
     torch.testing.assert_close(fast.chosen, slow.chosen)
     torch.testing.assert_close(fast.rejected, slow.rejected)
-    for a, b in zip(fast_grads, slow_grads, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    difference = sum(((a - b).double() ** 2).sum() for a, b in zip(fast_grads, slow_grads, strict=True))
+    assert (difference / sum((b.double() ** 2).sum() for b in slow_grads)).sqrt().item() < 1e-6
 
 
 def test_keeps_positions_sees_through_wrappers(tiny_model_dir):
@@ -132,5 +132,8 @@ def test_shared_prefix_gives_the_padded_layouts_values_and_gradients(tiny_model_
     for field in ("chosen", "rejected", "chosen_tail", "rejected_tail"):
         torch.testing.assert_close(getattr(shared, field), getattr(padded, field), rtol=1e-5, atol=1e-5)
     assert shared.chosen_tokens.tolist() == padded.chosen_tokens.tolist() == [2, 1, 4]
-    for a, b in zip(shared_grads, padded_grads, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)  # float32 reassociation
+    # float32 reassociation: elementwise, a gradient entry that is a sum of cancelling terms can differ by 1e-3
+    # of itself, so compare the whole gradient (in float64 the two agree to the float32 log-softmax's rounding)
+    difference = sum(((a - b).double() ** 2).sum() for a, b in zip(shared_grads, padded_grads, strict=True))
+    norm = sum((b.double() ** 2).sum() for b in padded_grads)
+    assert (difference / norm).sqrt().item() < 1e-5

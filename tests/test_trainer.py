@@ -137,3 +137,20 @@ def test_training_steps_equal_trls(tmp_path, tiny_model_dir):
     assert ours[-1] < ours[0] - 1e-3  # the steps move the policy: the comparison is not of four constants
     for step, (a, b) in enumerate(zip(ours, losses.values), start=1):
         assert a == pytest.approx(b, abs=1e-5), f"step {step}"
+
+
+def test_shared_prefix_layout_trains_as_the_padded_one(tmp_path, tiny_model_dir, pairs_file):
+    """The prompt computed once per pair: per-step losses, rewards and eval metrics equal the padded layout's to
+    float32 reassociation, and the weights after the steps too."""
+    runs = {}
+    for layout in ("padded", "shared_prefix"):
+        runs[layout] = train(tmp_path, layout, tiny_model_dir, pairs_file, "--batch-size", "2", "--max-steps", "3",
+                             "--eval-data", str(pairs_file), "--batch-layout", layout)
+    (padded, padded_rows), (shared, shared_rows) = runs["padded"], runs["shared_prefix"]
+    assert len(padded_rows) == len(shared_rows) == 4
+    for a, b in zip(padded_rows, shared_rows, strict=True):
+        for name in ("loss", "rewards/chosen", "rewards/margins", "eval_loss", "eval_logps/rejected"):
+            if name in a:
+                assert b[name] == pytest.approx(a[name], rel=1e-5, abs=1e-5), name
+    a, b = load_file(padded / "model.safetensors"), load_file(shared / "model.safetensors")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
