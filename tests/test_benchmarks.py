@@ -1,0 +1,34 @@
+"""The benchmark scripts run end to end on a tiny model (their numbers are not checked here: speed and memory
+targets live in the benchmarks' own output, never in timed tests)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import PAIRS, write_jsonl
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_bench_vs_trl_runs_both_sides_on_the_same_batches(tmp_path, tiny_model_dir):
+    data = write_jsonl(tmp_path / "pairs.jsonl", PAIRS * 2)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_vs_trl.py"), "--modes", "live,precomputed", "--steps", "3",
+         "--warmup", "1", "--batch-size", "2", "--max-length", "64", "--data", str(data), "--model",
+         str(tiny_model_dir)],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    assert report["matmul_fp32_gflops"] > 0
+    for mode in ("live", "precomputed"):
+        sides = report["modes"][mode]
+        for side in ("trl", "preftune"):
+            assert len(sides[side]["losses"]) == 3
+            assert sides[side]["pairs_per_second"] > 0 and sides[side]["peak_rss_gb"] > 0
+        # the same pairs in the same batches from the same weights: the same losses, step by step
+        assert sides["max_abs_loss_difference"] < 1e-4
+        assert sides["ratios"]["pairs_per_second"] > 0
