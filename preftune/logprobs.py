@@ -8,6 +8,7 @@ Training, `preftune eval` and the reward scores all go through `sequence_logps`,
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import sys
 from dataclasses import dataclass
@@ -41,22 +42,37 @@ class SequenceLogps:
         return SequenceLogps(*(None if t is None else t.detach() for t in dataclasses.astuple(self)))
 
 
-def keeps_positions(model: torch.nn.Module) -> bool:
-    """Whether `model(..., logits_to_keep=<bool (N, L) mask>)` computes the logits at the masked positions only.
-
-    transformers' models that slice with `slice_logits_to_keep` (nearly all causal LMs since 5.x) do; others get
-    the full logits, sliced here.
-    """
-    while True:  # through DDP's and peft's wrappers to the transformers model
+def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model under DDP's and peft's wrappers (which do not forward `config` or `forward`'s
+    signature)."""
+    while True:
         if hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
             model = model.module
         elif hasattr(model, "get_base_model"):
             model = model.get_base_model()
         else:
-            break
-    modeling = sys.modules.get(type(model).__module__)
+            return model
+
+
+@functools.cache
+def _slices_logits(model_class: type) -> bool:
+    modeling = sys.modules.get(model_class.__module__)
     return (hasattr(modeling, "slice_logits_to_keep")
-            and "logits_to_keep" in inspect.signature(model.forward).parameters)
+            and "logits_to_keep" in inspect.signature(model_class.forward).parameters)
+
+
+def keeps_positions(model: torch.nn.Module) -> bool:
+    """Whether `model(..., logits_to_keep=<bool (N, L) mask>)` computes the logits at the masked positions only.
+
+    transformers' models that slice with `slice_logits_to_keep` (nearly all causal LMs since 5.x) do; others get
+    the full logits, sliced here. Decided once per model class: this runs on every forward.
+    """
+    return _slices_logits(type(unwrapped(model)))
+
+
+def sum_per_sequence(values: torch.Tensor, sequences: torch.Tensor, count: int) -> torch.Tensor:
+    """(T,) per-token values -> (count,) sums over the tokens of each sequence."""
+    return torch.zeros(count, dtype=values.dtype, device=values.device).index_add(0, sequences, values)
 
 
 def scored_token_logps(
@@ -95,7 +111,7 @@ def attention_mask_for(model: torch.nn.Module, mask: torch.Tensor) -> torch.Tens
     the scores, 0 where allowed and the float minimum elsewhere."""
     if mask.dim() != 4:
         return mask
-    config = getattr(model, "config", None)
+    config = getattr(unwrapped(model), "config", None)
     if getattr(config, "_attn_implementation", "sdpa") == "eager":
         return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill_(
             ~mask, torch.finfo(torch.float32).min)
@@ -110,9 +126,8 @@ def completion_logps(
     batch = padded_batch(input_ids, attention_mask, completion_mask, pair_indices=[])
     per_token, _ = scored_token_logps(model, batch)
     rows = input_ids.shape[0]
-    sums = torch.zeros(rows, dtype=torch.float32, device=per_token.device).index_add(0, batch.token_sequences,
-                                                                                    per_token)
-    return sums, torch.bincount(batch.token_sequences, minlength=rows)
+    return sum_per_sequence(per_token, batch.token_sequences, rows), torch.bincount(batch.token_sequences,
+                                                                                  minlength=rows)
 
 
 def sequence_logps(
@@ -123,11 +138,9 @@ def sequence_logps(
     length_split: also the LD-DPO tails (arXiv:2409.06411); wpo_weights: also the WPO weights (arXiv:2406.11827).
     """
     per_token, sum_sq = scored_token_logps(model, batch, log_sum_sq=wpo_weights)
-    sequences = 2 * batch.num_pairs
 
     def per_sequence(values: torch.Tensor) -> torch.Tensor:
-        return torch.zeros(sequences, dtype=values.dtype, device=values.device).index_add(
-            0, batch.token_sequences, values)
+        return sum_per_sequence(values, batch.token_sequences, 2 * batch.num_pairs)
 
     counts = batch.token_counts()
     logps = SequenceLogps(*per_sequence(per_token).chunk(2), *counts.chunk(2))
