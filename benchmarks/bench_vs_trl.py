@@ -4,7 +4,9 @@ process; prints one JSON object.
 For each mode (live reference; reference log-probs precomputed on both sides; LoRA r=16) and each side: pairs/s,
 non-pad tokens/s, median seconds per optimizer step after the warm-up steps, peak RSS, the per-step losses, and
 the ratios preftune / TRL, with the largest per-step loss difference. Both sides read the pairs in file order
-(TRL's `train_sampling_strategy="sequential"`, preftune's `--no-shuffle`), so step k sees the same pairs.
+(TRL's `train_sampling_strategy="sequential"`, preftune's `--no-shuffle`), so step k sees the same pairs. Both
+recompute activations in the backward pass (TRL's default `gradient_checkpointing=True`, preftune's
+`--gradient-checkpointing`) unless --no-checkpointing; preftune uses its default batch layout unless --layout.
 
 Useful model FLOPs (what the math needs, however a side computes it), N = non-embedding parameters, H x V the
 output head, per pair: the prompt counted once, each completion once.
@@ -94,7 +96,7 @@ def run_worker(side: str, mode: str, args: argparse.Namespace, pairs_file: Path,
     command = [sys.executable, __file__, "--worker", side, "--mode", mode, "--pairs-file", str(pairs_file),
                "--model", args.model, "--steps", str(args.steps), "--batch-size", str(args.batch_size),
                "--max-length", str(args.max_length), "--result", str(result_file), "--work-dir", str(folder),
-               "--layout", args.layout]
+               "--layout", args.layout, "--checkpointing" if args.checkpointing else "--no-checkpointing"]
     started = time.time()
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL if not args.verbose else None,
                                stderr=subprocess.PIPE, text=True)
@@ -175,7 +177,10 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct")
-    parser.add_argument("--layout", default="shared_prefix", help="preftune's --batch-layout (padded is TRL's)")
+    parser.add_argument("--layout", default=None, help="preftune's --batch-layout (default: preftune's default; "
+                        "padded is TRL's)")
+    parser.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=True,
+                        help="activation checkpointing on both sides (TRL's default is on)")
     parser.add_argument("--scaling", action="store_true", help="also seconds/step over max_length x batch (live)")
     parser.add_argument("--verbose", action="store_true", help="show the workers' output")
     # worker-only arguments
@@ -185,6 +190,10 @@ def main() -> None:
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--work-dir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.layout is None:
+        from preftune.config import Config
+
+        args.layout = Config().train.batch_layout
     if args.worker:
         (worker_trl if args.worker == "trl" else worker_preftune)(args)
         return
@@ -207,7 +216,7 @@ def main() -> None:
                     "transformers": transformers.__version__, "trl": trl.__version__},
         "settings": {"model": args.model, "batch_size": args.batch_size, "max_length": args.max_length,
                      "steps": args.steps, "warmup_steps_left_out": args.warmup, "dtype": "float32",
-                     "preftune_batch_layout": args.layout,
+                     "preftune_batch_layout": args.layout, "activation_checkpointing": args.checkpointing,
                      "data": str(args.data), "lora": LORA},
     }
     report["matmul_fp32_gflops"] = peak = round(matmul_peak_gflops(), 1)
@@ -230,18 +239,23 @@ def main() -> None:
 
 
 def scaling(args: argparse.Namespace, folder: Path) -> list[dict]:
+    """Seconds per step (live reference) over max_length x batch size: 3 steps each, the median of steps 2 and 3
+    (step 1 includes the start-up), and each side's peak RSS."""
     rows = []
     for max_length in (256, 512, 1024):
         for batch_size in (1, 4, 8):
             run = argparse.Namespace(**{**vars(args), "max_length": max_length, "batch_size": batch_size,
-                                        "steps": 4})
+                                        "steps": 3})
             pairs_file = folder / f"pairs-{max_length}-{batch_size}.jsonl"
             write_pairs(args.data, run.steps * batch_size, pairs_file)
-            row = {"max_length": max_length, "batch_size": batch_size}
+            row: dict = {"max_length": max_length, "batch_size": batch_size}
             for side in ("trl", "preftune"):
                 result = run_worker(side, "live", run, pairs_file, folder)
-                row[side] = round(statistics.median(result["step_seconds"][2:]), 2)
+                row[f"{side}_seconds"] = round(statistics.median(result["step_seconds"][1:]), 2)
+                row[f"{side}_peak_rss_gb"] = result["peak_rss_gb"]
+            row["speed_ratio"] = round(row["trl_seconds"] / row["preftune_seconds"], 2)
             rows.append(row)
+            print(json.dumps(row), file=sys.stderr, flush=True)  # progress: the whole table takes a while
     return rows
 
 
@@ -274,6 +288,7 @@ def worker_trl(args: argparse.Namespace) -> None:
         output_dir=str(args.work_dir / "trl-out"), per_device_train_batch_size=args.batch_size,
         max_length=args.max_length, max_steps=args.steps, learning_rate=1e-6, lr_scheduler_type="linear",
         warmup_steps=0, logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, bf16=False, seed=0,
+        gradient_checkpointing=args.checkpointing,
         train_sampling_strategy="sequential", precompute_ref_log_probs=args.mode == "precomputed",
         precompute_ref_batch_size=8, beta=0.1, max_grad_norm=1.0, dataloader_num_workers=0,
     )
@@ -303,6 +318,8 @@ def worker_preftune(args: argparse.Namespace) -> None:
             str(args.max_length), "--learning-rate", "1e-6", "--lr-scheduler-type", "linear", "--warmup-ratio", "0",
             "--no-shuffle", "--seed", "0", "--beta", "0.1", "--max-grad-norm", "1.0", "--eval-batch-size", "8",
             "--cache-dir", str(args.work_dir / "preftune-cache"), "--batch-layout", args.layout]
+    if args.checkpointing:
+        argv.append("--gradient-checkpointing")
     if args.mode == "precomputed":
         argv.append("--precompute-ref-log-probs")
     if args.mode == "lora":

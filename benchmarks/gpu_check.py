@@ -69,7 +69,8 @@ def main() -> None:
         write_pairs(data, args.steps * args.batch_size)
         runs = {"fp32_sdpa": [], "bf16_sdpa": ["--bf16"]}
         if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
-            runs["bf16_flash_attention_2"] = ["--bf16", "--attn-implementation", "flash_attention_2"]
+            runs["bf16_flash_attention_2"] = ["--bf16", "--attn-implementation", "flash_attention_2",
+                                              "--batch-layout", "padded"]
         for name, extra in runs.items():
             extra = ["--attn-implementation", "sdpa", *extra] if "--attn-implementation" not in extra else extra
             report[name] = run(folder, data, name, args.steps, args.batch_size, extra)

@@ -1,12 +1,15 @@
 """list[TokenizedPair] -> Batch: how pairs are laid out as tensors for one forward pass.
 
-Two layouts, one `Batch`:
+Three layouts, one `Batch`:
 - `padded` (the reference layout, as TRL's): rows [chosen_0..chosen_{B-1}, rejected_0..rejected_{B-1}], each row
   prompt + completion, right-padded; the prompt is computed twice per pair.
 - `shared_prefix`: one row per pair, prompt | chosen | rejected, right-padded, so the prompt is computed once.
   The rejected tokens do not attend to the chosen ones and their positions restart after the prompt, so each
   completion sees exactly what it sees alone (the exact prefix-sharing of arXiv:2410.20305). It needs a 4D
   attention mask, which SDPA and eager attention take.
+- `packed` (the default): as shared_prefix, with several pairs side by side in a row (each pair's segment sees
+  only itself, positions restarting per segment), rows as wide as attention's quadratic cost makes worth it
+  (`cheapest_packing`); so little padding is computed. Same 4D mask.
 A Batch also says where every scored (completion) token is: its row, the column whose logits predict it, its id,
 its sequence and its place in its completion. Everything after the layout (log-probs, losses, the loop) reads
 only that, so a layout is one function here.
@@ -89,44 +92,96 @@ def collate_padded(pairs: Sequence[TokenizedPair], pad_token_id: int) -> Batch:
     return padded_batch(*pad_rows(prompts, completions, pad_token_id), [p.index for p in pairs])
 
 
-def collate_shared_prefix(pairs: Sequence[TokenizedPair], pad_token_id: int) -> Batch:
-    """One row per pair, prompt | chosen | rejected, right-padded; the prompt is computed once."""
-    width = max(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
+# A row of width W costs about W * (1 + W / ATTENTION_TOKENS): the linear layers grow with W, attention with W^2
+# (the CPU and SDPA kernels compute masked-out blocks too). Measured on SmolLM2-135M, CPU, forward + backward:
+# attention equals the rest at ~2,600 tokens per row. Larger models have wider layers, so the true crossover is
+# later and this only errs towards shorter rows.
+ATTENTION_TOKENS = 2600
+
+
+def pack_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Pairs (by position) grouped into rows of at most `capacity` tokens (or one pair, if longer): first-fit,
+    longest first."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        row = next((r for r, free in enumerate(room) if free >= lengths[i]), None)
+        if row is None:
+            rows.append([])
+            room.append(max(capacity, lengths[i]))
+            row = len(rows) - 1
+        rows[row].append(i)
+        room[row] -= lengths[i]
+    return rows
+
+
+def prefix_sharing_batch(pairs: Sequence[TokenizedPair], rows_of_pairs: Sequence[Sequence[int]],
+                         pad_token_id: int) -> Batch:
+    """Each pair as one segment prompt | chosen | rejected, the segments of a row side by side, rows
+    right-padded. Positions restart at each segment, and again for the rejected completion after the prompt; a
+    token attends to the earlier tokens of its own segment only, the rejected ones not to the chosen ones."""
+    length = [len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs]
+    width = max(sum(length[i] for i in row) for row in rows_of_pairs)
     count = len(pairs)
-    input_ids = torch.full((count, width), pad_token_id, dtype=torch.long)
-    position_ids = torch.zeros((count, width), dtype=torch.long)
+    input_ids = torch.full((len(rows_of_pairs), width), pad_token_id, dtype=torch.long)
+    position_ids = torch.zeros((len(rows_of_pairs), width), dtype=torch.long)
     # pad queries attend to themselves only: a fully masked row would give NaN, which 0-weight attention
     # to it would still spread (0 * NaN)
-    mask = torch.eye(width, dtype=torch.bool).repeat(count, 1, 1)
+    mask = torch.eye(width, dtype=torch.bool).repeat(len(rows_of_pairs), 1, 1)
     causal = torch.ones((width, width), dtype=torch.bool).tril()
     tokens: list[list[int]] = [[], [], [], [], []]  # rows, predictors, labels, sequences, ranks
-    for i, pair in enumerate(pairs):
-        p, c, r = len(pair.prompt_ids), len(pair.chosen_ids), len(pair.rejected_ids)
-        end = p + c + r
-        input_ids[i, :end] = torch.tensor(pair.prompt_ids + pair.chosen_ids + pair.rejected_ids)
-        position_ids[i, :end] = torch.cat([torch.arange(p + c), torch.arange(p, p + r)])
-        mask[i, :end, :end] = causal[:end, :end]
-        mask[i, p + c : end, p : p + c] = False  # rejected does not see chosen
-        chosen_predictors = list(range(p - 1, p + c - 1))
-        rejected_predictors = [p - 1, *range(p + c, end - 1)]
-        for sequence, predictors, labels in ((i, chosen_predictors, pair.chosen_ids),
-                                             (count + i, rejected_predictors, pair.rejected_ids)):
-            for rank, (predictor, label) in enumerate(zip(predictors, labels)):
-                tokens[0].append(i)
-                tokens[1].append(predictor)
-                tokens[2].append(label)
-                tokens[3].append(sequence)
-                tokens[4].append(rank)
-    # row-major order of the predicting positions (chosen's and rejected's first tokens share column p - 1)
+    for row, members in enumerate(rows_of_pairs):
+        start = 0
+        for i in members:
+            pair = pairs[i]
+            p, c, end = len(pair.prompt_ids), len(pair.chosen_ids), start + length[i]
+            input_ids[row, start:end] = torch.tensor(pair.prompt_ids + pair.chosen_ids + pair.rejected_ids)
+            position_ids[row, start:end] = torch.cat([torch.arange(p + c), torch.arange(p, length[i] - c)])
+            mask[row, start:end, start:end] = causal[: length[i], : length[i]]
+            mask[row, start + p + c : end, start + p : start + p + c] = False  # rejected does not see chosen
+            chosen_predictors = range(start + p - 1, start + p + c - 1)
+            rejected_predictors = [start + p - 1, *range(start + p + c, end - 1)]
+            for sequence, predictors, labels in ((i, chosen_predictors, pair.chosen_ids),
+                                                 (count + i, rejected_predictors, pair.rejected_ids)):
+                for rank, (predictor, label) in enumerate(zip(predictors, labels)):
+                    tokens[0].append(row)
+                    tokens[1].append(predictor)
+                    tokens[2].append(label)
+                    tokens[3].append(sequence)
+                    tokens[4].append(rank)
+            start = end
+    # row-major order of the predicting positions (chosen's and rejected's first tokens share one)
     order = sorted(range(len(tokens[0])), key=lambda t: (tokens[0][t], tokens[1][t], tokens[3][t]))
     rows, predictors, labels, sequences, ranks = (torch.tensor([column[t] for t in order]) for column in tokens)
     return Batch(input_ids, mask.unsqueeze(1), position_ids, rows, predictors, labels, sequences, ranks,
                  [p.index for p in pairs])
 
 
+def collate_shared_prefix(pairs: Sequence[TokenizedPair], pad_token_id: int) -> Batch:
+    """One row per pair, prompt | chosen | rejected, right-padded; the prompt is computed once."""
+    return prefix_sharing_batch(pairs, [[i] for i in range(len(pairs))], pad_token_id)
+
+
+def cheapest_packing(lengths: Sequence[int]) -> list[list[int]]:
+    """`pack_rows` with the row capacity (a multiple of the longest pair) whose padded rows cost least."""
+    def cost(rows: list[list[int]]) -> float:
+        width = max(sum(lengths[i] for i in row) for row in rows)  # every row is padded to the widest
+        return len(rows) * width * (1 + width / ATTENTION_TOKENS)
+
+    packings = [pack_rows(lengths, k * max(lengths)) for k in range(1, len(lengths) + 1)]
+    return min(packings, key=cost)  # the first (shortest rows) of equal costs
+
+
+def collate_packed(pairs: Sequence[TokenizedPair], pad_token_id: int) -> Batch:
+    """As shared_prefix, with several pairs per row (`cheapest_packing`): little padding is left to compute."""
+    lengths = [len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs]
+    return prefix_sharing_batch(pairs, cheapest_packing(lengths), pad_token_id)
+
+
 LAYOUTS: dict[str, Callable[[Sequence[TokenizedPair], int], Batch]] = {
     "padded": collate_padded,
     "shared_prefix": collate_shared_prefix,
+    "packed": collate_packed,
 }
 
 

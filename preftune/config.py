@@ -157,11 +157,14 @@ class TrainConfig:
     eval_steps: int = doc("Evaluate on --eval-data every this many optimizer steps; 0: only at the end.", 0)
     eval_batch_size: int = doc("Pairs per micro-batch when evaluating.", 8)
     batch_layout: str = doc(
-        "How pairs become tensors. padded: one right-padded row per sequence, chosen and rejected apart (as TRL). "
-        "shared_prefix: one row per pair, prompt | chosen | rejected, so the prompt is computed once; the "
-        "rejected tokens do not see the chosen ones and their positions restart after the prompt (exact, "
-        "arXiv:2410.20305); needs sdpa or eager attention.",
-        "padded",
+        "How pairs become tensors. padded: one right-padded row per sequence, chosen and rejected apart (as TRL; "
+        "any attention kernel). shared_prefix: one row per pair, prompt | chosen | rejected, so the prompt is "
+        "computed once; the rejected tokens do not see the chosen ones and their positions restart after the "
+        "prompt (exact, arXiv:2410.20305). packed: as shared_prefix with several pairs side by side in a row "
+        "(each sees only itself; rows as long as pays against attention's quadratic cost), so little padding is "
+        "computed. "
+        "shared_prefix and packed need sdpa or eager attention (a 4D mask).",
+        "packed",
     )
     shuffle: bool = doc("Shuffle the training pairs each epoch (off: file order, as in exact comparisons).", True)
     num_processes: int = doc(
@@ -362,7 +365,8 @@ def save_yaml(config: Config, path: str | Path) -> None:
 def validate(config: Config, command: str = "train") -> None:
     """Cross-field checks for `command`; raises ConfigError with every problem found. Runs before any model
     loads."""
-    # Imported here: the loss options are checked next to the losses, and losses.py imports torch.
+    # Imported here: the loss options are checked next to the losses; losses.py and batching.py import torch.
+    from preftune.batching import LAYOUTS
     from preftune.losses import check_loss_options
 
     m, d, lo, t = config.model, config.data, config.loss, config.train
@@ -418,11 +422,10 @@ def validate(config: Config, command: str = "train") -> None:
     need(t.weight_decay >= 0, f"--weight-decay must be >= 0, got {t.weight_decay}")
     need(t.logging_steps >= 1, f"--logging-steps must be >= 1, got {t.logging_steps}")
     need(t.eval_steps >= 0, f"--eval-steps must be >= 0, got {t.eval_steps}")
-    need(t.batch_layout in {"padded", "shared_prefix"},
-         f"--batch-layout must be padded or shared_prefix, got '{t.batch_layout}'")
-    need(t.batch_layout != "shared_prefix" or m.attn_implementation in {None, "sdpa", "eager"},
-         f"--batch-layout shared_prefix needs an attention mask per pair, which sdpa and eager attention take; "
-         f"not --attn-implementation {m.attn_implementation}")
+    need(t.batch_layout in LAYOUTS, f"--batch-layout must be one of {', '.join(LAYOUTS)}, got '{t.batch_layout}'")
+    need(t.batch_layout == "padded" or m.attn_implementation in {None, "sdpa", "eager"},
+         f"--batch-layout {t.batch_layout} needs a 4D attention mask, which sdpa and eager attention take; "
+         f"with --attn-implementation {m.attn_implementation} use --batch-layout padded")
     need(t.num_processes >= 1, f"--num-processes must be >= 1, got {t.num_processes}")
     need(t.num_processes == 1 or d.data is not None,
          "--num-processes > 1 needs --data: the default job runs in one process")

@@ -7,10 +7,12 @@ Training, `preftune eval` and the reward scores all go through `sequence_logps`,
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import inspect
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -70,6 +72,96 @@ def keeps_positions(model: torch.nn.Module) -> bool:
     return _slices_logits(type(unwrapped(model)))
 
 
+# Model types whose logits are exactly `lm_head(hidden)` (no soft-capping or scaling after the head), so the head
+# can be applied here, in chunks. Others run their own head (on the kept positions only).
+PLAIN_HEAD_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3"})
+# Logits held at once by the chunked head: 2**26 floats (256 MB) is 1,365 positions of a 49,152-token vocabulary,
+# 512 of Llama 3's 128,256. Micro-batches with fewer scored positions run the model's own head (on those positions
+# only): the chunked head recomputes the logits in the backward, about 5% of a step on SmolLM2-135M (CPU).
+HEAD_CHUNK_ELEMENTS = 2**26
+
+
+def plain_output_head(model: torch.nn.Module) -> torch.nn.Linear | None:
+    """The model's output head if preftune may apply it itself (see PLAIN_HEAD_MODEL_TYPES), else None."""
+    inner = unwrapped(model)
+    if getattr(getattr(inner, "config", None), "model_type", None) not in PLAIN_HEAD_MODEL_TYPES:
+        return None
+    head = inner.get_output_embeddings()
+    # exactly a Linear: a LoRA-wrapped head (peft's modules_to_save or a targeted lm_head) runs as the model's
+    return head if type(head) is torch.nn.Linear and keeps_positions(model) else None
+
+
+@contextlib.contextmanager
+def output_head_bypassed(model: torch.nn.Module) -> Iterator[None]:
+    """Within: the model's forward returns the final hidden states (at `logits_to_keep`) in place of logits.
+    The forward still goes through every wrapper (DDP must see it, to reduce the gradients)."""
+    inner = unwrapped(model)
+    head = inner.get_output_embeddings()
+    name = next(name for name, child in inner.named_children() if child is head)
+    setattr(inner, name, torch.nn.Identity())
+    try:
+        yield
+    finally:
+        setattr(inner, name, head)
+
+
+def at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
+    """Log-softmax in float32 at least: bf16 logits are widened; a float64 model keeps float64."""
+    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
+
+
+class ChunkedHeadLogps(torch.autograd.Function):
+    """log softmax(hidden W^T + b)[label] per row, computed HEAD_CHUNK_ELEMENTS logits at a time, forward and
+    backward (which recomputes each chunk's logits): the (rows x vocabulary) logits, and their gradient, are never
+    held whole. (T, H) hidden, (V, H) weight, (V,) bias or None, (T,) labels -> (T,) log-probs (float32 or wider), and
+    (T,) log sum_v p(v)^2 (WPO's normaliser, no gradient) if `with_sum_sq` (else an empty tensor)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, with_sum_sq):  # noqa: ANN001, ANN205 (autograd's signature)
+        rows = max(1, HEAD_CHUNK_ELEMENTS // weight.shape[0])
+        logps, normalisers, sums_sq = [], [], []
+        for start in range(0, hidden.shape[0], rows):
+            logits = torch.nn.functional.linear(hidden[start : start + rows], weight, bias)
+            ctx.compute_dtype = logits.dtype  # bf16 under autocast; the backward recomputes in the same
+            logits = at_least_float32(logits)
+            normaliser = torch.logsumexp(logits, dim=-1)
+            logps.append(logits.gather(1, labels[start : start + rows, None]).squeeze(1) - normaliser)
+            normalisers.append(normaliser)
+            if with_sum_sq:
+                sums_sq.append(torch.logsumexp(2 * logits, dim=-1) - 2 * normaliser)
+        ctx.save_for_backward(hidden, weight, bias, labels, torch.cat(normalisers))
+        ctx.rows = rows
+        sum_sq = torch.cat(sums_sq) if with_sum_sq else logps[0].new_empty(0)  # empty: not asked for
+        ctx.mark_non_differentiable(sum_sq)
+        return torch.cat(logps), sum_sq
+
+    @staticmethod
+    def backward(ctx, grad_logps, _grad_sum_sq):  # noqa: ANN001, ANN205
+        hidden, weight, bias, labels, normaliser = ctx.saved_tensors
+        dtype, rows = ctx.compute_dtype, ctx.rows
+        needs_hidden, needs_weight, needs_bias = ctx.needs_input_grad[:3]
+        grad_hidden = torch.empty_like(hidden) if needs_hidden else None
+        grad_weight = at_least_float32(torch.zeros_like(weight)) if needs_weight else None
+        grad_bias = at_least_float32(torch.zeros_like(bias)) if needs_bias else None
+        weight_in, bias_in = weight.to(dtype), None if bias is None else bias.to(dtype)
+        for start in range(0, hidden.shape[0], rows):
+            chunk = slice(start, start + rows)
+            h = hidden[chunk].to(dtype)
+            logits = at_least_float32(torch.nn.functional.linear(h, weight_in, bias_in))
+            # d log p(label) / d logits = onehot(label) - softmax(logits), times the incoming gradient
+            grad_logits = logits.sub_(normaliser[chunk, None]).exp_().mul_(-grad_logps[chunk, None])
+            grad_logits[torch.arange(len(h), device=h.device), labels[chunk]] += grad_logps[chunk]
+            grad_logits = grad_logits.to(dtype)
+            if needs_hidden:
+                grad_hidden[chunk] = grad_logits @ weight_in
+            if needs_weight:
+                grad_weight += grad_logits.T @ h
+            if needs_bias:
+                grad_bias += grad_logits.sum(0)
+        return (grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype),
+                None if grad_bias is None else grad_bias.to(bias.dtype), None, None)
+
+
 def sum_per_sequence(values: torch.Tensor, sequences: torch.Tensor, count: int) -> torch.Tensor:
     """(T,) per-token values -> (count,) sums over the tokens of each sequence."""
     return torch.zeros(count, dtype=values.dtype, device=values.device).index_add(0, sequences, values)
@@ -82,7 +174,9 @@ def scored_token_logps(
     log sum_v p(v)^2 at each one's predicting position (WPO's normaliser), detached, else None.
 
     The output head runs only at the predicting positions: the (tokens x vocabulary) logits of the prompts and
-    the padding are never formed, which saves the head's compute there and most of the logits' memory.
+    the padding are never formed, which saves the head's compute there and most of the logits' memory. For the
+    common architectures (`plain_output_head`), when the logits would exceed HEAD_CHUNK_ELEMENTS, preftune applies
+    the head itself, a chunk of positions at a time.
     """
     rows, columns = batch.input_ids.shape
     keep = torch.zeros((rows, columns), dtype=torch.bool, device=batch.input_ids.device)
@@ -92,11 +186,20 @@ def scored_token_logps(
     inputs = {"input_ids": batch.input_ids, "attention_mask": attention_mask_for(model, batch.attention_mask)}
     if batch.position_ids is not None:
         inputs["position_ids"] = batch.position_ids
+    head = plain_output_head(model)
+    if head is not None and len(slot) * head.weight.shape[0] > HEAD_CHUNK_ELEMENTS:
+        # the head applied here, in chunks: the (K, V) logits are never held whole (not needed for one chunk's
+        # worth, where the recomputation would cost more than the memory it saves)
+        with output_head_bypassed(model):
+            hidden = model(**inputs, use_cache=False, logits_to_keep=keep).logits  # (K, H)
+        per_token, sum_sq = ChunkedHeadLogps.apply(hidden[slot], head.weight, head.bias, batch.token_labels,
+                                                   log_sum_sq)
+        return per_token, (sum_sq if log_sum_sq else None)
     if keeps_positions(model):
         logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits  # (K, V)
     else:
         logits = model(**inputs, use_cache=False).logits[keep]
-    logits = logits.float()
+    logits = at_least_float32(logits)
     normaliser = torch.logsumexp(logits, dim=-1)  # (K,)
     per_token = logits[slot, batch.token_labels] - normaliser[slot]
     sum_sq = None

@@ -1,9 +1,16 @@
-"""The layouts: padded (chosen rows then rejected rows) and shared_prefix (prompt | chosen | rejected per row), and
-where each says its scored tokens are."""
+"""The layouts: padded (chosen rows then rejected rows), shared_prefix (prompt | chosen | rejected per row) and
+packed (several such segments per row), and where each says its scored tokens are."""
 
 from __future__ import annotations
 
-from preftune.batching import batch_order, collate_padded, collate_shared_prefix
+from preftune.batching import (
+    batch_order,
+    cheapest_packing,
+    collate_packed,
+    collate_padded,
+    collate_shared_prefix,
+    pack_rows,
+)
 from preftune.tokenize import TokenizedPair
 
 PAIRS = [TokenizedPair([1, 2], [3, 4, 5], [6], index=7), TokenizedPair([8], [9], [10, 11], index=3)]
@@ -59,6 +66,49 @@ def test_collate_shared_prefix_layout():
         [1, 0, 1, 1, 0, 0],
         [0, 0, 0, 0, 1, 0],  # padding attends to itself only (no fully masked row)
         [0, 0, 0, 0, 0, 1],
+    ]
+
+
+def test_pack_rows_fills_rows_up_to_the_capacity_longest_first():
+    assert pack_rows([6, 3, 3], 6) == [[0], [1, 2]]
+    assert pack_rows([2, 9, 4, 5, 3], 9) == [[1], [3, 2], [4, 0]]  # 9 | 5 + 4 | 3 + 2
+    assert pack_rows([2, 9, 4, 5, 3], 23) == [[1, 3, 2, 4, 0]]
+    assert pack_rows([7, 3], 5) == [[0], [1]]  # a pair longer than the capacity gets a row of its own
+    lengths = [5, 1, 8, 3, 3, 2, 7, 1]
+    rows = pack_rows(lengths, 8)
+    assert sorted(i for row in rows for i in row) == list(range(8))
+    assert all(sum(lengths[i] for i in row) <= 8 for row in rows)
+
+
+def test_cheapest_packing_trades_padding_against_attentions_quadratic_cost():
+    assert cheapest_packing([6, 3, 3]) == [[0], [1, 2]]  # no padding either way: the shorter rows
+    # one long pair and short ones: two rows would be mostly padding (2 x 1000 x 1.38 > 1300 x 1.5)
+    assert cheapest_packing([1000, 100, 100, 100]) == [[0, 1, 2, 3]]
+    # two long pairs: one row of 4,000 would spend more on attention than it saves (2 x 2000 x 1.77 < 4000 x 2.54)
+    assert cheapest_packing([2000, 2000]) == [[0], [1]]
+
+
+def test_collate_packed_layout():
+    pairs = [TokenizedPair([1, 2], [3, 4, 5], [6], index=7), TokenizedPair([8], [9], [10], index=3),
+             TokenizedPair([11], [12], [13], index=4)]
+    batch = collate_packed(pairs, pad_token_id=0)
+    assert batch.pair_indices == [7, 3, 4]
+    assert batch.input_ids.tolist() == [[1, 2, 3, 4, 5, 6], [8, 9, 10, 11, 12, 13]]
+    # positions restart at each pair's segment, and after the prompt for the rejected completion
+    assert batch.position_ids.tolist() == [[0, 1, 2, 3, 4, 2], [0, 1, 1, 0, 1, 1]]
+    assert scored(batch) == [
+        (0, 1, 3, 0, 0), (0, 1, 6, 3, 0), (0, 2, 4, 0, 1), (0, 3, 5, 0, 2),
+        (1, 0, 9, 1, 0), (1, 0, 10, 4, 0),  # pair 1: sequences 1 and B + 1
+        (1, 3, 12, 2, 0), (1, 3, 13, 5, 0),  # pair 2, predicted from its own prompt at column 3
+    ]
+    assert batch.token_counts().tolist() == [3, 1, 1, 1, 1, 1]
+    assert batch.attention_mask[1, 0].int().tolist() == [
+        [1, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0],
+        [1, 0, 1, 0, 0, 0],
+        [0, 0, 0, 1, 0, 0],  # the next pair sees nothing of the one before
+        [0, 0, 0, 1, 1, 0],
+        [0, 0, 0, 1, 0, 1],
     ]
 
 

@@ -51,9 +51,10 @@ def test_wrong_type_names_the_option():
         (["--data", "x.jsonl", "--num-prompts", "10"], "--num-prompts has no effect with --data"),
         (["--eval-steps", "5"], "--eval-steps has no effect without --eval-data"),
         (["--truncation-mode", "middle"], "--truncation-mode must be keep_start or keep_end"),
-        (["--batch-layout", "packed"], "--batch-layout must be padded or shared_prefix"),
+        (["--batch-layout", "packing"], "--batch-layout must be one of padded, shared_prefix, packed"),
         (["--batch-layout", "shared_prefix", "--attn-implementation", "flash_attention_2"],
-         "--batch-layout shared_prefix needs an attention mask per pair"),
+         "--batch-layout shared_prefix needs a 4D attention mask"),
+        (["--attn-implementation", "flash_attention_2"], "--batch-layout packed needs a 4D attention mask"),
         (["--precompute-ref-log-probs", "--sync-ref-model"], "not with --sync-ref-model"),
     ],
 )

@@ -79,3 +79,20 @@ def test_checkpoint_resumes_under_the_same_number_of_processes(tmp_path, tiny_mo
     capsys.readouterr()
     assert main([*args(1), "--resume"]) == 2
     assert "train.num_processes: 2 in the checkpoint, 1 now" in capsys.readouterr().err
+
+
+def test_sharding_engines_are_refused_with_what_to_use_instead():
+    """FSDP and DeepSpeed shard the weights; preftune's saving, evaluation and sampling read whole ones, so it
+    stops before loading anything rather than write a slice of a model."""
+    import accelerate.utils
+
+    from preftune.errors import UserError
+    from preftune.runtime import SUPPORTED_ENGINES, check_engine
+
+    for engine in SUPPORTED_ENGINES:
+        check_engine(engine)
+    assert {"NO", "MULTI_CPU", "MULTI_GPU"} <= set(SUPPORTED_ENGINES)
+    assert set(SUPPORTED_ENGINES) <= {t.value for t in accelerate.utils.DistributedType}
+    for engine in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+        with pytest.raises(UserError, match=f"{engine} engine.*configs/accelerate/ddp.yaml"):
+            check_engine(engine)

@@ -80,7 +80,8 @@ def test_length_split_and_wpo_weights_match_brute_force(tiny_model_dir, head_pat
             assert abs(weight.item() - expected_weight) < 1e-4 * expected_weight
 
 
-def test_the_head_runs_on_completion_positions_only(tiny_model_dir):
+def test_the_head_runs_on_completion_positions_only(tiny_model_dir, monkeypatch):
+    monkeypatch.setattr(preftune.logprobs, "plain_output_head", lambda model: None)  # the model's own head
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     pairs = [TokenizedPair([5, 6, 7, 8, 9], [10, 11], [12], 0), TokenizedPair([20], [21, 22, 23], [24, 25], 1)]
     batch = collate_padded(pairs, pad_token_id=2)
@@ -105,6 +106,81 @@ def test_the_head_runs_on_completion_positions_only(tiny_model_dir):
     assert (difference / sum((b.double() ** 2).sum() for b in slow_grads)).sqrt().item() < 1e-6
 
 
+@pytest.mark.parametrize("chunk_rows", [3, 1])
+@pytest.mark.parametrize("lora", [False, True])
+def test_the_chunked_head_gives_the_models_values_and_gradients(tiny_model_dir, monkeypatch, chunk_rows, lora):
+    """preftune's own head, a few positions at a time (ChunkedHeadLogps, with a hand-written backward): the same
+    log-probs, WPO normalisers and gradients as the model's head on the kept positions. In float64, so that the
+    comparison is of the math, not of float32 summation orders (which differ with the chunk's shape)."""
+    from peft import LoraConfig, get_peft_model
+
+    pairs = [TokenizedPair([5, 6, 7, 8, 9], [10, 11], [12], 0), TokenizedPair([20], [21, 22, 23], [24, 25], 1)]
+    batch = LAYOUTS["packed"](pairs, pad_token_id=2)
+    results = {}
+    for path in ("model", "chunked"):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        if lora:  # the head frozen: no weight gradient is computed for it
+            model = get_peft_model(model, LoraConfig(r=2, target_modules="all-linear", init_lora_weights=False))
+        model.double()
+        head = model.get_output_embeddings()
+        with monkeypatch.context() as patch:
+            if path == "model":
+                patch.setattr(preftune.logprobs, "plain_output_head", lambda model: None)
+            else:
+                assert preftune.logprobs.plain_output_head(model) is head
+                patch.setattr(preftune.logprobs, "HEAD_CHUNK_ELEMENTS", chunk_rows * head.weight.shape[0])
+            calls = []
+            patch.setattr(preftune.logprobs.ChunkedHeadLogps, "apply",
+                          lambda *args, apply=preftune.logprobs.ChunkedHeadLogps.apply, calls=calls:
+                          calls.append(1) or apply(*args))
+            out = sequence_logps(model, batch, wpo_weights=True)
+            assert len(calls) == (path == "chunked")
+        trained = [p for p in model.parameters() if p.requires_grad]
+        grads = torch.autograd.grad((out.chosen - 0.5 * out.rejected).sum(), trained)
+        results[path] = (out, grads, head.weight.requires_grad)
+        assert type(model.get_output_embeddings()) is torch.nn.Linear  # the head is back after the forward
+    (model_out, model_grads, _), (chunked_out, chunked_grads, head_trained) = results["model"], results["chunked"]
+    assert head_trained != lora
+    assert chunked_out.chosen.dtype == torch.float64
+    for field in ("chosen", "rejected", "chosen_weight", "rejected_weight"):
+        torch.testing.assert_close(getattr(chunked_out, field), getattr(model_out, field), rtol=1e-10, atol=1e-10)
+    assert chunked_out.chosen_weight.grad_fn is None  # WPO weights are constants
+    for a, b in zip(chunked_grads, model_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+def test_the_chunked_head_under_bf16_autocast(tiny_model_dir, monkeypatch):
+    """Under autocast the head runs in bf16 as the model's would, forward and (recomputed) backward."""
+    pairs = [TokenizedPair([5, 6, 7, 8, 9], [10, 11], [12], 0), TokenizedPair([20], [21, 22, 23], [24, 25], 1)]
+    batch = LAYOUTS["packed"](pairs, pad_token_id=2)
+    results = {}
+    for path in ("model", "chunked"):
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        with monkeypatch.context() as patch, torch.autocast("cpu", dtype=torch.bfloat16):
+            if path == "model":
+                patch.setattr(preftune.logprobs, "plain_output_head", lambda model: None)
+            else:
+                patch.setattr(preftune.logprobs, "HEAD_CHUNK_ELEMENTS", 2 * model.lm_head.weight.shape[0])
+            out = sequence_logps(model, batch)
+        out.chosen.sum().backward()
+        results[path] = (out.chosen.detach(), model.lm_head.weight.grad)
+    assert results["chunked"][1].dtype == torch.float32
+    torch.testing.assert_close(results["chunked"][0], results["model"][0], rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(results["chunked"][1], results["model"][1], rtol=5e-2, atol=5e-3)
+
+
+def test_the_chunked_head_is_used_only_where_the_logits_are_the_heads_alone(tiny_model_dir, monkeypatch):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert preftune.logprobs.plain_output_head(model) is model.lm_head
+    rows_seen = []  # one chunk's worth of logits: the model's own head runs (on the kept positions only)
+    model.lm_head.register_forward_hook(lambda module, args, output: rows_seen.append(args[0].shape[0]))
+    sequence_logps(model, LAYOUTS["packed"]([TokenizedPair([5, 6], [7, 8], [9], 0)], pad_token_id=2))
+    assert rows_seen == [2]  # the predictors of 7 (shared with 9) and 8
+    monkeypatch.setattr(model.config, "model_type", "gemma2")  # soft-caps its logits after the head
+    assert preftune.logprobs.plain_output_head(model) is None
+
+
 def test_keeps_positions_sees_through_wrappers(tiny_model_dir):
     from peft import LoraConfig, get_peft_model
 
@@ -118,20 +194,25 @@ def test_keeps_positions_sees_through_wrappers(tiny_model_dir):
     assert not keeps_positions(NoSlicing())
 
 
-def test_shared_prefix_gives_the_padded_layouts_values_and_gradients(tiny_model_dir):
-    """The prompt computed once, exactly: the same log-probs and the same gradients as computing it twice."""
+@pytest.mark.parametrize("layout", ["shared_prefix", "packed"])
+def test_prefix_sharing_layouts_give_the_padded_layouts_values_and_gradients(tiny_model_dir, layout):
+    """The prompt computed once (and, packed, several pairs in a row), exactly: the same log-probs and the same
+    gradients as computing each sequence in its own padded row."""
     pairs = [TokenizedPair([5, 6, 7, 8], [10, 11], [12, 13, 14], 0), TokenizedPair([20, 21], [23], [24, 25], 1),
-             TokenizedPair([30], [31, 32, 33, 34], [35], 2)]
+             TokenizedPair([30], [31, 32, 33, 34], [35], 2), TokenizedPair([40], [41], [42], 3)]
     results = {}
-    for name, collate in LAYOUTS.items():
+    for name in ("padded", layout):
         model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-        out = sequence_logps(model, collate(pairs, pad_token_id=2), length_split=True)
+        batch = LAYOUTS[name](pairs, pad_token_id=2)
+        out = sequence_logps(model, batch, length_split=True)
         loss = (out.chosen - 0.7 * out.rejected + 0.3 * out.chosen_tail).sum()
         results[name] = (out, torch.autograd.grad(loss, list(model.parameters())))
-    (padded, padded_grads), (shared, shared_grads) = results["padded"], results["shared_prefix"]
+    if layout == "packed":  # pairs of 9, 5, 6 and 3 tokens in one row
+        assert batch.input_ids.shape == (1, 23)
+    (padded, padded_grads), (shared, shared_grads) = results["padded"], results[layout]
     for field in ("chosen", "rejected", "chosen_tail", "rejected_tail"):
         torch.testing.assert_close(getattr(shared, field), getattr(padded, field), rtol=1e-5, atol=1e-5)
-    assert shared.chosen_tokens.tolist() == padded.chosen_tokens.tolist() == [2, 1, 4]
+    assert shared.chosen_tokens.tolist() == padded.chosen_tokens.tolist() == [2, 1, 4, 1]
     # float32 reassociation: elementwise, a gradient entry that is a sum of cancelling terms can differ by 1e-3
     # of itself, so compare the whole gradient (in float64 the two agree to the float32 log-softmax's rounding)
     difference = sum(((a - b).double() ** 2).sum() for a, b in zip(shared_grads, padded_grads, strict=True))

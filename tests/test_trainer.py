@@ -139,14 +139,15 @@ def test_training_steps_equal_trls(tmp_path, tiny_model_dir):
         assert a == pytest.approx(b, abs=1e-5), f"step {step}"
 
 
-def test_shared_prefix_layout_trains_as_the_padded_one(tmp_path, tiny_model_dir, pairs_file):
-    """The prompt computed once per pair: per-step losses, rewards and eval metrics equal the padded layout's to
-    float32 reassociation, and the weights after the steps too."""
+@pytest.mark.parametrize("layout", ["shared_prefix", "packed"])
+def test_prefix_sharing_layouts_train_as_the_padded_one(tmp_path, tiny_model_dir, pairs_file, layout):
+    """The prompt computed once per pair (packed: pairs side by side in a row): per-step losses, rewards and eval
+    metrics equal the padded layout's to float32 reassociation, and the weights after the steps too."""
     runs = {}
-    for layout in ("padded", "shared_prefix"):
-        runs[layout] = train(tmp_path, layout, tiny_model_dir, pairs_file, "--batch-size", "2", "--max-steps", "3",
-                             "--eval-data", str(pairs_file), "--batch-layout", layout)
-    (padded, padded_rows), (shared, shared_rows) = runs["padded"], runs["shared_prefix"]
+    for name in ("padded", layout):
+        runs[name] = train(tmp_path, name, tiny_model_dir, pairs_file, "--batch-size", "2", "--max-steps", "3",
+                             "--eval-data", str(pairs_file), "--batch-layout", name)
+    (padded, padded_rows), (shared, shared_rows) = runs["padded"], runs[layout]
     assert len(padded_rows) == len(shared_rows) == 4
     for a, b in zip(padded_rows, shared_rows, strict=True):
         for name in ("loss", "rewards/chosen", "rewards/margins", "eval_loss", "eval_logps/rejected"):
