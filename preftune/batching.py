@@ -99,6 +99,11 @@ def collate_padded(pairs: Sequence[TokenizedPair], pad_token_id: int) -> Batch:
 ATTENTION_TOKENS = 2600
 
 
+def segment_length(pair: TokenizedPair) -> int:
+    """Tokens of a pair laid out as one segment prompt | chosen | rejected."""
+    return len(pair.prompt_ids) + len(pair.chosen_ids) + len(pair.rejected_ids)
+
+
 def pack_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
     """Pairs (by position) grouped into rows of at most `capacity` tokens (or one pair, if longer): first-fit,
     longest first."""
@@ -120,7 +125,7 @@ def prefix_sharing_batch(pairs: Sequence[TokenizedPair], rows_of_pairs: Sequence
     """Each pair as one segment prompt | chosen | rejected, the segments of a row side by side, rows
     right-padded. Positions restart at each segment, and again for the rejected completion after the prompt; a
     token attends to the earlier tokens of its own segment only, the rejected ones not to the chosen ones."""
-    length = [len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs]
+    length = [segment_length(p) for p in pairs]
     width = max(sum(length[i] for i in row) for row in rows_of_pairs)
     count = len(pairs)
     input_ids = torch.full((len(rows_of_pairs), width), pad_token_id, dtype=torch.long)
@@ -168,14 +173,15 @@ def cheapest_packing(lengths: Sequence[int]) -> list[list[int]]:
         width = max(sum(lengths[i] for i in row) for row in rows)  # every row is padded to the widest
         return len(rows) * width * (1 + width / ATTENTION_TOKENS)
 
-    packings = [pack_rows(lengths, k * max(lengths)) for k in range(1, len(lengths) + 1)]
+    # past ceil(total / longest) times the longest pair, every capacity gives the same single row
+    widest = -(-sum(lengths) // max(lengths))
+    packings = [pack_rows(lengths, k * max(lengths)) for k in range(1, widest + 1)]
     return min(packings, key=cost)  # the first (shortest rows) of equal costs
 
 
 def collate_packed(pairs: Sequence[TokenizedPair], pad_token_id: int) -> Batch:
     """As shared_prefix, with several pairs per row (`cheapest_packing`): little padding is left to compute."""
-    lengths = [len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs]
-    return prefix_sharing_batch(pairs, cheapest_packing(lengths), pad_token_id)
+    return prefix_sharing_batch(pairs, cheapest_packing([segment_length(p) for p in pairs]), pad_token_id)
 
 
 LAYOUTS: dict[str, Callable[[Sequence[TokenizedPair], int], Batch]] = {

@@ -162,8 +162,7 @@ class TrainConfig:
         "computed once; the rejected tokens do not see the chosen ones and their positions restart after the "
         "prompt (exact, arXiv:2410.20305). packed: as shared_prefix with several pairs side by side in a row "
         "(each sees only itself; rows as long as pays against attention's quadratic cost), so little padding is "
-        "computed. "
-        "shared_prefix and packed need sdpa or eager attention (a 4D mask).",
+        "computed. shared_prefix and packed need sdpa or eager attention (a 4D mask).",
         "packed",
     )
     shuffle: bool = doc("Shuffle the training pairs each epoch (off: file order, as in exact comparisons).", True)

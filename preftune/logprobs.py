@@ -92,11 +92,11 @@ def plain_output_head(model: torch.nn.Module) -> torch.nn.Linear | None:
 
 
 @contextlib.contextmanager
-def output_head_bypassed(model: torch.nn.Module) -> Iterator[None]:
-    """Within: the model's forward returns the final hidden states (at `logits_to_keep`) in place of logits.
-    The forward still goes through every wrapper (DDP must see it, to reduce the gradients)."""
+def output_head_bypassed(model: torch.nn.Module, head: torch.nn.Module) -> Iterator[None]:
+    """Within: the model's forward returns the final hidden states (at `logits_to_keep`) in place of logits
+    (`head`, its output head, is swapped for an identity). The forward still goes through every wrapper (DDP must
+    see it, to reduce the gradients)."""
     inner = unwrapped(model)
-    head = inner.get_output_embeddings()
     name = next(name for name, child in inner.named_children() if child is head)
     setattr(inner, name, torch.nn.Identity())
     try:
@@ -122,7 +122,7 @@ class ChunkedHeadLogps(torch.autograd.Function):
         logps, normalisers, sums_sq = [], [], []
         for start in range(0, hidden.shape[0], rows):
             logits = torch.nn.functional.linear(hidden[start : start + rows], weight, bias)
-            ctx.compute_dtype = logits.dtype  # bf16 under autocast; the backward recomputes in the same
+            ctx.compute_dtype = logits.dtype  # bf16 under autocast (the same for every chunk); the backward too
             logits = at_least_float32(logits)
             normaliser = torch.logsumexp(logits, dim=-1)
             logps.append(logits.gather(1, labels[start : start + rows, None]).squeeze(1) - normaliser)
@@ -190,7 +190,7 @@ def scored_token_logps(
     if head is not None and len(slot) * head.weight.shape[0] > HEAD_CHUNK_ELEMENTS:
         # the head applied here, in chunks: the (K, V) logits are never held whole (not needed for one chunk's
         # worth, where the recomputation would cost more than the memory it saves)
-        with output_head_bypassed(model):
+        with output_head_bypassed(model, head):
             hidden = model(**inputs, use_cache=False, logits_to_keep=keep).logits  # (K, H)
         per_token, sum_sq = ChunkedHeadLogps.apply(hidden[slot], head.weight, head.bias, batch.token_labels,
                                                    log_sum_sq)
