@@ -76,24 +76,47 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.detach().contiguous().cpu() for name, p in model.named_parameters() if p.requires_grad}
 
 
+def gather_training_state(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, sharded: bool
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """The trainable weights by name and the optimizer state, whole, for the main process to save.
+
+    Sharded (FSDP): a collective that every process must call; the slices are gathered onto the main process's
+    CPU (the others get empty dicts), and the optimizer state is keyed by parameter name rather than position.
+    """
+    if not sharded:
+        return trainable_state(model), optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    weights = {name: value for name, value in get_model_state_dict(model, options=options).items() if name in trainable}
+    return weights, get_optimizer_state_dict(model, optimizer, options=options)
+
+
 def save_checkpoint(
     output_dir: Path,
     step: int,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
+    weights: dict[str, torch.Tensor],
+    optimizer_state: dict,
     scheduler: Any,
     loop_state: dict[str, Any],
     metrics_lines: list[str],
     config_yaml: str,
     keep: int | None,
 ) -> Path:
-    """Write `checkpoint-STEP` atomically and keep only the newest `keep` checkpoints. Returns its path."""
+    """Write `checkpoint-STEP` atomically and keep only the newest `keep` checkpoints. Returns its path.
+    `weights` and `optimizer_state` as `gather_training_state` gives them."""
     final = output_dir / f"checkpoint-{step}"
     staging = Path(tempfile.mkdtemp(prefix=f".checkpoint-{step}.", dir=output_dir))
     try:
-        save_file(trainable_state(model), staging / "model.safetensors")
+        save_file(weights, staging / "model.safetensors")
         torch.save(
-            {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "random": random_states()},
+            {"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "random": random_states()},
             staging / "training_state.pt",
         )
         (staging / "loop_state.json").write_text(json.dumps(loop_state), encoding="utf-8")
@@ -156,16 +179,35 @@ def latest_checkpoint(output_dir: Path, warn: bool = True) -> Path | None:
 
 
 def load_checkpoint(
-    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
+    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, sharded: bool = False,
+    main_process: bool = True,
 ) -> tuple[dict[str, Any], list[str]]:
-    """Restore weights, optimizer, scheduler and random states in place; returns (loop state, metrics lines)."""
-    weights = load_file(path / "model.safetensors")
-    parameters = dict(model.named_parameters())
-    for name, value in weights.items():
-        with torch.no_grad():
-            parameters[name].copy_(value)
-    state = torch.load(path / "training_state.pt", weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
+    """Restore weights, optimizer, scheduler and random states in place; returns (loop state, metrics lines).
+
+    Sharded (FSDP): a collective that every process must call; the main process reads the whole weights and
+    optimizer state and sends each process its slice.
+    """
+    # mmap: under FSDP only the main process reads the optimizer state; the others touch just the small parts
+    state = torch.load(path / "training_state.pt", weights_only=True, mmap=True)
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        # strict=False: the file holds the trainable weights only
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
+        weights = load_file(path / "model.safetensors") if main_process else {}
+        set_model_state_dict(model, weights, options=options)
+        set_optimizer_state_dict(model, optimizer, state["optimizer"] if main_process else {}, options=options)
+    else:
+        weights = load_file(path / "model.safetensors")
+        parameters = dict(model.named_parameters())
+        for name, value in weights.items():
+            with torch.no_grad():
+                parameters[name].copy_(value)
+        optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     restore_random_states(state["random"])
     loop_state = json.loads((path / "loop_state.json").read_text(encoding="utf-8"))

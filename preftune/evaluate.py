@@ -14,13 +14,14 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from preftune.batching import iterate_batches, pad_rows
+from preftune.batching import collate_padded, iterate_batches, pad_rows
 from preftune.config import Config
 from preftune.errors import UserError
 from preftune.logprobs import completion_logps, sequence_logps
 from preftune.losses import LossParams, compute_loss
 from preftune.metrics import MetricTotals, pair_sums
 from preftune.reference import ReferenceSource
+from preftune.runtime import sharded_model
 from preftune.tokenize import TokenizedPair
 
 
@@ -34,17 +35,29 @@ def evaluate_totals(
     params: LossParams,
     device: torch.device | str = "cpu",
     layout: str = "padded",
+    lockstep: tuple[int, TokenizedPair] | None = None,
 ) -> MetricTotals:
-    """Per-pair sums of the TRL-named preference metrics over `pairs`, without gradients."""
+    """Per-pair sums of the TRL-named preference metrics over `pairs`, without gradients.
+
+    `lockstep=(batches, filler)`: run exactly `batches` forwards, the ones past `pairs`' own on `filler` alone and
+    not counted. Under FSDP every forward is a collective, so processes with shares of unequal length must run
+    the same number of them.
+    """
     was_training = policy.training
     policy.eval()
     totals = MetricTotals()
+    batches = list(iterate_batches(pairs, batch_size, pad_token_id, layout=layout))
+    counted = len(batches)
+    if lockstep is not None:
+        wanted, filler = lockstep
+        batches += [collate_padded([filler], pad_token_id)] * (wanted - counted)
     with torch.no_grad():
-        for batch in iterate_batches(pairs, batch_size, pad_token_id, layout=layout):
+        for position, batch in enumerate(batches):
             batch = batch.to(device)
             policy_logps = sequence_logps(policy, batch, params.length_split, params.use_weighting)
             output = compute_loss(policy_logps, reference(batch), params)
-            totals.add(pair_sums(output, policy_logps), batch.num_pairs)
+            if position < counted:
+                totals.add(pair_sums(output, policy_logps), batch.num_pairs)
     policy.train(was_training)
     return totals
 
@@ -84,6 +97,12 @@ def sample(
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     eos = tokenizer.eos_token_id
+    device = next(model.parameters()).device
+    sharded = sharded_model(model)
+    if sharded:
+        # peft's generate calls the inner model, past the root's FSDP hooks: gather the root's own weights
+        # (embeddings, final norm, head) for the whole generation; the layers gather theirs in their forwards
+        model.unshard()
     jobs = [(i, list(ids)) for i, ids in enumerate(prompt_ids) for _ in range(num_samples)]
     samples: list[Sample] = []
     for start in range(0, len(jobs), batch_size):
@@ -97,8 +116,11 @@ def sample(
             attention_mask[row, width - len(ids) :] = 1
         with torch.no_grad():
             output = model.generate(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
+                input_ids=input_ids.to(device),
+                attention_mask=attention_mask.to(device),
+                # sharded weights (FSDP): every forward is a collective, so a process whose samples all ended
+                # keeps running forwards until every process's have
+                synced_gpus=sharded,
                 do_sample=True,
                 temperature=temperature,
                 top_k=0,
@@ -114,6 +136,8 @@ def sample(
             text = tokenizer.decode(completion, skip_special_tokens=True)
             samples.append(Sample(prompt_index, ids, completion, text))
     torch.random.set_rng_state(generator_state)
+    if sharded:
+        model.reshard()
     model.train(was_training)
     return samples
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from preftune.batching import Batch, padded_batch
+from preftune.runtime import sharded_model
 
 
 @dataclass
@@ -69,7 +70,15 @@ def keeps_positions(model: torch.nn.Module) -> bool:
     transformers' models that slice with `slice_logits_to_keep` (nearly all causal LMs since 5.x) do; others get
     the full logits, sliced here. Decided once per model class: this runs on every forward.
     """
-    return _slices_logits(type(unwrapped(model)))
+    return _slices_logits(model_class(model))
+
+
+def model_class(model: torch.nn.Module) -> type:
+    """The transformers class of `model` (FSDP2 swaps a sharded model's class for an `FSDP<Name>` subclass)."""
+    cls = type(unwrapped(model))
+    from torch.distributed.fsdp import FSDPModule
+
+    return cls.__mro__[2] if issubclass(cls, FSDPModule) else cls
 
 
 # Model types whose logits are exactly `lm_head(hidden)` (no soft-capping or scaling after the head), so the head
@@ -85,6 +94,8 @@ def plain_output_head(model: torch.nn.Module) -> torch.nn.Linear | None:
     """The model's output head if preftune may apply it itself (see PLAIN_HEAD_MODEL_TYPES), else None."""
     inner = unwrapped(model)
     if getattr(getattr(inner, "config", None), "model_type", None) not in PLAIN_HEAD_MODEL_TYPES:
+        return None
+    if sharded_model(inner):  # FSDP gathers the head's weight inside the model's forward only
         return None
     head = inner.get_output_embeddings()
     # exactly a Linear: a LoRA-wrapped head (peft's modules_to_save or a targeted lm_head) runs as the model's

@@ -218,9 +218,12 @@ def load_policy_and_reference(
 
 
 def save_model(
-    policy: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, output_dir: Path, merge: bool = False
+    policy: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, output_dir: Path, merge: bool = False,
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Save so that `AutoModelForCausalLM.from_pretrained(output_dir)` loads the trained policy.
+
+    `state_dict`: the weights to write in place of the policy's own (under FSDP, the gathered whole ones).
 
     Full training: the model. LoRA: the adapter (peft format; transformers loads it when peft is installed).
     LoRA with merge: the merged plain model in `output_dir`, and the adapter in `output_dir/adapter`.
@@ -229,12 +232,22 @@ def save_model(
 
     tokenizer.save_pretrained(output_dir)
     if isinstance(policy, PeftModel) and merge:
-        policy.save_pretrained(output_dir / "adapter", safe_serialization=True)
-        # merge a copy: the trained adapter in memory stays usable for evaluation afterwards
-        merged = copy.deepcopy(policy).merge_and_unload()
+        policy.save_pretrained(output_dir / "adapter", safe_serialization=True, state_dict=state_dict)
+        if state_dict is None:
+            # merge a copy: the trained adapter in memory stays usable for evaluation afterwards
+            merged = copy.deepcopy(policy).merge_and_unload()
+        else:  # sharded: merge whole weights, read back from the base model's files and the adapter just saved
+            base = load_model(policy.peft_config["default"].base_model_name_or_path)
+            merged = PeftModel.from_pretrained(base, output_dir / "adapter").merge_and_unload()
         merged.save_pretrained(output_dir, safe_serialization=True)
     else:
-        policy.save_pretrained(output_dir, safe_serialization=True)
+        if state_dict is not None:
+            # gathered weights are separate copies even where the model ties two names to one weight (embeddings
+            # and output head): keep one name, as save_pretrained does for a plain model; loading ties them again
+            aliases = ({name for name, _ in policy.named_parameters(remove_duplicate=False)}
+                       - {name for name, _ in policy.named_parameters()})
+            state_dict = {name: value for name, value in state_dict.items() if name not in aliases}
+        policy.save_pretrained(output_dir, safe_serialization=True, state_dict=state_dict)
 
 
 def load_for_inference(

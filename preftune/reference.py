@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from preftune.batching import Batch, iterate_batches
 from preftune.errors import UserError
 from preftune.logprobs import SequenceLogps, sequence_logps
+from preftune.runtime import reshard
 from preftune.tokenize import TokenizedPair
 
 ReferenceSource = Callable[[Batch], SequenceLogps]
@@ -76,6 +77,8 @@ def sync_reference_model(policy: torch.nn.Module, reference: torch.nn.Module, mi
     the trainer calls it after every --ref-model-sync-steps optimizer steps, as TRL's SyncRefModelCallback.
     """
     with torch.no_grad():
+        for model in (policy, reference):  # FSDP: mix each process's slices, not weights left gathered by a forward
+            reshard(model)
         for target, source in zip(reference.parameters(), policy.parameters(), strict=True):
             target.mul_(1.0 - mixup_alpha).add_(source.detach(), alpha=mixup_alpha)
 
@@ -96,6 +99,8 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
         if "lora_" in name:
             continue
         digest.update(name.replace("base_model.model.", "").replace(".base_layer", "").encode())
+        if hasattr(parameter, "full_tensor"):  # FSDP's slice: the whole weight (a collective, as the loop is)
+            parameter = parameter.full_tensor()
         digest.update(parameter.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
@@ -127,11 +132,11 @@ def compute_reference_table(
 
 
 def cached_reference_table(
-    cache_file: Path, compute: Callable[[], torch.Tensor], write: bool
+    cache_file: Path, compute: Callable[[], torch.Tensor], write: bool, read: bool = True
 ) -> tuple[torch.Tensor, bool]:
-    """The table in `cache_file`, else `compute()`'s (written to `cache_file` when `write`); and whether it was
-    read from the cache. Written atomically: a killed run leaves no half-written entry behind."""
-    if cache_file.exists():
+    """The table in `cache_file` (when `read`), else `compute()`'s (written to `cache_file` when `write`); and
+    whether it was read from the cache. Written atomically: a killed run leaves no half-written entry behind."""
+    if read and cache_file.exists():
         return load_file(cache_file)["logps"], True
     table = compute()
     if write:

@@ -8,6 +8,7 @@ import sys
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    import torch
     from accelerate import Accelerator
 
 
@@ -30,27 +31,76 @@ def make_accelerator(bf16: bool, grad_accum: int = 1) -> Accelerator:
         gradient_accumulation_steps=grad_accum,
         cpu=not torch.cuda.is_available(),
     )
-    check_engine(str(accelerator.distributed_type.value))
+    if fsdp_requested() and accelerator.distributed_type.value == "MULTI_CPU":
+        shard_on_cpu_processes(accelerator)
+    engine = accelerator.distributed_type.value
+    check_engine(engine, accelerator.state.fsdp_plugin.fsdp_version if engine == "FSDP" else None)
     return accelerator
 
 
-# What preftune's loop has been built and tested for: one process, or data parallel (DDP) over CPU or GPU
-# processes. Under a sharding engine each process holds a slice of the weights, and the main-process-only model
-# saving, per-process evaluation and sampling would silently write or score a slice.
-SUPPORTED_ENGINES = ("NO", "MULTI_CPU", "MULTI_GPU", "MULTI_XPU", "MULTI_NPU", "MULTI_MLU", "MULTI_MUSA")
+def fsdp_requested() -> bool:
+    """True when the launcher asked for FSDP (`accelerate launch` with an FSDP config sets ACCELERATE_USE_FSDP)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
 
 
-def check_engine(distributed_type: str) -> None:
-    """Refuse to run under an engine whose sharded weights preftune's loop does not handle (FSDP, DeepSpeed)."""
+def shard_on_cpu_processes(accelerator: Accelerator) -> None:
+    """Turn FSDP on for CPU processes (gloo), as the launcher asked.
+
+    accelerate 1.15 switches to FSDP only for GPU-type process groups and leaves CPU processes on plain data
+    parallelism, though torch's FSDP2 runs over gloo. This sets the engine and the plugin (read from the same
+    FSDP_* variables accelerate reads) the way accelerate does for GPUs; its prepare, clip_grad_norm_ and
+    get_state_dict then take their FSDP2 paths. It is what lets the sharded paths be tested without a GPU.
+    Remove once accelerate enables FSDP for MULTI_CPU.
+    """
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin()
+    accelerator.state.distributed_type = DistributedType.FSDP
+    # as accelerate's own FSDP setup does: every later AcceleratorState() re-reads the type from PartialState
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+
+# The engines preftune's loop is built and tested for: one process; data parallel (DDP) over CPU or GPU
+# processes; FSDP2, which shards weights, gradients and optimizer state (every forward is then a collective, and
+# saving gathers the weights). DeepSpeed, and FSDP1's wrapper, need paths of their own and are refused.
+DATA_PARALLEL_ENGINES = ("NO", "MULTI_CPU", "MULTI_GPU", "MULTI_XPU", "MULTI_NPU", "MULTI_MLU", "MULTI_MUSA")
+
+
+def sharded_engine(accelerator: Accelerator) -> bool:
+    """True when each process holds a slice of the weights (FSDP)."""
+    return accelerator.distributed_type.value == "FSDP"
+
+
+def sharded_model(model: torch.nn.Module) -> bool:
+    """True when `model`'s weights are split across processes (FSDP2 has made it an FSDPModule)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def reshard(model: torch.nn.Module) -> None:
+    """Under FSDP, free the whole weights still gathered from the last forward (the root module keeps its own
+    gathered after a forward), so that `model.parameters()` are this process's slices again. Else nothing."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+def check_engine(engine: str, fsdp_version: int | None = None) -> None:
+    """Refuse an engine preftune's loop does not handle (DeepSpeed, FSDP version 1) before any model loads."""
     from preftune.errors import UserError
 
-    if distributed_type not in SUPPORTED_ENGINES:
-        raise UserError(
-            f"preftune does not run under accelerate's {distributed_type} engine yet (it shards the weights, and "
-            "preftune saves, evaluates and samples from whole ones). Launch with data parallelism instead "
-            "(configs/accelerate/ddp.yaml, torchrun, --num-processes) and save memory with --gradient-checkpointing, "
-            "--lora, --load-in-4bit or --precompute-ref-log-probs; see the README's 'More than one process'."
-        )
+    if engine in DATA_PARALLEL_ENGINES or (engine == "FSDP" and fsdp_version == 2):
+        return
+    what = "FSDP version 1" if engine == "FSDP" else f"accelerate's {engine} engine"
+    raise UserError(
+        f"preftune does not run under {what}. For sharded weights use FSDP2 (configs/accelerate/fsdp.yaml, "
+        "fsdp_version: 2), which shards like DeepSpeed ZeRO-3; for data parallelism configs/accelerate/ddp.yaml, "
+        "torchrun or --num-processes; see the README's 'More than one process'."
+    )
 
 
 def launched() -> bool:
@@ -59,7 +109,22 @@ def launched() -> bool:
 
 
 def launch_processes(num_processes: int, argv: list[str]) -> int:
-    """Run `preftune <argv>` in `num_processes` processes with torchrun; returns the exit code."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={num_processes}",
-               "-m", "preftune.cli", *argv]
+    """Run `preftune <argv>` in `num_processes` processes with torchrun; returns the exit code (2 when a process
+    stopped on a user error, whose message it has printed)."""
+    command = [sys.executable, "-c", "import sys; from preftune.runtime import torchrun; sys.exit(torchrun())",
+               "--standalone", f"--nproc-per-node={num_processes}", "-m", "preftune.cli", *argv]
     return subprocess.call(command)
+
+
+def torchrun() -> int:
+    """torchrun on sys.argv, exiting with the processes' own exit code when one fails, without torchrun's
+    traceback on top: each process has already said why it stopped."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    try:
+        run(get_args_parser().parse_args(sys.argv[1:]))
+    except ChildFailedError as failed:
+        codes = [failure.exitcode for failure in failed.failures.values()]
+        return max(codes) if max(codes) > 0 else 1  # negative: killed by a signal
+    return 0

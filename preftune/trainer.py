@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from preftune.batching import LAYOUTS, Batch, process_batches
-from preftune.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from preftune.checkpoint import gather_training_state, latest_checkpoint, load_checkpoint, save_checkpoint
 from preftune.config import Config, math_differences, save_yaml
 from preftune.data import LoadResult, describe_skipped, load_pairs
 from preftune.errors import RunInterrupted, UserError
@@ -47,7 +47,7 @@ from preftune.reference import (
     weights_fingerprint,
 )
 from preftune.report import example_prompts, example_rows, final_metrics_of, write_report
-from preftune.runtime import make_accelerator
+from preftune.runtime import make_accelerator, reshard, sharded_engine
 from preftune.tokenize import TokenizedPair, tokenize_pairs
 
 CONFIG_FILE = "preftune_config.yaml"
@@ -115,6 +115,18 @@ def count_steps(batches_per_epoch: int, grad_accum: int, num_epochs: float, max_
     return max(1, math.ceil(num_epochs * batches_per_epoch / grad_accum))
 
 
+def check_shardable(config: Config) -> None:
+    """Refuse, under FSDP, the options preftune has no sharded path for."""
+    if config.model.load_in_4bit:  # FSDP over bitsandbytes' packed 4-bit weights needs its own storage settings
+        raise UserError("--load-in-4bit under FSDP is not supported: use QLoRA with data parallelism "
+                        "(configs/accelerate/ddp.yaml), or LoRA under FSDP")
+
+
+def full_value(value: torch.Tensor) -> torch.Tensor:
+    """A DTensor's whole value (FSDP's gradient norm comes as one), else `value` itself."""
+    return value.full_tensor() if hasattr(value, "full_tensor") else value
+
+
 @dataclass
 class RunState:
     """What the loop advances, and all a checkpoint needs to continue it exactly."""
@@ -123,6 +135,7 @@ class RunState:
     micro_batches_seen: int = 0
     bad_steps_in_row: int = 0
     world_size: int = 1  # processes; a checkpoint resumes only under the same number
+    sharded: bool = False  # written under FSDP (optimizer state keyed by name); resumes only under FSDP
     interval: dict = field(default_factory=lambda: MetricTotals().to_dict())  # metrics since the last log line
 
 
@@ -144,6 +157,11 @@ class Trainer:
         self.accelerator = accelerator = make_accelerator(c.model.bf16, c.train.grad_accum)
         self.rank, self.world_size = accelerator.process_index, accelerator.num_processes
         self.state.world_size = self.world_size
+        # FSDP: each process holds a slice of every weight, so every forward is a collective that all processes
+        # run together, and saving gathers the weights first
+        self.sharded = self.state.sharded = sharded_engine(accelerator)
+        if self.sharded:
+            check_shardable(c)
         # the main process checks and creates the run folder; the others take its path (the default name has
         # the time in it, which could differ between processes)
         folder = [None]
@@ -182,9 +200,8 @@ class Trainer:
         self.total_steps = count_steps(self.batches_per_epoch, c.train.grad_accum, c.train.num_epochs,
                                        c.train.max_steps)
 
-        trainable = [p for p in policy.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(
-            trainable,
+            [p for p in policy.parameters() if p.requires_grad],
             lr=c.train.learning_rate,
             betas=(c.train.adam_beta1, c.train.adam_beta2),
             weight_decay=c.train.weight_decay,
@@ -202,9 +219,10 @@ class Trainer:
         # shards itself; our step count is already global
         self.policy, self.optimizer = self.accelerator.prepare(policy, optimizer)
         self.scheduler = scheduler
-        self.trainable = trainable
+        # read after prepare: FSDP replaces the parameters with sharded ones (and points the optimizer at them)
+        self.trainable = [p for p in self.policy.parameters() if p.requires_grad]
         if reference is not None:
-            reference.to(self.accelerator.device)
+            reference = self.place_frozen(reference)
         if c.train.sync_ref_model:
             check_syncable(self.accelerator.unwrap_model(self.policy), reference)
         self.reference_model = reference
@@ -226,6 +244,12 @@ class Trainer:
             self.tensorboard = SummaryWriter(str(self.output_dir / "tensorboard"), purge_step=self.state.step + 1)
             self.metrics_file = (self.output_dir / METRICS_FILE).open("a", encoding="utf-8")
         processes = f" in each of {self.world_size} processes" if self.world_size > 1 else ""
+        if self.sharded:
+            reshard(self.policy)  # a precomputing forward may have left the root's weights gathered
+            held = sum(p.to_local().numel() for p in self.policy.parameters())
+            total = sum(p.numel() for p in self.policy.parameters())
+            accelerator.print(f"FSDP: each process holds a slice of the weights ({held:,} of {total:,} on the main "
+                              "one), and of their gradients and optimizer state", flush=True)
         accelerator.print(
             f"training {self.model_source} on {len(self.train_pairs)} pairs for {self.total_steps} steps "
             f"({c.train.batch_size} pairs x {c.train.grad_accum} micro-batches per step{processes}); "
@@ -233,13 +257,30 @@ class Trainer:
             flush=True,
         )
 
+    def place_frozen(self, model: torch.nn.Module) -> torch.nn.Module:
+        """A frozen model (the reference) ready for this run's forwards: under FSDP sharded as the policy is (so a
+        process holds a slice of it too), else moved to the device."""
+        if not self.sharded:
+            return model.to(self.accelerator.device)
+        from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+        plugin = self.accelerator.state.fsdp_plugin
+        configured = plugin.reshard_after_forward
+        # always free the gathered weights after the forward: no backward follows to do it (with the ZeRO-2-like
+        # setting a frozen model would otherwise stay gathered, unsharded, for the rest of the run)
+        plugin.reshard_after_forward = True
+        try:
+            return fsdp2_prepare_model(self.accelerator, model)
+        finally:
+            plugin.reshard_after_forward = configured
+
     def precompute_reference(self) -> tuple[ReferenceSource, ReferenceSource | None]:
         """--precompute-ref-log-probs: reference log-probs of the training and evaluation pairs, read from the cache
         or computed now (every process computes what is not cached; the main process writes it). The reference is
         --ref-model, loaded only for this, or the starting policy itself (with LoRA: its adapter off)."""
         c, accelerator = self.config, self.accelerator
         policy = accelerator.unwrap_model(self.policy)
-        model = load_reference_model(c.model).to(accelerator.device) if c.model.ref_model else None
+        model = self.place_frozen(load_reference_model(c.model)) if c.model.ref_model else None
         live = reference_source(policy, model if model is not None else (None if c.model.lora else policy),
                                 self.loss_params.length_split)
         fingerprint = weights_fingerprint(model if model is not None else policy)
@@ -260,7 +301,11 @@ class Trainer:
                                                c.train.batch_layout)
 
             with torch.no_grad(), accelerator.autocast():
-                table, cached = cached_reference_table(cache_file, compute, write=accelerator.is_main_process)
+                # every process reads, or every one computes: under FSDP computing is collective, and the main
+                # process may write the file while another is still deciding
+                readable = not self.any_process(not cache_file.exists())
+                table, cached = cached_reference_table(cache_file, compute, write=accelerator.is_main_process,
+                                                       read=readable)
             how = "read from" if cached else f"computed in {time.time() - started:.0f} s, cached in"
             accelerator.print(f"reference log-probs of {len(pairs)} {what} pairs {how} {cache_file}", flush=True)
             sources.append(table_source(table, pairs))
@@ -320,7 +365,7 @@ class Trainer:
                         bad_pairs += batch.pair_indices
                     step_totals.add(sums, batch.num_pairs)
                 max_norm = c.max_grad_norm if c.max_grad_norm > 0 else float("inf")
-                grad_norm = float(accelerator.clip_grad_norm_(self.trainable, max_norm))
+                grad_norm = float(full_value(accelerator.clip_grad_norm_(self.trainable, max_norm)))
                 learning_rate = scheduler.get_last_lr()[0]
                 if bad_pairs or not math.isfinite(grad_norm):
                     self.skip_step(bad_pairs or self.pairs_of_step(), "loss" if bad_pairs else "gradient")
@@ -406,13 +451,16 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         path = self.output_dir / f"checkpoint-{self.state.step}"
-        if self.accelerator.is_main_process:  # every replica holds the same weights and optimizer state
+        if self.accelerator.is_main_process or self.sharded:  # FSDP: every process sends its slices
+            weights, optimizer_state = gather_training_state(self.accelerator.unwrap_model(self.policy),
+                                                             self.optimizer, self.sharded)
+        if self.accelerator.is_main_process:
             metrics_lines = (self.output_dir / METRICS_FILE).read_text(encoding="utf-8").splitlines(keepends=True)
             path = save_checkpoint(
                 self.output_dir,
                 self.state.step,
-                self.accelerator.unwrap_model(self.policy),
-                self.optimizer,
+                weights,
+                optimizer_state,
                 self.scheduler,
                 asdict(self.state),
                 metrics_lines,
@@ -424,12 +472,17 @@ class Trainer:
 
     def restore(self, checkpoint: Path) -> None:
         """Continue from `checkpoint`: weights, optimizer, schedule, random states, data position, metrics."""
-        loop_state, metrics_lines = load_checkpoint(
-            checkpoint, self.accelerator.unwrap_model(self.policy), self.optimizer, self.scheduler
-        )
-        if loop_state.get("world_size", 1) != self.world_size:
-            raise UserError(f"{checkpoint} was written by {loop_state.get('world_size', 1)} processes; resume it "
+        saved = json.loads((checkpoint / "loop_state.json").read_text(encoding="utf-8"))
+        if saved.get("world_size", 1) != self.world_size:
+            raise UserError(f"{checkpoint} was written by {saved.get('world_size', 1)} processes; resume it "
                             f"with the same number (now {self.world_size})")
+        if saved.get("sharded", False) != self.sharded:
+            written, now = ("under FSDP", "without") if saved.get("sharded") else ("without FSDP", "under FSDP")
+            raise UserError(f"{checkpoint} was written {written}; resume it the same way (now {now})")
+        loop_state, metrics_lines = load_checkpoint(
+            checkpoint, self.accelerator.unwrap_model(self.policy), self.optimizer, self.scheduler, self.sharded,
+            self.accelerator.is_main_process,
+        )
         self.state = RunState(**loop_state)
         if self.accelerator.is_main_process:
             # metrics.jsonl restarts from the checkpoint's copy: rows a killed run wrote after it are dropped
@@ -440,17 +493,21 @@ class Trainer:
         self.accelerator.print(f"resuming from {checkpoint} at step {self.state.step}", flush=True)
 
     def evaluate(self) -> dict[str, float]:
-        # each process scores its share of the pairs with the plain (unwrapped) model: no collective inside
+        # each process scores its share of the pairs with the unwrapped model (no DDP collective); under FSDP every
+        # forward is a collective, so each process runs as many batches as the largest share needs
+        batch_size = self.config.train.eval_batch_size
+        largest_share = math.ceil(len(self.eval_pairs) / self.world_size)
         with self.accelerator.autocast():
             totals = evaluate_totals(
                 self.accelerator.unwrap_model(self.policy),
                 self.eval_reference,
                 self.eval_pairs[self.rank :: self.world_size],
-                batch_size=self.config.train.eval_batch_size,
+                batch_size=batch_size,
                 pad_token_id=self.pad_token_id,
                 params=self.loss_params,
                 device=self.accelerator.device,
                 layout=self.config.train.batch_layout,
+                lockstep=(math.ceil(largest_share / batch_size), self.eval_pairs[0]) if self.sharded else None,
             )
         totals = self.reduce(totals)
         results = {**totals.means(), "num_pairs": totals.num_pairs}
@@ -474,18 +531,24 @@ class Trainer:
 
     # ---- save / cleanup ----------------------------------------------------------------------------------
     def save(self) -> None:
-        if self.accelerator.is_main_process:
-            policy = self.accelerator.unwrap_model(self.policy)
-            save_model(policy, self.tokenizer, self.output_dir, merge=self.config.model.merge)
+        accelerator = self.accelerator
+        policy = accelerator.unwrap_model(self.policy)
+        # FSDP: the whole weights, gathered onto the main process (every process takes part)
+        state_dict = accelerator.get_state_dict(self.policy) if self.sharded else None
+        if accelerator.is_main_process:
+            save_model(policy, self.tokenizer, self.output_dir, merge=self.config.model.merge, state_dict=state_dict)
             save_yaml(self.config, self.output_dir / CONFIG_FILE)
             if self.final_eval is not None:
                 (self.output_dir / "eval_results.json").write_text(json.dumps(self.final_eval, indent=2) + "\n")
             print(f"saved the trained model to {self.output_dir}", flush=True)
+        del state_dict
+        if accelerator.is_main_process or self.sharded:  # sampling from sharded models: every process generates
             self.write_report()
-        self.accelerator.wait_for_everyone()
+        accelerator.wait_for_everyone()
 
     def write_report(self) -> None:
-        """report.md: config, final metrics, curves, and held-out prompts with reference and policy samples."""
+        """report.md (written by the main process): config, final metrics, curves, and held-out prompts with
+        reference and policy samples."""
         policy = self.accelerator.unwrap_model(self.policy)
 
         @contextlib.contextmanager
@@ -496,12 +559,14 @@ class Trainer:
                 with policy.disable_adapter():
                     yield policy
             else:  # no reference kept (--reference-free, --precompute-ref-log-probs): load it for the report only
-                yield load_reference_model(self.config.model).to(self.accelerator.device)
+                yield self.place_frozen(load_reference_model(self.config.model))
 
         with self.accelerator.autocast():
             examples = example_rows(policy, reference_model, self.tokenizer, self.report_prompts,
                                     self.config.loss.beta, self.config.sample.max_new_tokens, self.config.train.seed,
                                     self.report_reward)
+        if not self.accelerator.is_main_process:
+            return
         path = write_report(self.output_dir, self.config.to_dict(), final_metrics_of(self.output_dir), examples,
                             f"preftune run {self.output_dir.name}")
         print(f"wrote {path}", flush=True)
