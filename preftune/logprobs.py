@@ -78,7 +78,7 @@ def model_class(model: torch.nn.Module) -> type:
     cls = type(unwrapped(model))
     from torch.distributed.fsdp import FSDPModule
 
-    return cls.__mro__[2] if issubclass(cls, FSDPModule) else cls
+    return next(base for base in cls.__mro__ if not issubclass(base, FSDPModule))
 
 
 # Model types whose logits are exactly `lm_head(hidden)` (no soft-capping or scaling after the head), so the head
@@ -95,7 +95,7 @@ def plain_output_head(model: torch.nn.Module) -> torch.nn.Linear | None:
     inner = unwrapped(model)
     if getattr(getattr(inner, "config", None), "model_type", None) not in PLAIN_HEAD_MODEL_TYPES:
         return None
-    if sharded_model(inner):  # FSDP gathers the head's weight inside the model's forward only
+    if sharded_model(model) or sharded_model(inner):  # FSDP gathers the head's weight inside the forward only
         return None
     head = inner.get_output_embeddings()
     # exactly a Linear: a LoRA-wrapped head (peft's modules_to_save or a targeted lm_head) runs as the model's

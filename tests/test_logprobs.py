@@ -181,6 +181,27 @@ def test_the_chunked_head_is_used_only_where_the_logits_are_the_heads_alone(tiny
     assert preftune.logprobs.plain_output_head(model) is None
 
 
+def test_fsdp_sharded_models_keep_their_class_facts_and_run_their_own_head(tiny_model_dir):
+    """FSDP2 swaps a sharded module's class for an `FSDP<Name>` subclass (as `fully_shard` does, by assigning
+    __class__): the model class is still found, and the chunked head, which reads the head's weight outside the
+    forward (where FSDP has not gathered it), is off, also with peft's wrapper on the outside."""
+    from peft import LoraConfig, get_peft_model
+    from torch.distributed.fsdp import FSDPModule
+
+    def as_fsdp(module: torch.nn.Module) -> torch.nn.Module:
+        module.__class__ = type(f"FSDP{type(module).__name__}", (FSDPModule, type(module)), {})
+        return module
+
+    model = as_fsdp(AutoModelForCausalLM.from_pretrained(tiny_model_dir))
+    assert preftune.logprobs.model_class(model).__name__ == "LlamaForCausalLM"
+    assert keeps_positions(model)
+    assert preftune.logprobs.plain_output_head(model) is None
+    adapted = as_fsdp(get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                                     LoraConfig(r=2, target_modules="all-linear")))
+    assert keeps_positions(adapted)
+    assert preftune.logprobs.plain_output_head(adapted) is None
+
+
 def test_keeps_positions_sees_through_wrappers(tiny_model_dir):
     from peft import LoraConfig, get_peft_model
 
