@@ -10,11 +10,10 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+from benchmarks.bench_sharding import launch_environment
 from preftune.batching import process_batches
 from preftune.cli import main
 from tests.conftest import PAIRS, write_jsonl
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize(("num_pairs", "batch_size", "world_size"), [(12, 2, 2), (13, 2, 2), (10, 3, 3), (7, 1, 4)])
@@ -32,18 +31,6 @@ def test_processes_see_disjoint_pairs_that_cover_the_epoch(num_pairs, batch_size
 
 def rows(out) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
-def fsdp_environment(config_file: Path) -> dict[str, str]:
-    """The FSDP settings `accelerate launch --config_file <config_file>` passes its processes (ACCELERATE_USE_FSDP,
-    FSDP_*), as accelerate's own launcher computes them from the shipped config."""
-    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
-    from accelerate.utils.launch import prepare_multi_gpu_env
-
-    args = launch_command_parser().parse_args(["--config_file", str(config_file), "--num_processes", "2",
-                                               "--mixed_precision", "no", "unused.py"])
-    environment = prepare_multi_gpu_env(_validate_launch_command(args)[0])
-    return {k: v for k, v in environment.items() if k == "ACCELERATE_USE_FSDP" or k.startswith("FSDP_")}
 
 
 def train_twice(tmp_path: Path, model_dir: Path, grad_accum: int, two_process_options: list[str],
@@ -105,7 +92,7 @@ def test_fsdp_on_two_processes_equals_one_process(tmp_path, tiny_model_dir, conf
                                                   two_process_options, monkeypatch, capfd):
     """FSDP2 as the shipped accelerate configs set it up, on two CPU processes over gloo: weights, gradients and
     optimizer state sharded, the reference model sharded too, the saved model gathered whole."""
-    environment = fsdp_environment(REPO / "configs" / "accelerate" / f"{config}.yaml")
+    environment = launch_environment(config, processes=2)  # as `accelerate launch` sets it
     assert environment["FSDP_VERSION"] == "2" and environment["ACCELERATE_USE_FSDP"] == "true"
     one, two = train_twice(tmp_path, tiny_model_dir, grad_accum, two_process_options, monkeypatch, environment,
                            options)
@@ -123,7 +110,7 @@ def test_fsdp_on_two_processes_equals_one_process(tmp_path, tiny_model_dir, conf
 def test_checkpoint_resumes_under_the_same_number_of_processes(tmp_path, tiny_model_dir, capfd, monkeypatch, engine):
     data = write_jsonl(tmp_path / "pairs.jsonl", PAIRS * 2)
     out = tmp_path / "run"
-    environment = fsdp_environment(REPO / "configs" / "accelerate" / "fsdp.yaml") if engine == "fsdp" else {}
+    environment = launch_environment(engine, processes=2)
     for name, value in environment.items():
         monkeypatch.setenv(name, value)
 
