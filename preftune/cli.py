@@ -11,11 +11,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
+from preftune import commands
 from preftune.config import DEFAULT_JOB_OVERRIDES, Config, apply_yaml, field_type, iter_fields, set_option, validate
 from preftune.errors import EXIT_USER_ERROR, RunInterrupted, UserError
-from preftune.runtime import launch_processes, launched
+from preftune.runtime.accelerator import launch_processes, launched
 
 # The options each command other than train takes, and the flag names it gives them where they differ from
 # train's (their batch size is train's eval_batch_size).
@@ -44,7 +45,7 @@ EVAL_OPTIONS = {
 def loss_help() -> str:
     from preftune.losses import LOSSES
 
-    return "; ".join(f"{name}: {meaning}" for name, (_, meaning) in LOSSES.items())
+    return "; ".join(f"{name}: {spec.meaning}" for name, spec in LOSSES.items())
 
 
 def add_config_flags(parser: argparse.ArgumentParser, only: dict[str, str | None] | None) -> None:
@@ -132,63 +133,28 @@ def build_config(args: argparse.Namespace) -> Config:
     return config
 
 
-def cmd_train(config: Config) -> int:
-    if config.data.data is None:
-        from preftune.sentiment import run_default_job
-
-        run_default_job(config)
-    else:
-        from preftune.trainer import Trainer
-
-        Trainer(config).run()
-    return 0
-
-
-def cmd_eval(config: Config) -> int:
-    if config.data.data is None:
-        raise UserError("preftune eval needs --data (a file of preference pairs or a dataset name)")
-    from preftune.evaluate import run_eval
-
-    print(json.dumps(run_eval(config)), flush=True)
-    return 0
-
-
-def cmd_generate(config: Config) -> int:
-    from preftune.judge import run_generate
+def print_records(records: list[dict], config: Config) -> None:
     from preftune.records import write_records
 
-    write_records(run_generate(config), config.sample.output)
-    return 0
+    write_records(records, config.sample.output)
 
 
-def cmd_score(config: Config) -> int:
-    from preftune.records import write_records
-    from preftune.score import run_score
-
-    write_records(run_score(config), config.sample.output)
-    return 0
-
-
-def cmd_judge(config: Config) -> int:
-    from preftune.judge import run_judge
-    from preftune.records import write_records
-
-    summary, records = run_judge(config)
+def cmd_judge(config: Config) -> None:
+    summary, records = commands.run_judge(config)
     if config.sample.output:
-        write_records(records, config.sample.output)
+        print_records(records, config)
     print(json.dumps(summary), flush=True)
-    return 0
 
 
-def cmd_frontier(config: Config) -> int:
-    from preftune.frontier import run_frontier
-
-    run_frontier(config, [float(b) for b in config.default_job.frontier_betas.split(",")])
-    return 0
-
-
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "score": cmd_score, "judge": cmd_judge,
-            "frontier": cmd_frontier}
+# command -> what it does with the validated config
+COMMANDS: dict[str, Callable[[Config], object]] = {
+    "train": commands.run_train,
+    "eval": lambda config: print(json.dumps(commands.run_eval(config)), flush=True),
+    "generate": lambda config: print_records(commands.run_generate(config), config),
+    "score": lambda config: print_records(commands.run_score(config), config),
+    "judge": cmd_judge,
+    "frontier": commands.run_frontier,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -204,7 +170,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "train" and config.train.num_processes > 1 and not launched():
             # checked above, before any process starts; each process parses the same arguments again
             return launch_processes(config.train.num_processes, argv)
-        return COMMANDS[args.command](config)
+        COMMANDS[args.command](config)
+        return 0
     except UserError as error:
         print(f"preftune: error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR

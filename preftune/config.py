@@ -14,15 +14,20 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from preftune.errors import ConfigError
+
+if TYPE_CHECKING:
+    from preftune.losses import LossParams
 
 
 def doc(text: str, default: Any = None, **kwargs: Any) -> Any:
@@ -154,7 +159,11 @@ class TrainConfig:
     max_grad_norm: float = doc("Clip the gradient's global norm to this; 0: no clipping.", 1.0)
     seed: int = doc("Seed for initialisation, shuffling and dropout.", 42)
     logging_steps: int = doc("Log metrics every this many optimizer steps.", 1)
-    eval_steps: int = doc("Evaluate on --eval-data every this many optimizer steps; 0: only at the end.", 0)
+    eval_steps: float = doc(
+        "Evaluate on --eval-data every this many optimizer steps; a fraction in (0, 1): that share of the run's "
+        "steps (as TRL); 0: only at the end.",
+        0,
+    )
     eval_batch_size: int = doc("Pairs per micro-batch when evaluating.", 8)
     batch_layout: str = doc(
         "How pairs become tensors. padded: one right-padded row per sequence, chosen and rejected apart (as TRL; "
@@ -361,12 +370,89 @@ def save_yaml(config: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")
 
 
+def loss_params(options: LossConfig) -> LossParams:
+    """The loss section as the losses' plain values, for training and `preftune eval` alike (after `validate`)."""
+    from preftune.losses import LossParams
+
+    return LossParams.from_options(**dataclasses.asdict(options))
+
+
+def check_loss_options(
+    options: LossConfig,
+    need: Callable[[bool, str], None],
+    unused: Callable[[str, typing.Iterable[str], str], None],
+) -> None:
+    """`validate`'s checks of the loss section, reported through its `need` and `unused`: one pass over the rows
+    of preftune.losses.LOSSES, which say which options each loss reads. Unknown names, wrong weight counts and
+    out-of-range values are problems, and so is a changed option that none of the chosen losses reads or that one
+    of them has no valid form for."""
+    from preftune.losses import F_DIVERGENCES, LOSSES, parse_loss_list
+
+    try:
+        names, weights = parse_loss_list(options.loss_type, options.loss_weights)
+    except ValueError as error:
+        need(False, str(error))
+        return
+    unknown = [name for name in names if name not in LOSSES]
+    for name in unknown:
+        need(False, f"--loss-type '{name}' is unknown; choose one of: {', '.join(LOSSES)}")
+    if unknown:
+        return
+    chosen = {name: LOSSES[name] for name in names}
+    need(len(chosen) == len(names), f"--loss-type '{options.loss_type}' names a loss twice")
+    need(all(math.isfinite(w) and w > 0 for w in weights), f"--loss-weights must be > 0, got {options.loss_weights}")
+    need(math.isfinite(options.beta) and options.beta > 0, f"--beta must be > 0, got {options.beta}")
+
+    for f in dataclasses.fields(LossConfig):  # an option that some losses read, but none of the chosen ones
+        readers = [name for name, spec in LOSSES.items() if spec.reads_option(f.name)]
+        if f.name == "label_smoothing":  # by range, as in the option's doc: the [0, 0.5) ones first
+            readers.sort(key=lambda name: LOSSES[name].label_smoothing)
+        if readers and not any(spec.reads_option(f.name) for spec in chosen.values()):
+            unused("loss", [f.name], f"with --loss-type {', '.join(names)} (read only by {', '.join(readers)})")
+
+    smoothing = options.label_smoothing
+    for name, spec in chosen.items():
+        if spec.label_smoothing is not None:
+            low, high, closed = spec.label_smoothing
+            inside = (low <= smoothing if closed else low < smoothing) and smoothing < high
+            need(inside, f"--label-smoothing must be in {'[' if closed else '('}{low:g}, {high:g}) for {name}, "
+                         f"got {smoothing}" + (" (the EXO paper suggests 1e-3)" if name == "exo_pair" else ""))
+
+    kind = options.f_divergence_type
+    if kind not in F_DIVERGENCES:
+        need(False, f"--f-divergence-type '{kind}' is unknown; choose one of: {', '.join(F_DIVERGENCES)}")
+    elif kind != "reverse_kl":
+        others = [name for name, spec in chosen.items() if spec.f_divergence is False]
+        valid = [name for name, spec in LOSSES.items() if spec.f_divergence is not False]
+        need(not others, f"--f-divergence-type {kind} has no valid form for {', '.join(others)}: f-DPO's "
+                         f"normaliser cancels only in the losses of the chosen-minus-rejected score "
+                         f"({', '.join(valid)})")
+    if kind != "alpha_divergence":
+        unused("loss", ["f_alpha_divergence_coef"], "without --f-divergence-type alpha_divergence")
+    need(math.isfinite(options.f_alpha_divergence_coef),
+         f"--f-alpha-divergence-coef must be finite, got {options.f_alpha_divergence_coef}")
+
+    need(math.isfinite(options.discopop_tau) and options.discopop_tau > 0,
+         f"--discopop-tau must be > 0, got {options.discopop_tau}")
+    need(math.isfinite(options.simpo_gamma) and options.simpo_gamma >= 0,
+         f"--simpo-gamma must be >= 0, got {options.simpo_gamma}")
+    if options.ld_alpha is not None:
+        need(0 <= options.ld_alpha <= 1, f"--ld-alpha must be in [0, 1], got {options.ld_alpha}")
+    if options.use_weighting:
+        sorting = [name for name, spec in chosen.items() if not spec.per_pair]
+        need(not sorting, f"--use-weighting has no per-pair meaning for {', '.join(sorting)}: it sorts the batch, "
+                          "so row i's loss is not pair i's")
+    if options.rpo_alpha is not None:
+        need(math.isfinite(options.rpo_alpha) and options.rpo_alpha > 0,
+             f"--rpo-alpha must be > 0, got {options.rpo_alpha}")
+        need("sft" not in names, "--rpo-alpha adds the sft term, which --loss-type already has; set its weight "
+                                 "with --loss-weights instead")
+
+
 def validate(config: Config, command: str = "train") -> None:
     """Cross-field checks for `command`; raises ConfigError with every problem found. Runs before any model
     loads."""
-    # Imported here: the loss options are checked next to the losses; losses.py and batching.py import torch.
-    from preftune.batching import LAYOUTS
-    from preftune.losses import check_loss_options
+    from preftune.batching import LAYOUTS  # imported here: batching.py imports torch
 
     m, d, lo, t = config.model, config.data, config.loss, config.train
     problems: list[str] = []
@@ -384,11 +470,7 @@ def validate(config: Config, command: str = "train") -> None:
             if f"{section}.{name}" in config.explicitly_set and value != default:
                 problems.append(f"--{name.replace('_', '-')} has no effect {reason}")
 
-    changed_loss_options = {
-        f.name for f in dataclasses.fields(LossConfig)
-        if f"loss.{f.name}" in config.explicitly_set and getattr(lo, f.name) != getattr(defaults.loss, f.name)
-    }
-    problems += check_loss_options(lo, changed_loss_options)
+    check_loss_options(lo, need, unused)
     if lo.reference_free:
         unused("model", ["ref_model"], "with --reference-free (no reference model is used)")
     if t.sync_ref_model:
@@ -420,7 +502,8 @@ def validate(config: Config, command: str = "train") -> None:
     need(t.max_grad_norm >= 0, f"--max-grad-norm must be >= 0, got {t.max_grad_norm}")
     need(t.weight_decay >= 0, f"--weight-decay must be >= 0, got {t.weight_decay}")
     need(t.logging_steps >= 1, f"--logging-steps must be >= 1, got {t.logging_steps}")
-    need(t.eval_steps >= 0, f"--eval-steps must be >= 0, got {t.eval_steps}")
+    need(t.eval_steps >= 0 and (t.eval_steps < 1 or float(t.eval_steps).is_integer()),
+         f"--eval-steps must be a whole number of steps or a fraction in (0, 1), got {t.eval_steps}")
     need(t.batch_layout in LAYOUTS, f"--batch-layout must be one of {', '.join(LAYOUTS)}, got '{t.batch_layout}'")
     need(t.batch_layout == "padded" or m.attn_implementation in {None, "sdpa", "eager"},
          f"--batch-layout {t.batch_layout} needs a 4D attention mask, which sdpa and eager attention take; "

@@ -14,6 +14,13 @@ Sources, chosen by path and suffix:
 * anything that is not on disk and does not look like a path: a Hugging Face hub dataset,
   ``datasets.load_dataset(name, split=split)``; "row N".
 
+In memory (the Python API), records located as "record N" (1-based) and the source named by what it is, e.g.
+"train_data (datasets.Dataset)":
+
+* a ``datasets.Dataset`` or ``IterableDataset``, or a ``DatasetDict`` (which gives `split`);
+* a list or tuple of dicts;
+* a ``pandas.DataFrame`` (pandas is not imported unless one is given); a missing cell (NaN) is a bad field.
+
 Every text must be UTF-8. Each record takes one of the forms TRL accepts (other keys are ignored):
 
 * explicit prompt, standard: ``{"prompt": str, "chosen": str, "rejected": str}``; the completions are appended to
@@ -33,9 +40,11 @@ from __future__ import annotations
 import csv
 import gzip
 import json
+import math
 import os
+import sys
 import zlib
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -94,7 +103,13 @@ class _Invalid(ValueError):
 
 
 def _kind(value: object) -> str:
-    return "null" if value is None else type(value).__name__
+    if value is None:
+        return "null"
+    if isinstance(value, float) and math.isnan(value):
+        return "NaN (a missing value)"
+    if type(value).__name__ in ("NAType", "NaTType"):  # pandas.NA, pandas.NaT
+        return f"a missing value (pandas.{type(value).__name__[:-4]})"
+    return type(value).__name__
 
 
 def _text_kind(text: Text) -> str:
@@ -183,7 +198,8 @@ def pair_from_record(record: Mapping, source: str, location: str) -> PreferenceP
     return PreferencePair(prompt, chosen, rejected, source, location)
 
 
-def _common_prefix_length(a: str | list[Message], b: str | list[Message]) -> int:
+def common_prefix_length(a: Sequence, b: Sequence) -> int:
+    """How many leading items `a` and `b` share: characters, messages or token ids."""
     n = 0
     for x, y in zip(a, b):
         if x != y:
@@ -210,7 +226,7 @@ def extract_prompt(chosen: Text, rejected: Text) -> tuple[Text, Text, Text]:
         raise _Invalid("rejected", f"expected {_text_kind(chosen)} like 'chosen', got {_text_kind(rejected)}")
     if chosen == rejected:
         raise _Invalid("rejected", "chosen is identical to rejected")
-    n = _common_prefix_length(chosen, rejected)
+    n = common_prefix_length(chosen, rejected)
     if isinstance(chosen, str) and isinstance(rejected, str):
         marker = chosen.rfind(HH_ASSISTANT, 0, n)
         if marker >= 0:
@@ -457,6 +473,88 @@ def _load_dataset_records(name: str, source: str, split: str, what: str) -> Reco
     yield from _dataset_records(loaded, source)
 
 
+# ----------------------------------------------------------------------------------------------- in memory
+
+IN_MEMORY = "a datasets.Dataset or DatasetDict, a list of dicts, or a pandas.DataFrame"
+
+
+def _loaded_module(value: object, module: str) -> Any:
+    """`module` if `value` may be one of its objects: it is imported already when such an object exists, so an
+    optional dependency (pandas) is never imported just to look."""
+    ours = any(cls.__module__.split(".")[0] == module for cls in type(value).__mro__)
+    return sys.modules.get(module) if ours else None
+
+
+def _named(name: str | None, kind: str, count: int | None) -> str:
+    if name is not None:
+        return f"{name} ({kind})"
+    if count is None:
+        return f"<{kind}>"
+    return f"<{kind} of {count} record{'' if count == 1 else 's'}>"
+
+
+def _numbered(rows: Iterable[object]) -> Records:
+    for number, row in enumerate(rows, 1):
+        yield f"record {number}", row
+
+
+def _in_memory_dataset(dataset: Any, source: str) -> Records:
+    if hasattr(dataset, "with_format"):
+        dataset = dataset.with_format(None)  # plain Python rows, whatever format the caller set
+    for number, (_, row) in enumerate(_dataset_records(dataset, source), 1):
+        yield f"record {number}", row
+
+
+def _plain(value: object) -> object:
+    """numpy arrays and scalars (a DataFrame from Dataset.to_pandas() holds messages as arrays) as Python values."""
+    if type(value).__module__ == "numpy" and hasattr(value, "tolist"):
+        return value.tolist()
+    return value
+
+
+def _frame_records(frame: Any, source: str) -> Records:
+    columns = [str(column) for column in frame.columns]
+    _check_columns(source, columns)
+    wanted = [name for name in ("prompt", "chosen", "rejected") if name in columns]
+    duplicated = [name for name in wanted if columns.count(name) > 1]
+    if duplicated:
+        raise UserError(f"{source}: duplicate columns {', '.join(duplicated)} (columns: {', '.join(columns)})")
+    frame = frame.rename(columns=str)[wanted]
+    for number, row in enumerate(frame.itertuples(index=False, name=None), 1):
+        yield f"record {number}", {key: _plain(value) for key, value in zip(wanted, row)}
+
+
+def _open_in_memory(data: object, split: str, name: str | None) -> tuple[Records, str, str]:
+    """The records of an in-memory source, its name in messages, and what to call it when it has none."""
+    datasets = _loaded_module(data, "datasets")
+    if datasets is not None:
+        if isinstance(data, datasets.DatasetDict | datasets.IterableDatasetDict):
+            kind = f"datasets.{type(data).__name__}"
+            if split not in data:
+                source = _named(name, kind, None)
+                raise UserError(f"{source}: no split '{split}' in the {type(data).__name__} "
+                                f"(splits: {', '.join(data) or 'none'})")
+            data, kind = data[split], f"{kind}['{split}']"
+        else:
+            kind = f"datasets.{type(data).__name__}"
+        if isinstance(data, datasets.Dataset | datasets.IterableDataset):
+            count = len(data) if isinstance(data, datasets.Dataset) else None
+            source = _named(name, kind, count)
+            records = _in_memory_dataset(data, source) if count != 0 else iter(())
+            return records, source, "empty dataset"
+    pandas = _loaded_module(data, "pandas")
+    if pandas is not None and isinstance(data, pandas.DataFrame):
+        source = _named(name, "pandas.DataFrame", len(data))
+        records = _frame_records(data, source) if len(data) else iter(())
+        return records, source, "empty DataFrame"
+    if isinstance(data, list | tuple):
+        kind = type(data).__name__
+        return _numbered(data), _named(name, kind, len(data)), f"empty {kind}"
+    hint = "; for a dict of columns, pass datasets.Dataset.from_dict(...)" if isinstance(data, Mapping) else ""
+    raise UserError(f"{name or 'data'}: expected a path, a hub dataset name, {IN_MEMORY}; "
+                    f"got {type(data).__name__}{hint}")
+
+
 def _is_saved_dataset(path: Path) -> bool:
     return (path / "dataset_dict.json").is_file() or (
         (path / "state.json").is_file() and (path / "dataset_info.json").is_file()
@@ -499,15 +597,23 @@ def _open(source: str, split: str) -> tuple[Records, str]:
     return _load_dataset_records(source, source, split, what), "empty dataset"
 
 
-def load_pairs(source: str | os.PathLike, *, split: str = "train", skip_invalid: bool = False) -> LoadResult:
-    """Load and validate every pair of `source` (see the module docstring for the forms).
+def load_pairs(
+    source: str | os.PathLike | object, *, split: str = "train", skip_invalid: bool = False, name: str | None = None
+) -> LoadResult:
+    """Load and validate every pair of `source`: a path or hub dataset name, or records in memory (see the module
+    docstring for the sources and forms).
 
+    `name`: what to call an in-memory source in messages ("train_data" gives "train_data (datasets.Dataset)");
+    a path or hub name always names itself.
     Raises the first record's `DataError`, or with `skip_invalid` collects them in `LoadResult.skipped`.
-    Raises `UserError` for the source as a whole: missing, unknown format, unreadable, empty, or (with
+    Raises `UserError` for the source as a whole: missing, unknown format or type, unreadable, empty, or (with
     `skip_invalid`) without a single valid record.
     """
-    name = os.fspath(source)
-    records, empty = _open(name, split)
+    if isinstance(source, str | os.PathLike):
+        name = os.fspath(source)
+        records, empty = _open(name, split)
+    else:
+        records, name, empty = _open_in_memory(source, split, name)
     pairs: list[PreferencePair] = []
     skipped: list[DataError] = []
     count = 0
@@ -526,6 +632,22 @@ def load_pairs(source: str | os.PathLike, *, split: str = "train", skip_invalid:
     if not pairs:
         raise UserError(f"{name}: no valid preference pairs (all {count} records are invalid); the first: {skipped[0]}")
     return LoadResult(pairs, skipped)
+
+
+def print_flushed(message: str) -> None:
+    """The default `log` of the reporting helpers: a line on stdout, flushed (logs of long runs are tailed)."""
+    print(message, flush=True)
+
+
+def load_and_report(
+    source: str | os.PathLike | object, *, split: str = "train", skip_invalid: bool = False,
+    name: str | None = None, log: Callable[[str], None] = print_flushed,
+) -> LoadResult:
+    """`load_pairs`, and with `skip_invalid` one `describe_skipped` line to `log` when records were skipped."""
+    result = load_pairs(source, split=split, skip_invalid=skip_invalid, name=name)
+    if result.skipped:
+        log(describe_skipped(result.skipped))
+    return result
 
 
 @dataclass(frozen=True)

@@ -26,10 +26,13 @@ from pathlib import Path
 import torch
 
 from preftune.config import Config
-from preftune.evaluate import kl_from_samples, sample, sequence_logps_of_samples
-from preftune.models import load_model
-from preftune.sentiment import SentimentReward, make_prompts, prepare_default_job, prompt_token_ids
-from preftune.trainer import Trainer, prepare_output_dir
+from preftune.measure import ModelPair, measure, stderr
+from preftune.models import frozen, load_model, load_tokenizer
+from preftune.recipes import dpo
+from preftune.rewards import sentiment_reward
+from preftune.rollout import sample
+from preftune.runtime.run_folder import prepare_output_dir
+from preftune.sentiment import make_prompts, prepare_default_job, prompt_token_ids
 
 BEST_OF = (1, 2, 4, 8, 16)
 
@@ -45,33 +48,27 @@ class Point:
     reward_stderr: float
 
 
-def stderr(values: list[float]) -> float:
-    return statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0
-
-
 class Measure:
-    """Held-out prompts, the reference's samples and the reward: everything a point is measured against."""
+    """Held-out prompts, the reference and the reward: everything a point is measured against."""
 
     def __init__(self, config: Config, reference: torch.nn.Module, tokenizer) -> None:
         job = config.default_job
-        self.tokenizer, self.reference, self.reward = tokenizer, reference, SentimentReward()
+        self.tokenizer, self.reference, self.reward = tokenizer, reference, sentiment_reward()
         self.prompt_ids = prompt_token_ids(tokenizer, make_prompts(job.num_eval_prompts, config.train.seed, True))
         self.samples_per_prompt = job.samples_per_eval_prompt
         self.sampling = dict(max_new_tokens=config.sample.max_new_tokens, seed=config.train.seed + 11)
 
     def policy_point(self, policy: torch.nn.Module, method: str, step: int) -> Point:
-        samples = sample(policy, self.tokenizer, self.prompt_ids, num_samples=self.samples_per_prompt,
-                         **self.sampling)
-        pad = self.tokenizer.pad_token_id
-        kl = kl_from_samples(sequence_logps_of_samples(policy, samples, pad),
-                             sequence_logps_of_samples(self.reference, samples, pad))
-        rewards = [self.reward(s.text) for s in samples]
+        measured = measure(ModelPair(policy, self.reference), self.tokenizer, self.prompt_ids,
+                           num_samples=self.samples_per_prompt, sample_reference=False, reward=self.reward,
+                           **self.sampling)
+        rewards, kl = measured.policy_rewards, measured.kl
         return Point(method, step, None, kl.mean, kl.stderr, statistics.fmean(rewards), stderr(rewards))
 
     def best_of_n_points(self) -> list[Point]:
         n_max = max(BEST_OF)
         samples = sample(self.reference, self.tokenizer, self.prompt_ids, num_samples=n_max, **self.sampling)
-        rewards = [self.reward(s.text) for s in samples]
+        rewards = self.reward([""] * len(samples), [s.text for s in samples])
         points = []
         for n in BEST_OF:
             best = [max(rewards[i * n_max : i * n_max + n]) for i in range(len(self.prompt_ids))]
@@ -81,33 +78,16 @@ class Measure:
         return points
 
 
-class MeasuredTrainer(Trainer):
-    """A training run that, at each evaluation, also measures its policy's (KL, reward) point."""
-
-    def __init__(self, config: Config, method: str, measure: Measure) -> None:
-        super().__init__(config)
-        self.method, self.measure, self.points = method, measure, []
-
-    def evaluate(self) -> dict[str, float]:
-        results = super().evaluate()
-        policy = self.accelerator.unwrap_model(self.policy)
-        self.points.append(self.measure.policy_point(policy, self.method, self.state.step))
-        return results
-
-
 def run_frontier(config: Config, betas: list[float], measurements: int = 3) -> Path:
     """Train and measure every method; write the table and the plot. Returns the run folder."""
     started = time.time()
     source, train_file, eval_file = prepare_default_job(config)
     folder = prepare_output_dir(config.train.output_dir or f"runs/frontier-{time.strftime('%Y%m%d-%H%M%S')}",
                                 config.train.overwrite, resuming=False)
-
-    from preftune.models import frozen, load_tokenizer
-
     tokenizer = load_tokenizer(source, config.model.trust_remote_code)
     reference = frozen(load_model(source, config.model.trust_remote_code))
-    measure = Measure(config, reference, tokenizer)
-    points = measure.best_of_n_points()
+    measure_against = Measure(config, reference, tokenizer)
+    points = measure_against.best_of_n_points()
     print(f"best-of-N measured ({time.time() - started:.0f} s)", flush=True)
 
     runs = [(f"DPO beta={beta:g}", {"loss.loss_type": "sigmoid", "loss.beta": beta}) for beta in betas]
@@ -122,14 +102,16 @@ def run_frontier(config: Config, betas: list[float], measurements: int = 3) -> P
         # every run trains on the same pairs from the same reference: its log-probs are computed by the first run
         # and read from the cache by the others
         run_config.train.precompute_ref_log_probs = True
-        trainer = MeasuredTrainer(run_config, method, measure)
+        run_config.train.eval_steps = 1 / measurements  # a fraction: evaluate `measurements` times in the run
+
+        def measure_point(run: dpo.DPORun, results: dict, method: str = method) -> None:
+            points.append(measure_against.policy_point(run.models.policy, method, run.state.step))
+
+        training = dpo.setup(run_config)
         try:
-            trainer.setup()
-            trainer.config.train.eval_steps = max(1, math.ceil(trainer.total_steps / measurements))
-            trainer.train()
+            dpo.train(training, dpo.Hooks(on_evaluate=measure_point))
         finally:
-            trainer.cleanup()
-        points += trainer.points
+            dpo.cleanup(training)
         print(f"{method} measured ({time.time() - started:.0f} s)", flush=True)
 
     write_table(points, folder)

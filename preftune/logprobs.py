@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from preftune.batching import Batch, padded_batch
-from preftune.runtime import sharded_model
+from preftune.runtime.accelerator import sharded_model
 
 
 @dataclass

@@ -3,8 +3,9 @@
 Each loss takes the policy's and the reference's `SequenceLogps` (shapes (B,)) and `LossParams`, and returns
 per-pair losses and implicit rewards. `compute_loss` is the training objective: the weighted sum of the chosen
 losses (TRL's multi-loss semantics), per pair; the trainer takes the mean. `LOSSES` is the one list of loss
-names: the CLI help, config errors and the tests read it. The option checks live here too
-(`check_loss_options`), next to the losses that read the options. This module imports only torch at run time.
+names, one `LossSpec` row each: the function, its meaning for --help and the options it reads. The CLI help,
+the tests and the option checks (`preftune.config.validate`, one pass over the rows) read it; this module holds
+no config code. It imports only torch at run time.
 
 Notation in the docstrings: for a pair (x, y_w, y_l), u_w = log pi(y_w|x) - log pi_ref(y_w|x) and u_l likewise
 (the log-ratios; pi_ref := 1 with --reference-free); s_w = f'(exp(u_w)) and s_l the f-divergence scores
@@ -14,15 +15,14 @@ Notation in the docstrings: for a pair (x, y_w, y_l), u_w = log pi(y_w|x) - log 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Collection
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
 if TYPE_CHECKING:
-    from preftune.config import LossConfig
     from preftune.logprobs import SequenceLogps
 
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
@@ -53,7 +53,8 @@ def parse_loss_list(
 
 @dataclass(frozen=True)
 class LossParams:
-    """Every loss option as a plain value; `from_config` builds it, for training and `preftune eval` alike."""
+    """Every loss option as a plain value; `from_options` builds it from the options as given (the config's loss
+    section, see `preftune.config.loss_params`), for training and `preftune eval` alike."""
 
     beta: float = 0.1
     loss_types: tuple[str, ...] = ("sigmoid",)
@@ -68,22 +69,15 @@ class LossParams:
     reference_free: bool = False
 
     @classmethod
-    def from_config(cls, options: LossConfig) -> LossParams:
-        """From the config's loss section (validated by `check_loss_options`)."""
-        loss_types, loss_weights = parse_loss_list(options.loss_type, options.loss_weights, options.rpo_alpha)
-        return cls(
-            beta=options.beta,
-            loss_types=loss_types,
-            loss_weights=loss_weights,
-            label_smoothing=options.label_smoothing,
-            f_divergence_type=options.f_divergence_type,
-            f_alpha_divergence_coef=options.f_alpha_divergence_coef,
-            discopop_tau=options.discopop_tau,
-            simpo_gamma=options.simpo_gamma,
-            ld_alpha=options.ld_alpha,
-            use_weighting=options.use_weighting,
-            reference_free=options.reference_free,
-        )
+    def from_options(
+        cls, *, loss_type: str = "sigmoid", loss_weights: str | None = None, rpo_alpha: float | None = None,
+        **values: Any,
+    ) -> LossParams:
+        """From the options by their config names (`LossConfig`'s fields, plain values): the --loss-type and
+        --loss-weights lists as text and --rpo-alpha, parsed by `parse_loss_list`; every other option is a field
+        of the same name. An unknown name is a TypeError."""
+        loss_types, weights = parse_loss_list(loss_type, loss_weights, rpo_alpha)
+        return cls(loss_types=loss_types, loss_weights=weights, **values)
 
     @property
     def length_split(self) -> bool:
@@ -375,32 +369,77 @@ def simpo_loss(policy: SequenceLogps, reference: SequenceLogps, params: LossPara
 
 LossFunction = Callable[["SequenceLogps", "SequenceLogps", LossParams], LossOutput]
 
-# name -> (function, one-line meaning for --help); TRL 1.16's fifteen, then simpo
-LOSSES: dict[str, tuple[LossFunction, str]] = {
-    "sigmoid": (sigmoid_loss, "logistic loss on the reward margin (DPO); with --label-smoothing, cDPO"),
-    "hinge": (hinge_loss, "hinge on the reward margin (SLiC)"),
-    "ipo": (ipo_loss, "squared loss on the per-token reward margin (IPO)"),
-    "exo_pair": (exo_pair_loss, "reverse KL to the smoothed preference labels (EXO); needs --label-smoothing"),
-    "nca_pair": (nca_pair_loss, "absolute, not only relative, rewards of chosen and rejected (NCA)"),
-    "robust": (robust_loss, "DPO unbiased under labels flipped with probability --label-smoothing (rDPO)"),
-    "bco_pair": (bco_pair_loss, "chosen classified as good, rejected as bad (BCO)"),
-    "sppo_hard": (sppo_hard_loss, "squared log-ratio targets +-1/(2 beta) (SPPO, hard probabilities)"),
-    "aot": (aot_loss, "policy margins dominate the reference's over the batch (AOT, paired)"),
-    "aot_unpaired": (aot_unpaired_loss, "chosen log-ratios dominate the rejected ones over the batch (AOT)"),
-    "apo_zero": (apo_zero_loss, "chosen up, rejected down: chosen better than the model's outputs (APO)"),
-    "apo_down": (apo_down_loss, "both down, rejected more: chosen worse than the model's outputs (APO)"),
-    "discopop": (discopop_loss, "logistic/exponential blend, --discopop-tau (DiscoPOP)"),
-    "sft": (sft_loss, "negative log-likelihood of the chosen completions (the SFT term of RPO and MPO)"),
-    "sigmoid_norm": (sigmoid_norm_loss, "DPO on per-token (length-normalised) log-ratios"),
-    "simpo": (simpo_loss, "reference-free, length-normalised, with margin --simpo-gamma (SimPO)"),
+
+@dataclass(frozen=True)
+class LossSpec:
+    """One loss: its function, its one-line meaning (--help) and which loss options it reads. The config's checks
+    are one pass over these rows: a changed option that none of the chosen losses reads is an error, and so is
+    an option that one of them has no valid form for."""
+
+    function: LossFunction
+    meaning: str
+    # --label-smoothing's range (low, high, low included; high excluded); None: not read
+    label_smoothing: tuple[float, float, bool] | None = None
+    # f-DPO, --f-divergence-type other than reverse_kl: True for the losses of the score s_w - s_l, where its
+    # normaliser log Z(x) cancels (they read it); None for a term of no log-ratio (sft), valid beside them but
+    # reading none; False: no valid form
+    f_divergence: bool | None = False
+    ld_alpha: bool = True  # reads the log-probs as LD-DPO's --ld-alpha weights them
+    per_pair: bool = True  # row i's loss is pair i's, so WPO's per-pair weight applies (--use-weighting)
+    reads: tuple[str, ...] = ()  # the loss-specific options it reads (their config names)
+
+    def reads_option(self, option: str) -> bool:
+        """Whether this loss reads the loss option `option` (a config name), so that changing it changes the loss.
+        False for the options that are not per loss (beta, reference_free, ...); --use-weighting is `per_pair`."""
+        if option == "label_smoothing":
+            return self.label_smoothing is not None
+        if option == "f_divergence_type":
+            return self.f_divergence is True
+        if option == "ld_alpha":
+            return self.ld_alpha
+        return option in self.reads
+
+
+FLIP_PROBABILITY = (0.0, 0.5, True)  # --label-smoothing as the probability that a label is flipped
+
+# TRL 1.16's fifteen, then simpo
+LOSSES: dict[str, LossSpec] = {
+    "sigmoid": LossSpec(sigmoid_loss, "logistic loss on the reward margin (DPO); with --label-smoothing, cDPO",
+                        label_smoothing=FLIP_PROBABILITY, f_divergence=True),
+    "hinge": LossSpec(hinge_loss, "hinge on the reward margin (SLiC)", f_divergence=True),
+    "ipo": LossSpec(ipo_loss, "squared loss on the per-token reward margin (IPO)", f_divergence=True),
+    "exo_pair": LossSpec(exo_pair_loss, "reverse KL to the smoothed preference labels (EXO); needs --label-smoothing",
+                         label_smoothing=(0.0, 1.0, False), f_divergence=True),
+    "nca_pair": LossSpec(nca_pair_loss, "absolute, not only relative, rewards of chosen and rejected (NCA)"),
+    "robust": LossSpec(robust_loss, "DPO unbiased under labels flipped with probability --label-smoothing (rDPO)",
+                       label_smoothing=FLIP_PROBABILITY, f_divergence=True),
+    "bco_pair": LossSpec(bco_pair_loss, "chosen classified as good, rejected as bad (BCO)"),
+    "sppo_hard": LossSpec(sppo_hard_loss, "squared log-ratio targets +-1/(2 beta) (SPPO, hard probabilities)"),
+    "aot": LossSpec(aot_loss, "policy margins dominate the reference's over the batch (AOT, paired)",
+                    label_smoothing=FLIP_PROBABILITY, per_pair=False),
+    "aot_unpaired": LossSpec(aot_unpaired_loss, "chosen log-ratios dominate the rejected ones over the batch (AOT)",
+                             label_smoothing=FLIP_PROBABILITY, per_pair=False),
+    "apo_zero": LossSpec(apo_zero_loss, "chosen up, rejected down: chosen better than the model's outputs (APO)"),
+    "apo_down": LossSpec(apo_down_loss, "both down, rejected more: chosen worse than the model's outputs (APO)"),
+    "discopop": LossSpec(discopop_loss, "logistic/exponential blend, --discopop-tau (DiscoPOP)", f_divergence=True,
+                         reads=("discopop_tau",)),
+    "sft": LossSpec(sft_loss, "negative log-likelihood of the chosen completions (the SFT term of RPO and MPO)",
+                    f_divergence=None, ld_alpha=False),
+    "sigmoid_norm": LossSpec(sigmoid_norm_loss, "DPO on per-token (length-normalised) log-ratios", f_divergence=True),
+    "simpo": LossSpec(simpo_loss, "reference-free, length-normalised, with margin --simpo-gamma (SimPO)",
+                      ld_alpha=False, reads=("simpo_gamma",)),
 }
+
+# Derived from the rows, for the tests that pick cases by them: the losses valid under an f-divergence other than
+# reverse KL (TRL's set, sft included), and those that read no LD-DPO weighting.
+F_DIVERGENCE_LOSSES = tuple(name for name, spec in LOSSES.items() if spec.f_divergence is not False)
+NO_LD_ALPHA = tuple(name for name, spec in LOSSES.items() if not spec.ld_alpha)
 
 
 def loss_term(loss_type: str, policy: SequenceLogps, reference: SequenceLogps, params: LossParams) -> LossOutput:
     """One registered loss by name; with use_weighting, each pair's loss times the WPO weight w_w * w_l
     (Zhou et al. 2024, "WPO", arXiv:2406.11827, eq. 2, with TRL's aligned per-token probabilities)."""
-    function, _ = LOSSES[loss_type]
-    output = function(policy, reference, params)
+    output = LOSSES[loss_type].function(policy, reference, params)
     if params.use_weighting:
         if policy.chosen_weight is None or policy.rejected_weight is None:
             raise ValueError("use_weighting needs log-probs computed with sequence_logps(..., wpo_weights=True)")
@@ -417,96 +456,3 @@ def compute_loss(policy: SequenceLogps, reference: SequenceLogps, params: LossPa
         total = term if total is None else total + term
     chosen, rejected = seen_logps(policy, params.ld_alpha)
     return LossOutput(total, *implicit_rewards(policy, reference, params), chosen.detach(), rejected.detach())
-
-
-# ---- option checks (config.validate calls them before any model loads) -------------------------------------
-# Which losses read which options; a changed option that none of the chosen losses reads is an error.
-LABEL_SMOOTHING_RANGES = {  # loss -> (low, high, low included); high is excluded
-    "sigmoid": (0.0, 0.5, True),
-    "robust": (0.0, 0.5, True),
-    "aot": (0.0, 0.5, True),
-    "aot_unpaired": (0.0, 0.5, True),
-    "exo_pair": (0.0, 1.0, False),
-}
-# The losses built on the chosen-minus-rejected score: f-DPO's log Z(x) cancels only there (TRL's set).
-F_DIVERGENCE_LOSSES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft")
-NO_LD_ALPHA = ("sft", "simpo")  # read raw log-probs: LD-DPO's weighting does not apply
-BATCH_SORTING = ("aot", "aot_unpaired")  # their row i is not pair i: no per-pair WPO weight applies
-ONLY_FOR = {"discopop_tau": ("discopop",), "simpo_gamma": ("simpo",)}
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def check_loss_options(options: LossConfig, changed: Collection[str]) -> list[str]:
-    """Problems with the loss options, as messages; `changed` names the options the user set to a non-default
-    value. Unknown names, wrong weight counts and out-of-range values are problems, and so is a changed option
-    that none of the chosen losses reads."""
-    try:
-        names, weights = parse_loss_list(options.loss_type, options.loss_weights)
-    except ValueError as error:
-        return [str(error)]
-    problems = [f"--loss-type '{name}' is unknown; choose one of: {', '.join(LOSSES)}"
-                for name in names if name not in LOSSES]
-    if problems:
-        return problems
-    chosen = ", ".join(names)
-
-    def need(condition: bool, message: str) -> None:
-        if not condition:
-            problems.append(message)
-
-    def unused(option: str, users: Collection[str]) -> None:
-        if option in changed and not set(names) & set(users):
-            problems.append(f"{_flag(option)} has no effect with --loss-type {chosen} (read only by "
-                            f"{', '.join(users)})")
-
-    need(len(set(names)) == len(names), f"--loss-type '{options.loss_type}' names a loss twice")
-    need(all(math.isfinite(w) and w > 0 for w in weights), f"--loss-weights must be > 0, got {options.loss_weights}")
-    need(math.isfinite(options.beta) and options.beta > 0, f"--beta must be > 0, got {options.beta}")
-
-    smoothing = options.label_smoothing
-    unused("label_smoothing", LABEL_SMOOTHING_RANGES)
-    for name in names:
-        if name in LABEL_SMOOTHING_RANGES:
-            low, high, closed = LABEL_SMOOTHING_RANGES[name]
-            inside = (low <= smoothing if closed else low < smoothing) and smoothing < high
-            need(inside, f"--label-smoothing must be in {'[' if closed else '('}{low:g}, {high:g}) for {name}, "
-                         f"got {smoothing}" + (" (the EXO paper suggests 1e-3)" if name == "exo_pair" else ""))
-
-    kind = options.f_divergence_type
-    if kind not in F_DIVERGENCES:
-        problems.append(f"--f-divergence-type '{kind}' is unknown; choose one of: {', '.join(F_DIVERGENCES)}")
-    elif kind != "reverse_kl":
-        others = [name for name in names if name not in F_DIVERGENCE_LOSSES]
-        need(not others, f"--f-divergence-type {kind} has no valid form for {', '.join(others)}: f-DPO's "
-                         f"normaliser cancels only in the losses of the chosen-minus-rejected score "
-                         f"({', '.join(F_DIVERGENCE_LOSSES)})")
-        unused("f_divergence_type", [n for n in F_DIVERGENCE_LOSSES if n != "sft"])
-    if "f_alpha_divergence_coef" in changed and kind != "alpha_divergence":
-        problems.append("--f-alpha-divergence-coef has no effect without --f-divergence-type alpha_divergence")
-    need(math.isfinite(options.f_alpha_divergence_coef),
-         f"--f-alpha-divergence-coef must be finite, got {options.f_alpha_divergence_coef}")
-
-    for option, users in ONLY_FOR.items():
-        unused(option, users)
-    need(math.isfinite(options.discopop_tau) and options.discopop_tau > 0,
-         f"--discopop-tau must be > 0, got {options.discopop_tau}")
-    need(math.isfinite(options.simpo_gamma) and options.simpo_gamma >= 0,
-         f"--simpo-gamma must be >= 0, got {options.simpo_gamma}")
-
-    if options.ld_alpha is not None:
-        need(0 <= options.ld_alpha <= 1, f"--ld-alpha must be in [0, 1], got {options.ld_alpha}")
-        unused("ld_alpha", [name for name in LOSSES if name not in NO_LD_ALPHA])
-    if options.use_weighting:
-        sorting = [name for name in names if name in BATCH_SORTING]
-        need(not sorting, f"--use-weighting has no per-pair meaning for {', '.join(sorting)}: it sorts the batch, "
-                          "so row i's loss is not pair i's")
-    if options.rpo_alpha is not None:
-        need(math.isfinite(options.rpo_alpha) and options.rpo_alpha > 0,
-             f"--rpo-alpha must be > 0, got {options.rpo_alpha}")
-        need("sft" not in names, "--rpo-alpha adds the sft term, which --loss-type already has; set its weight "
-                                 "with --loss-weights instead")
-    return problems
-

@@ -183,17 +183,36 @@ def load_reference_model(config: ModelConfig) -> PreTrainedModel:
 
 
 def load_policy_and_reference(
-    config: ModelConfig, need_reference: bool = True
+    config: ModelConfig, need_reference: bool = True, *, model: PreTrainedModel | None = None,
+    ref_model: PreTrainedModel | None = None, tokenizer: PreTrainedTokenizerBase | None = None,
 ) -> tuple[torch.nn.Module, torch.nn.Module | None, PreTrainedTokenizerBase, str]:
     """The policy (LoRA-wrapped if asked), the frozen reference or None (LoRA: adapter disabled; or not needed,
-    as with --reference-free), the tokenizer and the resolved policy source."""
-    source = resolve_model(config.model, config.cache_dir)
-    tokenizer = load_tokenizer(source, config.trust_remote_code)
-    if config.load_in_4bit:
-        quantization_config()  # fail before any weights load
-    policy = load_model(source, config.trust_remote_code, config.attn_implementation, config.load_in_4bit)
+    as with --reference-free), the tokenizer and the resolved policy source.
+
+    `model`, `ref_model`, `tokenizer`: already loaded objects (the Python API) used instead of loading
+    --model / --ref-model; the policy is then trained in place, as TRL does. The tokenizer defaults to the one
+    saved with the model."""
+    if model is not None:
+        source = model.name_or_path or type(model).__name__
+        if tokenizer is None and not model.name_or_path:
+            raise UserError("the model given has no name_or_path to load its tokenizer from: pass tokenizer=")
+        tokenizer = tokenizer or load_tokenizer(resolve_model(model.name_or_path, config.cache_dir),
+                                                config.trust_remote_code)
+        disable_dropout(model)
+        policy = model.float()  # the weights train in fp32; autocast (--bf16) lowers the compute only
+    else:
+        source = resolve_model(config.model, config.cache_dir)
+        tokenizer = tokenizer or load_tokenizer(source, config.trust_remote_code)
+        if config.load_in_4bit:
+            quantization_config()  # fail before any weights load
+        policy = load_model(source, config.trust_remote_code, config.attn_implementation, config.load_in_4bit)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
     if not need_reference:
         reference = None
+    elif ref_model is not None:
+        disable_dropout(ref_model)
+        reference = frozen(ref_model.float())
     elif config.ref_model is not None:
         reference = load_reference_model(config)
     elif config.lora:
@@ -248,21 +267,3 @@ def save_model(
                        - {name for name, _ in policy.named_parameters()})
             state_dict = {name: value for name, value in state_dict.items() if name not in aliases}
         policy.save_pretrained(output_dir, safe_serialization=True, state_dict=state_dict)
-
-
-def load_for_inference(
-    config: ModelConfig, device: torch.device | str, with_reference: bool = True
-) -> tuple[torch.nn.Module, torch.nn.Module | None, PreTrainedTokenizerBase]:
-    """Frozen policy (--model, default the embedded model) and reference (--ref-model, default the policy
-    itself) for scoring, sampling and judging, with the policy's tokenizer."""
-    source = resolve_model(config.model, config.cache_dir)
-    tokenizer = load_tokenizer(source, config.trust_remote_code)
-    policy = frozen(load_model(source, config.trust_remote_code, config.attn_implementation)).to(device)
-    reference = None
-    if with_reference:
-        reference = policy
-        if config.ref_model is not None:
-            reference_source = resolve_model(config.ref_model, config.cache_dir)
-            reference = frozen(load_model(reference_source, config.trust_remote_code, config.attn_implementation))
-            reference.to(device)
-    return policy, reference, tokenizer

@@ -11,8 +11,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -20,8 +22,12 @@ from safetensors.torch import load_file, save_file
 from preftune.batching import Batch, iterate_batches
 from preftune.errors import UserError
 from preftune.logprobs import SequenceLogps, sequence_logps
-from preftune.runtime import reshard
+from preftune.runtime.accelerator import reshard
 from preftune.tokenize import TokenizedPair
+
+if TYPE_CHECKING:
+    from preftune.config import ModelConfig
+    from preftune.runtime.processes import ProcessGroup
 
 ReferenceSource = Callable[[Batch], SequenceLogps]
 
@@ -160,3 +166,43 @@ def table_source(table: torch.Tensor, pairs: Sequence[TokenizedPair]) -> Referen
         return logps
 
     return from_table
+
+
+def precomputed_references(
+    group: ProcessGroup, model: ModelConfig, policy: torch.nn.Module,
+    pair_sets: Sequence[tuple[Sequence[TokenizedPair], str]], *, batch_size: int, pad_token_id: int,
+    length_split: bool, layout: str,
+) -> list[ReferenceSource | None]:
+    """--precompute-ref-log-probs: a table source for each (pairs, what) of `pair_sets` (None where there are no
+    pairs), read from the cache or computed now (every process computes what is not cached; the main process
+    writes it). The reference is --ref-model, loaded only for this, or the starting policy itself (with LoRA: its
+    adapter off); call it before a checkpoint is restored, while the policy is still the starting one."""
+    from preftune.models import cache_root, load_reference_model
+
+    separate = group.place_frozen(load_reference_model(model)) if model.ref_model else None
+    live = reference_source(policy, separate if separate is not None else (None if model.lora else policy),
+                            length_split)
+    fingerprint = weights_fingerprint(separate if separate is not None else policy)
+    settings = {"mixed_precision": group.accelerator.mixed_precision, "attn_implementation": model.attn_implementation,
+                "length_split": length_split}
+    sources: list[ReferenceSource | None] = []
+    for pairs, what in pair_sets:
+        if not pairs:  # nothing reads this source (and `live` must not outlive this call)
+            sources.append(None)
+            continue
+        cache_file = cache_root(model.cache_dir) / "reference-logps" / (
+            cache_key(fingerprint, pairs, settings) + ".safetensors")
+        started = time.time()
+
+        def compute(pairs: Sequence[TokenizedPair] = pairs) -> torch.Tensor:
+            return compute_reference_table(live, pairs, batch_size, pad_token_id, group.device, length_split, layout)
+
+        with torch.no_grad(), group.accelerator.autocast():
+            # every process reads, or every one computes: under FSDP computing is collective, and the main
+            # process may write the file while another is still deciding
+            readable = not group.any_process(not cache_file.exists())
+            table, cached = cached_reference_table(cache_file, compute, write=group.is_main, read=readable)
+        how = "read from" if cached else f"computed in {time.time() - started:.0f} s, cached in"
+        group.print(f"reference log-probs of {len(pairs)} {what} pairs {how} {cache_file}")
+        sources.append(table_source(table, pairs))
+    return sources

@@ -9,16 +9,18 @@ has one (the default job), the ground-truth reward.
 from __future__ import annotations
 
 import contextlib
-import json
+import statistics
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 
-import torch
 import yaml
 
-from preftune.evaluate import sample, sequence_logps_of_samples
-from preftune.plot import plot_run
+from preftune.config import Config
+from preftune.measure import Measurement, ModelPair, measure
+from preftune.metrics import METRIC_NAMES
+from preftune.plot import plot_run, read_metrics
+from preftune.rewards import RewardFunction
 
 NUM_EXAMPLES = 5
 
@@ -42,41 +44,44 @@ def example_prompts(data, tokenizer, count: int = NUM_EXAMPLES) -> list[tuple[st
     return chosen
 
 
-def example_rows(
-    policy: torch.nn.Module,
-    reference: Callable[[], contextlib.AbstractContextManager[torch.nn.Module]],
-    tokenizer,
-    prompts: Sequence[tuple[str, list[int]]],
-    beta: float,
-    max_new_tokens: int,
-    seed: int,
-    ground_truth: Callable[[str], float] | None,
-) -> list[str]:
-    """Markdown table rows: prompt | reference sample (rewards) | policy sample (rewards)."""
-    ids = [p for _, p in prompts]
-    pad = tokenizer.pad_token_id
-    policy_samples = sample(policy, tokenizer, ids, max_new_tokens=max_new_tokens, seed=seed)
-    policy_logps = sequence_logps_of_samples(policy, policy_samples, pad)
-    with reference() as reference_model:
-        reference_samples = sample(reference_model, tokenizer, ids, max_new_tokens=max_new_tokens, seed=seed)
-        reference_logps = sequence_logps_of_samples(reference_model, reference_samples, pad)
-        ref_of_policy = sequence_logps_of_samples(reference_model, policy_samples, pad)
-    policy_of_reference = sequence_logps_of_samples(policy, reference_samples, pad)
+def example_rows(prompts: Sequence[tuple[str, list[int]]], measured: Measurement) -> list[str]:
+    """Markdown table rows: prompt | reference sample (rewards) | policy sample (rewards), one sample per prompt."""
     rows = []
     for i, (text, _) in enumerate(prompts):
-        rewards = []
-        for s, implicit in ((reference_samples[i], beta * (policy_of_reference[i] - reference_logps[i]).item()),
-                            (policy_samples[i], beta * (policy_logps[i] - ref_of_policy[i]).item())):
-            truth = f", ground truth {ground_truth(s.text):+.3f}" if ground_truth else ""
-            rewards.append(f"{cell(s.text)} *(implicit {implicit:+.3f}{truth})*")
-        rows.append(f"| {cell(text)} | {rewards[0]} | {rewards[1]} |")
+        cells = []
+        for samples, implicit, truth in (
+            (measured.reference_samples, measured.reference_implicit, measured.reference_rewards),
+            (measured.policy_samples, measured.policy_implicit, measured.policy_rewards),
+        ):
+            ground_truth = f", ground truth {truth[i]:+.3f}" if truth is not None else ""
+            cells.append(f"{cell(samples[i].text)} *(implicit {implicit[i]:+.3f}{ground_truth})*")
+        rows.append(f"| {cell(text)} | {cells[0]} | {cells[1]} |")
     return rows
+
+
+def write_run_report(
+    folder: Path, config: Config, models: ModelPair, tokenizer, prompts: Sequence[tuple[str, list[int]]],
+    ground_truth: RewardFunction | None, *, main_process: bool = True,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> Path | None:
+    """report.md of a training run: samples from both models on `prompts` (every process takes part under FSDP;
+    the main process writes)."""
+    with autocast():
+        measured = measure(models, tokenizer, [ids for _, ids in prompts], max_new_tokens=config.sample.max_new_tokens,
+                           seed=config.train.seed, reward=ground_truth, prompt_texts=[text for text, _ in prompts],
+                           beta=config.loss.beta)
+    if not main_process:
+        return None
+    path = write_report(folder, config.to_dict(), final_metrics_of(folder), example_rows(prompts, measured),
+                        f"preftune run {folder.name}")
+    print(f"wrote {path}", flush=True)
+    return path
 
 
 def write_report(
     output_dir: Path,
     config_dict: dict,
-    final_metrics: dict,
+    final_metrics: list[str],
     examples: list[str],
     title: str,
 ) -> Path:
@@ -88,10 +93,7 @@ def write_report(
         "",
         "## Final metrics",
         "",
-        "| metric | value |",
-        "|---|---|",
-        *[f"| {name} | {value:.4g} |" if isinstance(value, float) else f"| {name} | {value} |"
-          for name, value in final_metrics.items()],
+        *final_metrics,
         "",
         "## Curves",
         "",
@@ -115,11 +117,28 @@ def write_report(
     return path
 
 
-def final_metrics_of(output_dir: Path) -> dict:
-    """The last logged training row and the last evaluation row of metrics.jsonl, merged."""
-    merged: dict = {}
-    for line in (output_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
-        row = json.loads(line)
-        if "loss" in row or "eval_loss" in row:
-            merged.update({k: v for k, v in row.items() if k not in ("time", "epoch")})
-    return merged
+def final_metrics_of(output_dir: Path) -> list[str]:
+    """The "Final metrics" section: each metric's mean over the logged training steps of the last epoch (one
+    optimizer step can hold few pairs, the last of an epoch often does, so it alone says little) beside the last
+    held-out evaluation."""
+    rows = read_metrics(output_dir)
+    train_rows = [row for row in rows if "loss" in row]
+    last_eval = next((row for row in reversed(rows) if "eval_loss" in row), {})
+    if not train_rows:
+        return ["No optimizer step was logged."]
+    last_epoch = train_rows[-1]["epoch"]
+    window = [row for row in train_rows if row["epoch"] > last_epoch - 1] or train_rows[-1:]
+    first, last = window[0]["step"], window[-1]["step"]
+    lines = [
+        f"Training metrics (`loss`, `rewards/*`, `logps/*`): the mean of the {len(window)} logged rows of steps "
+        f"{first}-{last}, the last epoch" + (" (all of training)" if len(window) == len(train_rows) else "") + ". "
+        + (f"Held-out metrics (`eval_*`): the evaluation at step {last_eval['step']}." if last_eval
+           else "No held-out evaluation (no --eval-data)."),
+        "",
+        "| metric | value |",
+        "|---|---|",
+        *[f"| {name} | {statistics.fmean(row[name] for row in window):.4g} |" for name in METRIC_NAMES],
+        *[f"| {name} | {value:.4g} |" if isinstance(value, float) else f"| {name} | {value} |"
+          for name, value in last_eval.items() if name.startswith("eval_")],
+    ]
+    return lines

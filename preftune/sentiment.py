@@ -11,22 +11,23 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import random
 import statistics
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from preftune.config import DEFAULT_JOB_OVERRIDES, Config
 from preftune.errors import UserError
-from preftune.evaluate import Sample, kl_from_samples, sample, sequence_logps_of_samples
+from preftune.measure import ModelPair, measure, stderr
 from preftune.models import cache_root, load_model, load_tokenizer, resolve_model
-from preftune.trainer import Trainer
+from preftune.recipes import dpo
+from preftune.rewards import SentimentReward, sentiment_reward
+from preftune.rollout import sample
 
 # Bump when prompts, sampling or labelling change, so stale cached pairs are not reused.
 DATA_VERSION = 2
@@ -73,18 +74,6 @@ def prompt_token_ids(tokenizer, prompts: Sequence[Messages]) -> list[list[int]]:
         list(tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
         for p in prompts
     ]
-
-
-class SentimentReward:
-    """Ground-truth reward: VADER's compound sentiment of the completion, in [-1, 1]."""
-
-    def __init__(self) -> None:
-        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
-
-        self.analyzer = SentimentIntensityAnalyzer()
-
-    def __call__(self, text: str) -> float:
-        return float(self.analyzer.polarity_scores(text)["compound"])
 
 
 def build_pairs(
@@ -145,52 +134,30 @@ def preference_files(config: Config, source: str) -> tuple[Path, Path]:
     return train_file, eval_file
 
 
-@contextlib.contextmanager
-def reference_model(trainer: Trainer) -> Iterator[torch.nn.Module]:
-    """The reference as a model: the frozen copy, or the policy with its LoRA adapter switched off."""
-    if trainer.reference_model is not None:
-        yield trainer.reference_model
-        return
-    policy = trainer.accelerator.unwrap_model(trainer.policy)
-    with policy.disable_adapter():
-        yield policy
-
-
 def summarize(rewards: Sequence[float]) -> dict[str, float]:
     return {
         "mean": statistics.fmean(rewards),
         "std": statistics.stdev(rewards) if len(rewards) > 1 else 0.0,
-        "stderr": statistics.stdev(rewards) / len(rewards) ** 0.5 if len(rewards) > 1 else 0.0,
+        "stderr": stderr(rewards),
         "positive_fraction": sum(r > 0.05 for r in rewards) / len(rewards),
     }
 
 
-def sentiment_report(trainer: Trainer, config: Config) -> dict:
+def sentiment_report(models: ModelPair, tokenizer, config: Config, final_eval: dict | None) -> dict:
     """Held-out reward of reference vs policy samples, held-out preference accuracy, and the KL estimate."""
     job = config.default_job
-    tokenizer, reward = trainer.tokenizer, SentimentReward()
     prompts = make_prompts(job.num_eval_prompts, config.train.seed, held_out=True)
-    prompt_ids = prompt_token_ids(tokenizer, prompts)
-    sampling = dict(num_samples=job.samples_per_eval_prompt, max_new_tokens=config.sample.max_new_tokens,
-                    seed=config.train.seed + 7)
-    policy = trainer.accelerator.unwrap_model(trainer.policy)
-    policy_samples = sample(policy, tokenizer, prompt_ids, **sampling)
-    policy_logps = sequence_logps_of_samples(policy, policy_samples, tokenizer.pad_token_id)
-    with reference_model(trainer) as reference:
-        reference_samples = sample(reference, tokenizer, prompt_ids, **sampling)
-        reference_logps = sequence_logps_of_samples(reference, policy_samples, tokenizer.pad_token_id)
-    kl = kl_from_samples(policy_logps, reference_logps)
-
-    def rewards_of(samples: Sequence[Sample]) -> list[float]:
-        return [reward(s.text) for s in samples]
-
-    policy_rewards, reference_rewards = rewards_of(policy_samples), rewards_of(reference_samples)
+    measured = measure(models, tokenizer, prompt_token_ids(tokenizer, prompts), num_samples=job.samples_per_eval_prompt,
+                       max_new_tokens=config.sample.max_new_tokens, seed=config.train.seed + 7,
+                       reward=sentiment_reward())
+    policy_rewards, reference_rewards, kl = measured.policy_rewards, measured.reference_rewards, measured.kl
     examples = [
-        {"prompt": prompts[i][-1]["content"], "reference": reference_samples[i * job.samples_per_eval_prompt].text,
-         "policy": policy_samples[i * job.samples_per_eval_prompt].text}
+        {"prompt": prompts[i][-1]["content"],
+         "reference": measured.reference_samples[i * job.samples_per_eval_prompt].text,
+         "policy": measured.policy_samples[i * job.samples_per_eval_prompt].text}
         for i in range(min(5, len(prompts)))
     ]
-    final_eval = trainer.final_eval or {}
+    final_eval = final_eval or {}
     return {
         "reward": "VADER compound sentiment of the completion, in [-1, 1]",
         "held_out_prompts": len(prompts),
@@ -222,17 +189,16 @@ def run_default_job(config: Config) -> Path:
     source, train_file, eval_file = prepare_default_job(config)
     config.data.data, config.data.eval_data = str(train_file), str(eval_file)
 
-    trainer = Trainer(config)
-    try:
-        trainer.setup()
-        trainer.train()
-        trainer.report_reward = SentimentReward()  # report.md shows the ground truth beside the implicit reward
-        trainer.save()
-        report = sentiment_report(trainer, config)
-    finally:
-        trainer.cleanup()
+    reports: list[dict] = []
+
+    def report_held_out(run: dpo.DPORun) -> None:  # after the model is saved: the run's models are still held
+        reports.append(sentiment_report(run.models, run.tokenizer, config, run.final_eval))
+
+    # report.md shows the ground truth beside the implicit reward
+    result = dpo.run(config, hooks=dpo.Hooks(on_save=report_held_out), ground_truth=sentiment_reward())
+    report = reports[0]
     report["total_seconds"] = round(time.time() - started, 1)
-    (trainer.output_dir / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    (result.output_dir / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     ref, pol, kl = report["reference_reward"], report["policy_reward"], report["kl_policy_reference"]
     print(
         "\nDefault job (controlled sentiment, held-out prompts):\n"
@@ -241,7 +207,7 @@ def run_default_job(config: Config) -> Path:
         f"  reward gain       {report['reward_gain']:+.3f}\n"
         f"  held-out preference accuracy {report['held_out_preference_accuracy']:.3f}\n"
         f"  KL(policy || reference) {kl['mean']:.2f} +- {kl['stderr']:.2f} nats per completion\n"
-        f"  report: {trainer.output_dir / REPORT_FILE}  ({report['total_seconds']:.0f} s in all)",
+        f"  report: {result.output_dir / REPORT_FILE}  ({report['total_seconds']:.0f} s in all)",
         flush=True,
     )
-    return trainer.output_dir
+    return result.output_dir

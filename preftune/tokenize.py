@@ -8,11 +8,14 @@ TRL's DPOTrainer's.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from transformers import PreTrainedTokenizerBase
+
+from preftune.data import common_prefix_length, print_flushed
+from preftune.errors import UserError
 
 if TYPE_CHECKING:
     from preftune.data import PreferencePair, Text
@@ -26,15 +29,6 @@ class TokenizedPair:
     chosen_ids: list[int]
     rejected_ids: list[int]
     index: int
-
-
-def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def _ids(tokenizer: PreTrainedTokenizerBase, text: Text, add_generation_prompt: bool = False) -> list[int]:
@@ -132,3 +126,26 @@ def tokenize_pairs(
         else:
             kept.append(fitted)
     return kept, dropped
+
+
+def tokenize_for(
+    pairs: Sequence[PreferencePair],
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int | None,
+    truncation_mode: str = "keep_start",
+    what: str | None = None,
+    log: Callable[[str], None] = print_flushed,
+) -> list[TokenizedPair]:
+    """`tokenize_pairs` for a run: logs how many pairs were dropped, raises `UserError` when none are left.
+
+    `what` names the pairs in both messages ("training" gives "dropped 3 training pairs ..."); None: just "pairs".
+    """
+    kept, dropped = tokenize_pairs(pairs, tokenizer, max_length, truncation_mode)
+    noun = f"{what} pairs" if what else "pairs"
+    if dropped:
+        log(f"dropped {dropped} {noun} whose prompt alone fills max_length={max_length}")
+    if not kept:
+        if not pairs:
+            raise UserError(f"no {noun} to tokenize")
+        raise UserError(f"no {noun} left after truncation to max_length={max_length}")
+    return kept

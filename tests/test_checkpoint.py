@@ -18,14 +18,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import preftune.checkpoint
-import preftune.trainer
+import preftune.recipes.dpo
+import preftune.runtime.checkpoint
 from preftune.cli import main
 from preftune.losses import LossOutput
 from tests.conftest import PAIRS, write_jsonl
 
 STEPS = 30
 SAVE_EVERY = 5
+# Seeds the step at which a run is killed, so that a failure can be reproduced: PREFTUNE_KILL_SEED=N pytest ...
+KILL_SEED = int(os.environ.get("PREFTUNE_KILL_SEED", "20261202"))
 
 
 def run_args(model_dir: Path, data: Path, out: Path, *extra: str) -> list[str]:
@@ -58,8 +60,10 @@ def uninterrupted(tmp_path_factory, tiny_model_dir, data) -> Path:
 
 
 def start_and_stop(args: list[str], out: Path, stop_signal: int) -> subprocess.CompletedProcess:
-    """Start a training process, wait until it has logged a random step between checkpoints, send a signal."""
-    target = random.Random().randint(SAVE_EVERY + 1, STEPS - SAVE_EVERY - 1)
+    """Start a training process, wait until it has logged a seeded random step between checkpoints, send a
+    signal."""
+    target = random.Random(f"{KILL_SEED}-{int(stop_signal)}").randint(SAVE_EVERY + 1, STEPS - SAVE_EVERY - 1)
+    print(f"stopping with signal {int(stop_signal)} after logged step {target} (PREFTUNE_KILL_SEED={KILL_SEED})")
     process = subprocess.Popen([sys.executable, "-m", "preftune.cli", *args], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     deadline = time.time() + 300
@@ -134,7 +138,7 @@ def test_save_total_limit_keeps_the_newest(tmp_path, tiny_model_dir, data):
 
 
 def test_full_disk_keeps_the_previous_checkpoint(tmp_path, tiny_model_dir, data, monkeypatch, capsys):
-    real_save = preftune.checkpoint.save_file
+    real_save = preftune.runtime.checkpoint.save_file
     calls = []
 
     def save_until_the_disk_fills(tensors, path):
@@ -143,17 +147,17 @@ def test_full_disk_keeps_the_previous_checkpoint(tmp_path, tiny_model_dir, data,
             raise OSError(errno.ENOSPC, "No space left on device")
         real_save(tensors, path)
 
-    monkeypatch.setattr(preftune.checkpoint, "save_file", save_until_the_disk_fills)
+    monkeypatch.setattr(preftune.runtime.checkpoint, "save_file", save_until_the_disk_fills)
     out = tmp_path / "full"
     assert main([*run_args(tiny_model_dir, data, out), "--max-steps", "10"]) == 2
     err = capsys.readouterr().err
     assert "the disk is full" in err and "checkpoint-5" in err and "intact" in err
-    assert preftune.checkpoint.checkpoint_problem(out / "checkpoint-5") is None
+    assert preftune.runtime.checkpoint.checkpoint_problem(out / "checkpoint-5") is None
     assert not (out / "checkpoint-10").exists() and not list(out.glob(".checkpoint-*"))
 
 
 def test_non_finite_loss_skips_the_step_then_stops(tmp_path, tiny_model_dir, data, monkeypatch, capsys):
-    real_loss = preftune.trainer.compute_loss
+    real_loss = preftune.recipes.dpo.compute_loss
     calls = {"n": 0}
 
     def loss_that_breaks_after_step_2(*args, **kwargs) -> LossOutput:
@@ -163,7 +167,7 @@ def test_non_finite_loss_skips_the_step_then_stops(tmp_path, tiny_model_dir, dat
             output.losses = output.losses * torch.tensor(float("nan"))
         return output
 
-    monkeypatch.setattr(preftune.trainer, "compute_loss", loss_that_breaks_after_step_2)
+    monkeypatch.setattr(preftune.recipes.dpo, "compute_loss", loss_that_breaks_after_step_2)
     out = tmp_path / "nan"
     with pytest.warns(RuntimeWarning, match=r"step 3: non-finite loss; step skipped \(pairs: .*pairs.jsonl line \d+"):
         code = main([*run_args(tiny_model_dir, data, out), "--max-bad-steps", "2", "--save-steps", "2"])

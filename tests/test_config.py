@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from preftune.cli import build_config, build_parser
-from preftune.config import Config, apply_yaml, iter_fields, validate
+from preftune.config import Config, LossConfig, apply_yaml, iter_fields, set_option, validate
 from preftune.errors import ConfigError
+from preftune.losses import LOSSES, LossSpec
 
 
 def parse(argv: list[str]) -> Config:
@@ -154,5 +157,91 @@ def test_train_help_lists_every_loss_with_its_meaning(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["train", "--help"])
     text = "".join(capsys.readouterr().out.split())  # argparse re-wraps lines (also at hyphens)
-    for name, (_, meaning) in LOSSES.items():
-        assert "".join(f"{name}: {meaning}".split()) in text
+    for name, spec in LOSSES.items():
+        assert "".join(f"{name}: {spec.meaning}".split()) in text
+
+
+# ---- the LossSpec rows are exactly what validate enforces ------------------------------------------------
+# A changed value of each per-loss option (label smoothing: inside the readers' ranges, see `inside`); a row that
+# reads a new option needs one here.
+CHANGED = {"f_divergence_type": "forward_kl", "ld_alpha": 0.5, "use_weighting": True, "discopop_tau": 0.1,
+           "simpo_gamma": 1.0}
+PER_LOSS_OPTIONS = ["label_smoothing", *CHANGED]
+
+
+def declared(spec: LossSpec, option: str) -> bool:
+    """Whether the row says its loss takes `option` (reads it; for --use-weighting, has a per-pair loss)."""
+    return {"label_smoothing": spec.label_smoothing is not None, "f_divergence_type": spec.f_divergence is True,
+            "ld_alpha": spec.ld_alpha, "use_weighting": spec.per_pair}.get(option, option in spec.reads)
+
+
+def inside(*names: str) -> float:
+    """A label smoothing strictly inside the ranges of those of `names` that read it."""
+    ranges = [LOSSES[n].label_smoothing for n in names if LOSSES[n].label_smoothing is not None] or [(0.0, 0.5, True)]
+    low, high = max(r[0] for r in ranges), min(r[1] for r in ranges)
+    return low + (high - low) / 4
+
+
+def loss_options(*names: str, **options) -> dict:
+    """--loss-type names, with the label smoothing that one of them cannot go without (EXO's)."""
+    smoothing = [LOSSES[n].label_smoothing for n in names if LOSSES[n].label_smoothing is not None]
+    needed = any(not closed or low > 0 for low, _, closed in smoothing)
+    return {"loss_type": ",".join(names), **({"label_smoothing": inside(*names)} if needed else {}), **options}
+
+
+def loss_problems(**options) -> str:
+    """validate's message when the user sets these loss options; '' when they are valid."""
+    config = Config()
+    for name, value in options.items():
+        set_option(config, f"loss.{name}", value, "test")
+    try:
+        validate(config)
+    except ConfigError as error:
+        return str(error)
+    return ""
+
+
+def flag(option: str) -> str:
+    return "--" + option.replace("_", "-")
+
+
+def test_every_option_a_row_reads_is_a_loss_option_with_a_changed_value():
+    fields = {f.name for f in dataclasses.fields(LossConfig)}
+    for name, spec in LOSSES.items():
+        assert set(spec.reads) <= fields & set(CHANGED), (name, spec.reads)
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_alone_a_changed_option_is_an_error_iff_the_row_says_its_loss_does_not_take_it(name):
+    spec = LOSSES[name]
+    assert loss_problems(**loss_options(name)) == ""
+    for option in PER_LOSS_OPTIONS:
+        value = inside(name) if option == "label_smoothing" else CHANGED[option]
+        message = loss_problems(**loss_options(name, **{option: value}))
+        assert bool(message) != declared(spec, option), (option, message)
+        assert not message or flag(option) in message
+        assert spec.reads_option(option) == (declared(spec, option) and option != "use_weighting")
+    if spec.label_smoothing is not None:  # the range is the one enforced
+        low, high, closed = spec.label_smoothing
+        assert bool(loss_problems(loss_type=name, label_smoothing=low)) != closed
+        assert f"must be in {'[' if closed else '('}{low:g}, {high:g}) for {name}" in loss_problems(
+            loss_type=name, label_smoothing=high)
+        assert loss_problems(loss_type=name, label_smoothing=low - 0.01)
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_beside_a_loss_that_takes_it_an_option_is_an_error_iff_the_row_has_no_valid_form_for_it(name):
+    # "has no effect" needs all chosen losses not to read the option; "no valid form" needs only one: f-DPO's
+    # divergences for f_divergence=False (sft's None is valid beside them), WPO's weight without per_pair
+    spec = LOSSES[name]
+    invalid = {"f_divergence_type": spec.f_divergence is False, "use_weighting": not spec.per_pair}
+    for option in PER_LOSS_OPTIONS:
+        partner = next((n for n, s in LOSSES.items() if n != name and declared(s, option)), None)
+        if partner is None:  # only this loss takes it
+            continue
+        value = inside(name, partner) if option == "label_smoothing" else CHANGED[option]
+        assert loss_problems(**loss_options(partner, name)) == ""
+        message = loss_problems(**loss_options(partner, name, **{option: value}))
+        assert bool(message) == invalid.get(option, False), (option, partner, message)
+        assert not message or f"{flag(option)} {value} has no valid form for {name}" in message or (
+            f"{flag(option)} has no per-pair meaning for {name}" in message)

@@ -15,8 +15,10 @@ from hypothesis import strategies as st
 from preftune.data import (
     LoadResult,
     PreferencePair,
+    common_prefix_length,
     describe_skipped,
     extract_prompt,
+    load_and_report,
     load_pairs,
     pair_from_record,
 )
@@ -229,6 +231,195 @@ def test_hub_dataset_without_columns(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(datasets, "load_dataset", lambda name, split: datasets.Dataset.from_list([{"text": "x"}]))
     with pytest.raises(UserError, match="no 'chosen' column.*found: text"):
         load_pairs("someone/sft-data")
+
+
+# ------------------------------------------------------------------------------------------ in memory
+
+CONVERSATION = {
+    "prompt": [{"role": "user", "content": "Name a colour."}],
+    "chosen": [{"role": "assistant", "content": "Blue."}],
+    "rejected": [{"role": "assistant", "content": "Seven."}],
+}
+RECORD_LOCATIONS = ["record 1", "record 2", "record 3"]
+
+
+@pytest.mark.parametrize("container", [list, tuple])
+def test_list_of_dicts(container: type) -> None:
+    result = load_pairs(container(RECORDS))
+    assert triples(result) == TRIPLES
+    assert locations(result) == RECORD_LOCATIONS
+    assert all(p.source == f"<{container.__name__} of 3 records>" for p in result.pairs)
+    assert load_pairs(container(RECORDS), name="train_data").pairs[0].source == f"train_data ({container.__name__})"
+
+
+def test_in_memory_dataset() -> None:
+    from datasets import Dataset
+
+    result = load_pairs(Dataset.from_list([{**r, "id": i} for i, r in enumerate(RECORDS)]), name="train_data")
+    assert triples(result) == TRIPLES
+    assert locations(result) == RECORD_LOCATIONS
+    assert all(p.source == "train_data (datasets.Dataset)" for p in result.pairs)
+    assert load_pairs(Dataset.from_list(RECORDS)).pairs[0].source == "<datasets.Dataset of 3 records>"
+    # a format set on the dataset (numpy arrays, tensors) does not reach the checks
+    (pair,) = load_pairs(Dataset.from_list([CONVERSATION]).with_format("numpy")).pairs
+    assert (pair.prompt, pair.chosen, pair.rejected) == (
+        CONVERSATION["prompt"], CONVERSATION["chosen"], CONVERSATION["rejected"])
+
+
+def test_in_memory_iterable_dataset() -> None:
+    from datasets import Dataset
+
+    result = load_pairs(Dataset.from_list(RECORDS).to_iterable_dataset())
+    assert triples(result) == TRIPLES
+    assert locations(result) == RECORD_LOCATIONS
+
+
+def test_in_memory_dataset_dict_takes_split() -> None:
+    from datasets import Dataset, DatasetDict
+
+    other = [{"prompt": "Other", "chosen": " a", "rejected": " b"}]
+    both = DatasetDict({"train": Dataset.from_list(other), "test": Dataset.from_list(RECORDS)})
+    result = load_pairs(both, split="test", name="eval_data")
+    assert triples(result) == TRIPLES
+    assert locations(result) == RECORD_LOCATIONS
+    assert result.pairs[0].source == "eval_data (datasets.DatasetDict['test'])"
+    assert triples(load_pairs(both)) == [("Other", " a", " b")]
+    no_split = r"^eval_data \(datasets.DatasetDict\): no split 'validation'.*splits: train, test"
+    with pytest.raises(UserError, match=no_split):
+        load_pairs(both, split="validation", name="eval_data")
+
+
+def test_in_memory_dataframe() -> None:
+    pd = pytest.importorskip("pandas")
+    result = load_pairs(pd.DataFrame([{**r, "score": 1.0} for r in RECORDS]), name="train_data")
+    assert triples(result) == TRIPLES
+    assert locations(result) == RECORD_LOCATIONS
+    assert all(p.source == "train_data (pandas.DataFrame)" for p in result.pairs)
+    assert all(type(p.prompt) is str for p in result.pairs)
+
+
+def test_dataframe_from_a_conversational_dataset() -> None:
+    pd = pytest.importorskip("pandas")
+    from datasets import Dataset
+
+    frame = Dataset.from_list([CONVERSATION]).to_pandas()  # messages as numpy arrays of dicts
+    assert isinstance(frame, pd.DataFrame)
+    (pair,) = load_pairs(frame).pairs
+    assert (pair.prompt, pair.chosen, pair.rejected) == (
+        CONVERSATION["prompt"], CONVERSATION["chosen"], CONVERSATION["rejected"])
+
+
+def test_dataframe_missing_cells_are_bad_fields() -> None:
+    pd = pytest.importorskip("pandas")
+    frame = pd.DataFrame([RECORDS[0], {"prompt": "x", "chosen": " y"}, RECORDS[1]])  # record 2: rejected is NaN
+    with pytest.raises(DataError) as info:
+        load_pairs(frame, name="train_data")
+    assert str(info.value) == (
+        "train_data (pandas.DataFrame): record 2: field 'rejected': expected a string or a list of messages, "
+        "got NaN (a missing value)"
+    )
+    assert (info.value.location, info.value.field) == ("record 2", "rejected")
+    result = load_pairs(frame, skip_invalid=True)
+    assert locations(result) == ["record 1", "record 3"]
+    assert [(e.location, e.field) for e in result.skipped] == [("record 2", "rejected")]
+    typed = pd.DataFrame({"prompt": ["a", "b"], "chosen": [" x", None], "rejected": [" y", " z"]}, dtype="string")
+    with pytest.raises(DataError, match=r"record 2: field 'chosen': .*got a missing value \(pandas.NA\)"):
+        load_pairs(typed)
+
+
+def test_bad_in_memory_record_is_located() -> None:
+    from datasets import Dataset
+
+    bad = [RECORDS[0], {"prompt": "x", "chosen": 3, "rejected": " y"}, RECORDS[1]]
+    with pytest.raises(DataError) as info:
+        load_pairs(bad, name="train_data")
+    assert str(info.value) == (
+        "train_data (list): record 2: field 'chosen': expected a string or a list of messages, got int"
+    )
+    empty = r"^train_data \(datasets.Dataset\): record 2: field 'chosen': expected a non-empty string"
+    with pytest.raises(DataError, match=empty):
+        load_pairs(Dataset.from_list([RECORDS[0], {**RECORDS[1], "chosen": ""}]), name="train_data")
+
+
+def test_non_dict_items_are_data_errors() -> None:
+    records = [RECORDS[0], "not a record", RECORDS[1], None]
+    with pytest.raises(DataError) as info:
+        load_pairs(records)
+    assert (info.value.location, info.value.field) == ("record 2", None)
+    assert str(info.value).endswith("got str")
+    result = load_pairs(records, skip_invalid=True)
+    assert locations(result) == ["record 1", "record 3"]
+    assert [e.location for e in result.skipped] == ["record 2", "record 4"]
+
+
+def test_in_memory_source_without_columns() -> None:
+    from datasets import Dataset
+
+    with pytest.raises(UserError, match=r"^train_data \(datasets.Dataset\): no 'chosen' column.*found: text, label\)$"):
+        load_pairs(Dataset.from_list([{"text": "x", "label": 1}]), name="train_data")
+    pd = pytest.importorskip("pandas")
+    with pytest.raises(UserError, match=r"^train_data \(pandas.DataFrame\): no 'rejected' column.*found: chosen\)$"):
+        load_pairs(pd.DataFrame({"chosen": ["x"]}), name="train_data")
+
+
+def test_empty_in_memory_sources() -> None:
+    from datasets import Dataset
+
+    with pytest.raises(UserError, match=r"^train_data \(list\): no preference pairs found \(empty list\)$"):
+        load_pairs([], name="train_data")
+    with pytest.raises(UserError, match=r"no preference pairs found \(empty dataset\)$"):
+        load_pairs(Dataset.from_list([]), skip_invalid=True)
+    with pytest.raises(UserError, match=r"no preference pairs found \(empty dataset\)$"):
+        load_pairs(Dataset.from_dict({"prompt": [], "chosen": [], "rejected": []}))
+    pd = pytest.importorskip("pandas")
+    with pytest.raises(UserError, match=r"no preference pairs found \(empty DataFrame\)$"):
+        load_pairs(pd.DataFrame())
+
+
+def test_all_invalid_in_memory_is_a_user_error() -> None:
+    with pytest.raises(UserError, match=r"^<list of 2 records>: no valid preference pairs \(all 2 records"):
+        load_pairs([{"chosen": "x"}, 5], skip_invalid=True)
+
+
+def test_unsupported_in_memory_type() -> None:
+    expected = r"^train_data: expected a path.*a list of dicts.*got dict; for a dict of columns"
+    with pytest.raises(UserError, match=expected):
+        load_pairs({"prompt": ["a"], "chosen": [" b"], "rejected": [" c"]}, name="train_data")
+    with pytest.raises(UserError, match=r"^data: expected a path.*got int$"):
+        load_pairs(3)
+
+
+def test_name_does_not_rename_a_path(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "pairs.jsonl", RECORDS)
+    assert load_pairs(path, name="train_data").pairs[0].source == str(path)
+
+
+def test_load_and_report_logs_skipped_records() -> None:
+    lines: list[str] = []
+    records = [RECORDS[0], {"prompt": "x", "chosen": 3, "rejected": " y"}]
+    result = load_and_report(records, skip_invalid=True, name="train_data", log=lines.append)
+    assert locations(result) == ["record 1"]
+    assert lines == [describe_skipped(result.skipped)]
+    assert lines[0].startswith("skipped 1 invalid record: train_data (list): record 2: field 'chosen'")
+    lines.clear()
+    load_and_report(RECORDS, skip_invalid=True, log=lines.append)
+    assert lines == []  # nothing skipped, nothing said
+    with pytest.raises(DataError, match="record 2"):
+        load_and_report(records, log=lines.append)
+
+
+def test_load_and_report_prints_by_default(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    path = write_lines(tmp_path / "pairs.jsonl", [json.dumps(RECORDS[0]), "{oops"])
+    load_and_report(path, split="train", skip_invalid=True)
+    out = capsys.readouterr().out
+    assert out.startswith(f"skipped 1 invalid record: {path}: line 2: not valid JSON") and out.count("\n") == 1
+
+
+def test_common_prefix_length_over_any_sequences() -> None:
+    assert common_prefix_length("abcd", "abxd") == 2
+    assert common_prefix_length([1, 2, 3], [1, 2, 3, 4]) == 3
+    assert common_prefix_length(CONVERSATION["prompt"] + CONVERSATION["chosen"], CONVERSATION["prompt"]) == 1
+    assert common_prefix_length((), [1]) == 0
 
 
 # ------------------------------------------------------------------------------------------ record forms

@@ -142,7 +142,7 @@ def test_engines_without_a_tested_path_are_refused_with_what_to_use_instead():
     import accelerate.utils
 
     from preftune.errors import UserError
-    from preftune.runtime import DATA_PARALLEL_ENGINES, check_engine
+    from preftune.runtime.accelerator import DATA_PARALLEL_ENGINES, check_engine
 
     for engine in DATA_PARALLEL_ENGINES:
         check_engine(engine)

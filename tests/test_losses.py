@@ -63,8 +63,8 @@ def test_sigmoid_gradient_matches_closed_form_and_gradcheck():
 
 @pytest.mark.parametrize("loss_type", list(LOSSES))
 def test_every_registered_loss_has_help_and_shapes(loss_type: str):
-    function, meaning = LOSSES[loss_type]
-    assert meaning and function.__doc__ and "arXiv" in function.__doc__
+    spec = LOSSES[loss_type]
+    assert spec.meaning and spec.function.__doc__ and "arXiv" in spec.function.__doc__
     out = compute_loss(logps([-1.0, -2.0, -3.0], [-2.0, -2.0, -1.0]), logps([-1.5] * 3, [-1.5] * 3),
                        LossParams(beta=0.1, loss_types=(loss_type,), label_smoothing=0.1))
     assert out.losses.shape == out.chosen_rewards.shape == out.rejected_rewards.shape == (3,)
@@ -221,12 +221,20 @@ def test_weighted_sum_of_losses_is_trls_mpo():
     torch.testing.assert_close(total, 0.8 * parts[0] + 0.2 * parts[1] + 1.0 * parts[2])
 
 
-def test_from_config_parses_lists_and_rpo_alpha():
-    from preftune.config import LossConfig
+def test_loss_params_parses_lists_and_rpo_alpha():
+    from preftune.config import LossConfig, loss_params
 
-    params = LossParams.from_config(LossConfig(loss_type="sigmoid, bco_pair", loss_weights="0.8,0.2", rpo_alpha=0.5))
+    params = loss_params(LossConfig(loss_type="sigmoid, bco_pair", loss_weights="0.8,0.2", rpo_alpha=0.5))
     assert params.loss_types == ("sigmoid", "bco_pair", "sft") and params.loss_weights == (0.8, 0.2, 0.5)
-    assert LossParams.from_config(LossConfig()) == LossParams()
+    assert loss_params(LossConfig()) == LossParams()
+
+
+def test_from_options_takes_the_config_names_as_plain_values():
+    params = LossParams.from_options(loss_type="ipo,sft", loss_weights="1,0.5", beta=0.3, ld_alpha=0.5)
+    assert params == LossParams(beta=0.3, loss_types=("ipo", "sft"), loss_weights=(1.0, 0.5), ld_alpha=0.5)
+    assert LossParams.from_options() == LossParams()
+    with pytest.raises(TypeError):
+        LossParams.from_options(betta=0.3)
 
 
 # ---- gradients -----------------------------------------------------------------------------------------------

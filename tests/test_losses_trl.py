@@ -24,17 +24,17 @@ from pathlib import Path
 
 import pytest
 import torch
+import trl  # noqa: F401 - a hard test dependency (the dev extra): without it these oracle tests fail, not skip
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from preftune.cli import build_config, build_parser, main
+from preftune.config import loss_params
 from preftune.data import load_pairs
-from preftune.evaluate import evaluate_pairs
-from preftune.losses import F_DIVERGENCE_LOSSES, LOSSES, NO_LD_ALPHA, LossParams
+from preftune.evaluation import evaluate_pairs
+from preftune.losses import F_DIVERGENCE_LOSSES, LOSSES, NO_LD_ALPHA
 from preftune.reference import reference_source
 from preftune.tokenize import TokenizedPair, tokenize_pairs
 from tests.conftest import PAIRS, write_jsonl
-
-trl = pytest.importorskip("trl")
 
 SHARPEN = 30.0
 RECORDS = [
@@ -112,11 +112,11 @@ def eval_argv(setup: Setup, options: dict) -> list[str]:
 
 
 def our_metrics(setup: Setup, options: dict) -> dict[str, float]:
-    """What `preftune eval` computes for these flags (config, validation, LossParams.from_config, the evaluation
+    """What `preftune eval` computes for these flags (config, validation, config.loss_params, the evaluation
     path of training), on the models loaded once: `run_eval` less the loading, which test_cli_eval_equals_trl
     covers."""
     config = build_config(build_parser().parse_args(eval_argv(setup, options)))
-    params = LossParams.from_config(config.loss)
+    params = loss_params(config.loss)
     source = reference_source(setup.policy, setup.reference, params.length_split, params.reference_free)
     return evaluate_pairs(setup.policy, source, setup.tokenized, batch_size=config.train.eval_batch_size,
                           pad_token_id=setup.tokenizer.pad_token_id, params=params)

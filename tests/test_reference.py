@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-import preftune.trainer
+import preftune.recipes.dpo
 from preftune.batching import collate_padded
 from preftune.cli import main
 from preftune.errors import UserError
@@ -75,7 +75,7 @@ def test_training_updates_the_reference_every_sync_steps(tmp_path, tiny_model_di
             torch.testing.assert_close(new, alpha * p + (1 - alpha) * old)
         calls.append(alpha)
 
-    monkeypatch.setattr(preftune.trainer, "sync_reference_model", checked_sync)
+    monkeypatch.setattr(preftune.recipes.dpo, "sync_reference_model", checked_sync)
     code = main(["train", "--model", str(tiny_model_dir), "--ref-model", str(tiny_ref_dir), "--data",
                  str(pairs_file), "--output-dir", str(tmp_path / "run"), "--max-steps", "5", "--batch-size", "2",
                  "--learning-rate", "1e-2", "--sync-ref-model", "--ref-model-sync-steps", "2",

@@ -7,7 +7,8 @@ import warnings
 import pytest
 
 from preftune.data import PreferencePair
-from preftune.tokenize import TokenizedPair, tokenize_pair, tokenize_pairs, truncate
+from preftune.errors import UserError
+from preftune.tokenize import TokenizedPair, tokenize_for, tokenize_pair, tokenize_pairs, truncate
 
 STANDARD = [
     {"prompt": "The movie was", "chosen": " wonderful.", "rejected": " dull and far too long."},
@@ -91,3 +92,40 @@ def test_tokenize_pairs_counts_dropped(tokenizer):
     long_prompt = {"prompt": "word " * 50, "chosen": " yes", "rejected": " no"}
     kept, dropped = tokenize_pairs([as_pair(STANDARD[0]), as_pair(long_prompt)], tokenizer, 20, "keep_start")
     assert dropped == 1 and len(kept) == 1 and kept[0].index == 0
+
+
+LONG_PROMPT = {"prompt": "word " * 50, "chosen": " yes", "rejected": " no"}
+
+
+def test_tokenize_for_reports_dropped_pairs(tokenizer):
+    lines: list[str] = []
+    pairs = [as_pair(STANDARD[0]), as_pair(LONG_PROMPT), as_pair(LONG_PROMPT)]
+    kept = tokenize_for(pairs, tokenizer, 20, "keep_start", "training", log=lines.append)
+    assert kept == tokenize_pairs(pairs, tokenizer, 20, "keep_start")[0]
+    assert [pair.index for pair in kept] == [0]
+    assert lines == ["dropped 2 training pairs whose prompt alone fills max_length=20"]
+    lines.clear()
+    tokenize_for(pairs, tokenizer, 20, "keep_start", log=lines.append)
+    assert lines == ["dropped 2 pairs whose prompt alone fills max_length=20"]
+
+
+def test_tokenize_for_says_nothing_when_all_fit(tokenizer, capsys):
+    kept = tokenize_for([as_pair(r) for r in STANDARD], tokenizer, None, "keep_start", "evaluation")
+    assert len(kept) == len(STANDARD)
+    assert capsys.readouterr().out == ""
+
+
+def test_tokenize_for_prints_by_default(tokenizer, capsys):
+    tokenize_for([as_pair(STANDARD[0]), as_pair(LONG_PROMPT)], tokenizer, 20, "keep_start", "training")
+    assert capsys.readouterr().out == "dropped 1 training pairs whose prompt alone fills max_length=20\n"
+
+
+def test_tokenize_for_with_nothing_left_is_a_user_error(tokenizer):
+    lines: list[str] = []
+    with pytest.raises(UserError, match=r"^no evaluation pairs left after truncation to max_length=20$"):
+        tokenize_for([as_pair(LONG_PROMPT)], tokenizer, 20, "keep_start", "evaluation", log=lines.append)
+    assert lines == ["dropped 1 evaluation pairs whose prompt alone fills max_length=20"]
+    with pytest.raises(UserError, match=r"^no pairs left after truncation to max_length=20$"):
+        tokenize_for([as_pair(LONG_PROMPT)], tokenizer, 20, "keep_start", log=lines.append)
+    with pytest.raises(UserError, match=r"^no training pairs to tokenize$"):
+        tokenize_for([], tokenizer, None, "keep_start", "training", log=lines.append)

@@ -19,13 +19,17 @@ import shutil
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
 from preftune.errors import UserError
+from preftune.runtime.run_folder import METRICS_FILE
+
+if TYPE_CHECKING:
+    from preftune.runtime.processes import ProcessGroup
 
 MANIFEST = "manifest.json"
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
@@ -213,3 +217,58 @@ def load_checkpoint(
     loop_state = json.loads((path / "loop_state.json").read_text(encoding="utf-8"))
     metrics_lines = (path / "metrics.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
     return loop_state, metrics_lines
+
+
+# ---- a run's checkpoints: what every loop calls ------------------------------------------------------------------
+def find_checkpoint(resume: str, output_dir: Path) -> Path:
+    """The checkpoint named by --resume: 'latest' (the newest whole one in the run folder) or a folder."""
+    if resume == "latest":
+        found = latest_checkpoint(output_dir)
+        if found is None:
+            raise UserError(f"--resume: no whole checkpoint in {output_dir} (were checkpoints saved, --save-steps?)")
+        return found
+    path = Path(resume)
+    if not (path / "loop_state.json").is_file():
+        raise UserError(f"--resume {resume}: not a checkpoint folder (no loop_state.json)")
+    return path
+
+
+def write_run_checkpoint(
+    group: ProcessGroup, folder: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+    scheduler: Any, loop_state: dict[str, Any], config_yaml: str, keep: int | None,
+) -> Path:
+    """`checkpoint-STEP` of a run (every process calls it: under FSDP each sends its slices). `loop_state` must hold
+    `world_size` and `sharded`, which `restore_run_checkpoint` checks."""
+    path = folder / f"checkpoint-{step}"
+    if group.is_main or group.sharded:
+        weights, optimizer_state = gather_training_state(group.unwrap(model), optimizer, group.sharded)
+    if group.is_main:
+        metrics_lines = (folder / METRICS_FILE).read_text(encoding="utf-8").splitlines(keepends=True)
+        path = save_checkpoint(folder, step, weights, optimizer_state, scheduler, loop_state, metrics_lines,
+                               config_yaml, keep)
+    group.wait()
+    return path
+
+
+def restore_run_checkpoint(
+    group: ProcessGroup, checkpoint: Path, folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+) -> dict[str, Any]:
+    """Continue from `checkpoint`: weights, optimizer, schedule, random states, and metrics.jsonl (rows a killed
+    run wrote after the checkpoint are dropped). Returns the loop state saved with it."""
+    saved = json.loads((checkpoint / "loop_state.json").read_text(encoding="utf-8"))
+    if saved.get("world_size", 1) != group.world_size:
+        raise UserError(f"{checkpoint} was written by {saved.get('world_size', 1)} processes; resume it "
+                        f"with the same number (now {group.world_size})")
+    if saved.get("sharded", False) != group.sharded:
+        written, now = ("under FSDP", "without") if saved.get("sharded") else ("without FSDP", "under FSDP")
+        raise UserError(f"{checkpoint} was written {written}; resume it the same way (now {now})")
+    loop_state, metrics_lines = load_checkpoint(checkpoint, group.unwrap(model), optimizer, scheduler, group.sharded,
+                                                group.is_main)
+    if group.is_main:
+        staging = folder / (METRICS_FILE + ".tmp")
+        staging.write_text("".join(metrics_lines), encoding="utf-8")
+        staging.replace(folder / METRICS_FILE)
+    group.wait()
+    group.print(f"resuming from {checkpoint} at step {loop_state['step']}")
+    return loop_state

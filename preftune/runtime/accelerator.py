@@ -1,4 +1,5 @@
-"""The accelerate runtime (device, mixed precision, processes) that training and evaluation run under."""
+"""The accelerate runtime (device, mixed precision, engines) that every loop and evaluation runs under, and the
+launcher for several processes."""
 
 from __future__ import annotations
 
@@ -111,7 +112,8 @@ def launched() -> bool:
 def launch_processes(num_processes: int, argv: list[str]) -> int:
     """Run `preftune <argv>` in `num_processes` processes with torchrun; returns the exit code (2 when a process
     stopped on a user error, whose message it has printed)."""
-    command = [sys.executable, "-c", "import sys; from preftune.runtime import torchrun; sys.exit(torchrun())",
+    starter = "import sys; from preftune.runtime.accelerator import torchrun; sys.exit(torchrun())"
+    command = [sys.executable, "-c", starter,
                "--standalone", f"--nproc-per-node={num_processes}", "-m", "preftune.cli", *argv]
     return subprocess.call(command)
 

@@ -1,0 +1,159 @@
+"""The commands: each turns a validated Config into calls of the library and returns what the CLI prints.
+
+cli.py parses the options (and knows which each command takes); the functions here read the config and call
+the library modules, which take typed arguments. The Python API (api.py) calls the same recipes.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from preftune.config import Config, loss_params
+from preftune.data import load_and_report, load_prompts
+from preftune.errors import UserError
+
+
+def run_train(config: Config) -> Path:
+    """`preftune train`: DPO on --data, or without --data the default sentiment job."""
+    if config.data.data is None:
+        from preftune.sentiment import run_default_job
+
+        return run_default_job(config)
+    from preftune.recipes import dpo
+
+    return dpo.run(config).output_dir
+
+
+def accelerator_of(config: Config):
+    from preftune.runtime.accelerator import make_accelerator
+
+    return make_accelerator(config.model.bf16)
+
+
+def inference_models(config: Config, device, with_reference: bool = True, model=None, ref_model=None,
+                     tokenizer=None):
+    """The frozen --model / --ref-model pair (default reference: the model itself) and the model's tokenizer.
+    `model`, `ref_model`, `tokenizer`: already loaded objects (the Python API), used instead of loading."""
+    from preftune.measure import ModelPair
+    from preftune.models import frozen, load_model, load_tokenizer, resolve_model
+
+    m = config.model
+    if model is None:
+        source = resolve_model(m.model, m.cache_dir)
+        model = load_model(source, m.trust_remote_code, m.attn_implementation)
+    elif model.name_or_path or tokenizer is not None:
+        source = model.name_or_path
+    else:
+        raise UserError("the model given has no name_or_path to load its tokenizer from: pass tokenizer=")
+    tokenizer = tokenizer or load_tokenizer(resolve_model(source, m.cache_dir), m.trust_remote_code)
+    policy = frozen(model).to(device)
+    reference = None
+    if with_reference:
+        if ref_model is None and m.ref_model is not None:
+            ref_model = load_model(resolve_model(m.ref_model, m.cache_dir), m.trust_remote_code, m.attn_implementation)
+        reference = frozen(ref_model).to(device) if ref_model is not None else policy
+    return ModelPair(policy, reference), tokenizer
+
+
+def pair_data(config: Config, data=None):
+    """--data (or the in-memory `data`) loaded, skipped records reported on stderr."""
+    d = config.data
+    return load_and_report(data if data is not None else d.data, split=d.split, skip_invalid=d.skip_invalid,
+                           name="data", log=stderr)
+
+
+def tokenized(config: Config, loaded, tokenizer):
+    from preftune.tokenize import tokenize_for
+
+    d = config.data
+    return tokenize_for(loaded.pairs, tokenizer, d.max_length or None, d.truncation_mode, None, log=stderr)
+
+
+def stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def run_eval(config: Config, *, model=None, ref_model=None, tokenizer=None, data=None) -> dict[str, float]:
+    """`preftune eval`: the preference metrics of --model against --ref-model (default: itself) on --data."""
+    from preftune.evaluation import evaluate_pairs
+    from preftune.reference import reference_source
+
+    if config.data.data is None and data is None:
+        raise UserError("preftune eval needs --data (a file of preference pairs or a dataset name)")
+    loaded = pair_data(config, data)  # a bad file fails before the models load
+    accelerator = accelerator_of(config)
+    models, tokenizer = inference_models(config, accelerator.device, True, model, ref_model, tokenizer)
+    pairs = tokenized(config, loaded, tokenizer)
+    params = loss_params(config.loss)
+    reference = reference_source(models.policy, models.reference, params.length_split, params.reference_free)
+    with accelerator.autocast():
+        return evaluate_pairs(models.policy, reference, pairs, batch_size=config.train.eval_batch_size,
+                              pad_token_id=tokenizer.pad_token_id, params=params, device=accelerator.device,
+                              layout=config.train.batch_layout)
+
+
+def run_score(config: Config, *, model=None, ref_model=None, tokenizer=None, data=None) -> list[dict]:
+    """`preftune score`: implicit rewards of --data pairs, or of --prompts candidates with their ranks."""
+    from preftune.evaluation import score_candidates, score_pairs
+
+    has_data = config.data.data is not None or data is not None
+    if has_data == (config.sample.prompts is not None):
+        raise UserError("preftune score needs exactly one of --data (preference pairs) or --prompts (prompts with "
+                        "candidate responses)")
+    loaded = pair_data(config, data) if has_data else None
+    accelerator = accelerator_of(config)
+    models, tokenizer = inference_models(config, accelerator.device, True, model, ref_model, tokenizer)
+    beta, batch_size = config.loss.beta, config.train.eval_batch_size
+    with accelerator.autocast():
+        if loaded is not None:
+            pairs = tokenized(config, loaded, tokenizer)
+            return score_pairs(models.policy, models.reference, loaded.pairs, pairs, beta=beta, batch_size=batch_size,
+                               pad_token_id=tokenizer.pad_token_id, device=accelerator.device)
+        prompts = load_prompts(config.sample.prompts, with_responses=True)
+        return score_candidates(models.policy, models.reference, tokenizer, prompts, beta=beta,
+                                batch_size=batch_size, device=accelerator.device)
+
+
+def run_generate(config: Config) -> list[dict]:
+    """`preftune generate`: samples from --model for every prompt of --prompts, as records."""
+    from preftune.rollout import sample
+    from preftune.tokenize import prompt_ids
+
+    s = config.sample
+    accelerator = accelerator_of(config)
+    models, tokenizer = inference_models(config, accelerator.device, with_reference=False)
+    prompts = load_prompts(s.prompts)
+    with accelerator.autocast():
+        samples = sample(models.policy, tokenizer, [prompt_ids(p.prompt, tokenizer) for p in prompts],
+                         num_samples=s.num_samples, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
+                         top_p=s.top_p, batch_size=config.train.eval_batch_size, seed=config.train.seed)
+    return [{"location": prompts[x.prompt_index].location, "prompt": prompts[x.prompt_index].prompt,
+             "sample_index": i % s.num_samples, "completion": x.text} for i, x in enumerate(samples)]
+
+
+def run_judge(config: Config) -> tuple[dict, list[dict]]:
+    """`preftune judge`: win rate of --model over --ref-model under --reward, and KL(policy || reference)."""
+    from preftune.judge import judge
+    from preftune.rewards import load_reward
+    from preftune.tokenize import prompt_ids
+
+    s = config.sample
+    if s.temperature != 1.0 or s.top_p != 1.0:
+        raise UserError("judge samples from the models' own distributions (its KL estimate needs them): "
+                        "leave --temperature and --top-p at 1")
+    accelerator = accelerator_of(config)
+    reward = load_reward(s.reward, accelerator.device)  # before the models: a bad --reward fails fast
+    models, tokenizer = inference_models(config, accelerator.device)
+    prompts = load_prompts(s.prompts)
+    with accelerator.autocast():
+        return judge(models, tokenizer, prompts, [prompt_ids(p.prompt, tokenizer) for p in prompts], reward,
+                     num_samples=s.num_samples, max_new_tokens=s.max_new_tokens,
+                     batch_size=config.train.eval_batch_size, seed=config.train.seed, reward_name=s.reward)
+
+
+def run_frontier(config: Config) -> Path:
+    """`preftune frontier`: the reward-KL frontier of the default job."""
+    from preftune.frontier import run_frontier as frontier
+
+    return frontier(config, [float(b) for b in config.default_job.frontier_betas.split(",")])

@@ -1,0 +1,151 @@
+"""Measuring a policy against its reference: the one place judge, the frontier, the default job and report.md ask.
+
+- `ModelPair`: the policy and its reference *as models*, in every case a run has (a frozen copy or --ref-model;
+  LoRA without --ref-model: the policy with its adapter switched off; no reference held, as with
+  --reference-free or --precompute-ref-log-probs: the starting model, loaded on first use).
+- `measure`: sample from the policy (and the reference), log-probs of the policy's samples under both, KL with
+  its standard error, ground-truth rewards of every sample, and implicit rewards beta * log(pi / pi_ref).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import statistics
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from preftune.config import ModelConfig
+from preftune.rewards import RewardFunction
+from preftune.rollout import Sample, sample, sequence_logps_of_samples
+
+
+@dataclass
+class KLEstimate:
+    mean: float  # estimated KL(policy || reference) per sequence, in nats
+    stderr: float
+    num_samples: int
+
+
+def kl_from_samples(policy_logps: torch.Tensor, reference_logps: torch.Tensor) -> KLEstimate:
+    """Monte-Carlo KL(pi || pi_ref) = E_{y ~ pi}[log pi(y|x) - log pi_ref(y|x)], from samples of the policy."""
+    ratios = (policy_logps - reference_logps).double()
+    n = ratios.numel()
+    stderr = ratios.std(unbiased=True).item() / math.sqrt(n) if n > 1 else float("nan")
+    return KLEstimate(ratios.mean().item(), stderr, n)
+
+
+def stderr(values: Sequence[float]) -> float:
+    """Standard error of the mean: sample standard deviation / sqrt(n) (0 for a single value)."""
+    return statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0
+
+
+def implicit_reward(policy_logps: torch.Tensor, reference_logps: torch.Tensor, beta: float) -> list[float]:
+    """r(x, y) = beta * (log pi(y|x) - log pi_ref(y|x)) of each sequence, from its summed log-probs, shapes (N,)."""
+    return [beta * ratio for ratio in (policy_logps - reference_logps).tolist()]
+
+
+@dataclass
+class ModelPair:
+    """The policy and its reference as models. Build it with `reference_pair` (training runs) or directly."""
+
+    policy: torch.nn.Module
+    reference: torch.nn.Module | None = None  # a separate frozen reference, held or loaded on first use
+    load_reference: Callable[[], torch.nn.Module] | None = None  # when none is held and there is no adapter
+    adapter_off: bool = False  # LoRA without --ref-model: the reference is the policy with its adapter switched off
+
+    @contextlib.contextmanager
+    def reference_model(self) -> Iterator[torch.nn.Module]:
+        if self.adapter_off:
+            with self.policy.disable_adapter():
+                yield self.policy
+            return
+        if self.reference is None:
+            if self.load_reference is None:
+                raise ValueError("a ModelPair needs a reference, a way to load one, or an adapter to switch off")
+            self.reference = self.load_reference()  # kept: a later measurement reuses it
+        yield self.reference
+
+
+def reference_pair(
+    policy: torch.nn.Module, held: torch.nn.Module | None, model: ModelConfig,
+    place: Callable[[torch.nn.Module], torch.nn.Module],
+) -> ModelPair:
+    """The pair of a training run: `held` is the frozen reference the run keeps (None when it keeps none);
+    `place` readies a loaded model for the run (device, or FSDP sharding)."""
+    from preftune.models import load_reference_model
+
+    if held is not None:
+        return ModelPair(policy, held)
+    if model.ref_model is None and hasattr(policy, "disable_adapter"):
+        return ModelPair(policy, adapter_off=True)
+    return ModelPair(policy, load_reference=lambda: place(load_reference_model(model)))
+
+
+@dataclass
+class Measurement:
+    """Per-sample results, in sample order (prompt by prompt, `num_samples` each)."""
+
+    policy_samples: list[Sample]
+    reference_samples: list[Sample] | None  # None unless asked for
+    kl: KLEstimate  # KL(policy || reference) from the policy's samples
+    policy_rewards: list[float] | None = None  # ground truth, when a reward was given
+    reference_rewards: list[float] | None = None
+    policy_implicit: list[float] | None = None  # beta * log(pi / pi_ref) of each policy sample, when beta was given
+    reference_implicit: list[float] | None = None  # the same of each reference sample
+
+
+def measure(
+    pair: ModelPair,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt_ids: Sequence[Sequence[int]],
+    *,
+    num_samples: int = 1,
+    max_new_tokens: int = 32,
+    seed: int = 0,
+    batch_size: int = 32,
+    sample_reference: bool = True,
+    reward: RewardFunction | None = None,
+    prompt_texts: Sequence[str] | None = None,
+    beta: float | None = None,
+) -> Measurement:
+    """Sample `num_samples` completions per prompt from the policy (and, with `sample_reference`, from the
+    reference, same seed), score them, and estimate KL(policy || reference) from the policy's samples.
+
+    Samples follow the models' own distributions (temperature 1, no truncation), as the KL estimate needs.
+    `reward(prompt texts, completions)` is the ground truth (`prompt_texts`: one per prompt; unset: the decoded
+    prompt ids). With `beta`, also the implicit reward of each sample.
+    """
+    settings = dict(num_samples=num_samples, max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size)
+    pad = tokenizer.pad_token_id
+    policy = pair.policy
+    policy_samples = sample(policy, tokenizer, prompt_ids, **settings)
+    policy_logps = sequence_logps_of_samples(policy, policy_samples, pad)
+    reference_samples = reference_implicit = None
+    with pair.reference_model() as reference:
+        reference_logps = sequence_logps_of_samples(reference, policy_samples, pad)
+        if sample_reference:
+            reference_samples = sample(reference, tokenizer, prompt_ids, **settings)
+            if beta is not None:
+                own = sequence_logps_of_samples(reference, reference_samples, pad)
+    if reference_samples is not None and beta is not None:
+        under_policy = sequence_logps_of_samples(policy, reference_samples, pad)
+        reference_implicit = implicit_reward(under_policy, own, beta)
+    result = Measurement(policy_samples, reference_samples, kl_from_samples(policy_logps, reference_logps))
+    if beta is not None:
+        result.policy_implicit = implicit_reward(policy_logps, reference_logps, beta)
+        result.reference_implicit = reference_implicit
+    if reward is not None:
+        texts = list(prompt_texts) if prompt_texts is not None else [
+            tokenizer.decode(ids, skip_special_tokens=True) for ids in prompt_ids]
+
+        def score(samples: list[Sample]) -> list[float]:
+            return reward([texts[s.prompt_index] for s in samples], [s.text for s in samples])
+
+        result.policy_rewards = score(policy_samples)
+        if reference_samples is not None:
+            result.reference_rewards = score(reference_samples)
+    return result
