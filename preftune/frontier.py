@@ -104,8 +104,8 @@ def run_frontier(config: Config, betas: list[float], measurements: int = 3) -> P
         run_config.train.precompute_ref_log_probs = True
         run_config.train.eval_steps = 1 / measurements  # a fraction: evaluate `measurements` times in the run
 
-        def measure_point(run: dpo.DPORun, results: dict, method: str = method) -> None:
-            points.append(measure_against.policy_point(run.models.policy, method, run.state.step))
+        def measure_point(run: dpo.PairRun, results: dict, method: str = method) -> None:
+            points.append(measure_against.policy_point(run.objective.models.policy, method, run.state.step))
 
         training = dpo.setup(run_config)
         try:

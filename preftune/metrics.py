@@ -70,5 +70,6 @@ class MetricTotals:
         totals.add(saved["sums"], saved["num_pairs"])
         return totals
 
-    def means(self) -> dict[str, float]:
-        return {name: self.sums[name] / max(self.num_pairs, 1) for name in METRIC_NAMES}
+    def means(self, names: tuple[str, ...] = METRIC_NAMES) -> dict[str, float]:
+        """Pair-weighted means of `names` (the DPO metrics unless a recipe logs others), in that order."""
+        return {name: self.sums[name] / max(self.num_pairs, 1) for name in names}

@@ -191,8 +191,8 @@ def run_default_job(config: Config) -> Path:
 
     reports: list[dict] = []
 
-    def report_held_out(run: dpo.DPORun) -> None:  # after the model is saved: the run's models are still held
-        reports.append(sentiment_report(run.models, run.tokenizer, config, run.final_eval))
+    def report_held_out(run: dpo.PairRun) -> None:  # after the model is saved: the run's models are still held
+        reports.append(sentiment_report(run.objective.models, run.tokenizer, config, run.final_eval))
 
     # report.md shows the ground truth beside the implicit reward
     result = dpo.run(config, hooks=dpo.Hooks(on_save=report_held_out), ground_truth=sentiment_reward())

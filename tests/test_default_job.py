@@ -35,3 +35,24 @@ def test_default_job_end_to_end_reduced(tmp_path):
     assert [r["step"] for r in steps if "loss" in r] == [1, 2, 3]
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.config.num_hidden_layers == 30
+
+
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")  # the model converted once, the pairs sampled once, for both cases
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("option", ["--precompute-ref-log-probs", "--reference-free"])
+def test_default_job_without_a_held_reference_ends_with_its_reports(tmp_path, shared_cache, option):
+    """No reference model is held while training: the reports load the starting model to sample from it."""
+    out = tmp_path / "run"
+    code = main(["train", "--output-dir", str(out), "--cache-dir", str(shared_cache), "--num-prompts", "16",
+                 "--num-eval-prompts", "4", "--max-new-tokens", "8", "--max-steps", "2", "--batch-size", "4", option])
+    assert code == 0
+    report = json.loads((out / "sentiment_report.json").read_text())
+    assert report["kl_policy_reference"]["num_samples"] == 4 * 2
+    assert math.isfinite(report["reward_gain"])
+    markdown = (out / "report.md").read_text()
+    shown = markdown.count("*(implicit ")  # a reference and a policy sample per held-out prompt shown
+    assert shown >= 2 and shown % 2 == 0 and markdown.count(", ground truth ") == shown

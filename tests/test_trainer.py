@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from preftune.cli import main
-from preftune.recipes.dpo import count_steps
+from preftune.recipes.pairs import count_steps
 from tests.conftest import PAIRS, write_jsonl
 
 
