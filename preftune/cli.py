@@ -35,6 +35,16 @@ FRONTIER_OPTIONS = {"train.output_dir": None, "train.overwrite": None, "train.se
                     "default_job.num_prompts": None, "default_job.num_eval_prompts": None,
                     "default_job.samples_per_eval_prompt": None, "default_job.frontier_betas": "betas",
                     "sample.max_new_tokens": None}
+# the reward model reads no reference, loss, sampling or layout option (its head reads each padded row's last token)
+REWARD_MODEL_OPTIONS = {
+    **{f"{section}.{f.name}": None for section, f in iter_fields()
+       if section in ("model", "data", "train", "reward_model")
+       and f"{section}.{f.name}" not in {"model.ref_model", "model.load_in_4bit", "model.merge", "train.batch_layout",
+                                          "train.sync_ref_model", "train.ref_model_mixup_alpha",
+                                          "train.ref_model_sync_steps", "train.precompute_ref_log_probs"}},
+    # without --data: the default job's pairs, and the settings they are built with
+    "default_job.num_prompts": None, "default_job.num_eval_prompts": None, "sample.max_new_tokens": None,
+}
 EVAL_OPTIONS = {
     **MODEL_PAIR, **PAIR_DATA,
     # every loss option, so that a model pair can be scored under any objective
@@ -107,6 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
          "On the default job's sentiment pairs: DPO at several --betas and training lengths, Preferred-FT (SFT on "
          "the chosen responses) and best-of-N sampling, as (KL, ground-truth reward) points on held-out prompts; "
          "writes frontier.csv, frontier.md and frontier.png. About 40 minutes on 2 CPU cores."),
+        ("reward-model", REWARD_MODEL_OPTIONS, "train a Bradley-Terry reward model on preference pairs",
+         "A sequence-classification head of one output over --model, trained with -log sigmoid(r(x, y_chosen) - "
+         "r(x, y_rejected)) (optionally centred), as TRL's RewardTrainer; held-out accuracy with its interval. "
+         "Saves a plain transformers folder that --reward reads. Without --data: the default job's pairs."),
         ("judge", JUDGE_OPTIONS, "win rate of --model over --ref-model under a ground-truth reward, and KL",
          "Samples both models on --prompts, scores the samples with --reward, and prints the win rate (ties "
          "count half) with a 95% interval, and KL(policy || reference) from the policy's samples."),
@@ -154,6 +168,7 @@ COMMANDS: dict[str, Callable[[Config], object]] = {
     "score": lambda config: print_records(commands.run_score(config), config),
     "judge": cmd_judge,
     "frontier": commands.run_frontier,
+    "reward-model": commands.run_reward_model,
 }
 
 
@@ -167,7 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(plot_run(args.run_dir, args.output))
             return 0
         config = build_config(args)
-        if args.command == "train" and config.train.num_processes > 1 and not launched():
+        if args.command in ("train", "reward-model") and config.train.num_processes > 1 and not launched():
             # checked above, before any process starts; each process parses the same arguments again
             return launch_processes(config.train.num_processes, argv)
         COMMANDS[args.command](config)

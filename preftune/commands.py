@@ -25,6 +25,26 @@ def run_train(config: Config) -> Path:
     return dpo.run(config).output_dir
 
 
+def run_reward_model(config: Config) -> Path:
+    """`preftune reward-model`: a Bradley-Terry reward model on --data (without --data: the default job's pairs);
+    prints the held-out accuracy with its 95% interval."""
+    from preftune.recipes import reward_model
+
+    if config.data.data is None:
+        from preftune.sentiment import prepare_default_job
+
+        _, train_file, eval_file = prepare_default_job(config)
+        config.data.data, config.data.eval_data = str(train_file), str(eval_file)
+    finished = reward_model.run(config)
+    held_out = finished.final_eval
+    if held_out is not None and finished.group.is_main:
+        half_width = 1.96 * held_out["accuracy_stderr"]
+        print(f"held-out preference accuracy {held_out['accuracy']:.3f} (95% interval "
+              f"{max(0.0, held_out['accuracy'] - half_width):.3f}-{min(1.0, held_out['accuracy'] + half_width):.3f},"
+              f" {held_out['num_pairs']} pairs); reward model in {finished.folder}", flush=True)
+    return finished.folder
+
+
 def accelerator_of(config: Config):
     from preftune.runtime.accelerator import make_accelerator
 

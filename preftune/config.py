@@ -231,6 +231,16 @@ class SampleConfig:
 
 
 @dataclass
+class RewardModelConfig:
+    """`preftune reward-model`: a Bradley-Terry reward model trained on the pairs."""
+
+    center_rewards_coefficient: float | None = doc(
+        "Add this times the mean of (r(x, y_chosen) + r(x, y_rejected))^2 to the loss, so that rewards centre on 0 "
+        "(Eisenstein et al. 2023, arXiv:2312.09244, eq. 2; 0.01 suggested). Unset: no centering term."
+    )
+
+
+@dataclass
 class DefaultJobConfig:
     """The default job (no --data): the DPO paper's controlled-sentiment experiment in miniature."""
 
@@ -260,6 +270,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    reward_model: RewardModelConfig = field(default_factory=RewardModelConfig)
     default_job: DefaultJobConfig = field(default_factory=DefaultJobConfig)
     # Fields the user set (YAML or flags), as "section.name": lets checks tell "left at default" from "asked for".
     explicitly_set: set[str] = field(default_factory=set, repr=False, compare=False)
@@ -534,6 +545,12 @@ def validate(config: Config, command: str = "train") -> None:
                "with --data (it configures the default job, which runs only without --data)")
     if command == "train":
         unused("default_job", ["frontier_betas"], "in train (it configures preftune frontier)")
+    if command != "reward-model":
+        unused("reward_model", [f.name for f in dataclasses.fields(RewardModelConfig)],
+               f"in {command} (it configures preftune reward-model)")
+    coefficient = config.reward_model.center_rewards_coefficient
+    need(coefficient is None or coefficient >= 0,
+         f"--center-rewards-coefficient must be >= 0, got {coefficient}")
     betas = config.default_job.frontier_betas
     try:
         need(all(float(b) > 0 for b in betas.split(",")), f"--frontier-betas must be positive numbers, got '{betas}'")

@@ -7,11 +7,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
-from preftune.batching import collate_padded, iterate_batches, pad_rows
+from preftune.batching import Batch, collate_padded, iterate_batches, pad_rows
 from preftune.data import PreferencePair, PromptRecord
 from preftune.logprobs import completion_logps, sequence_logps
 from preftune.losses import LossParams, compute_loss
@@ -21,26 +21,25 @@ from preftune.reference import ReferenceSource
 from preftune.tokenize import TokenizedPair, tokenize_completion
 
 
-def evaluate_totals(
-    policy: torch.nn.Module,
-    reference: ReferenceSource,
+def batch_totals(
+    model: torch.nn.Module,
     pairs: Sequence[TokenizedPair],
+    score: Callable[[Batch], dict[str, float]],
     *,
     batch_size: int,
     pad_token_id: int,
-    params: LossParams,
     device: torch.device | str = "cpu",
     layout: str = "padded",
     lockstep: tuple[int, TokenizedPair] | None = None,
 ) -> MetricTotals:
-    """Per-pair sums of the TRL-named preference metrics over `pairs`, without gradients.
+    """`score(batch)` (per-pair metric sums) added over `pairs`, without gradients, `model` in eval mode.
 
     `lockstep=(batches, filler)`: run exactly `batches` forwards, the ones past `pairs`' own on `filler` alone and
     not counted. Under FSDP every forward is a collective, so processes with shares of unequal length must run
     the same number of them.
     """
-    was_training = policy.training
-    policy.eval()
+    was_training = model.training
+    model.eval()
     totals = MetricTotals()
     batches = list(iterate_batches(pairs, batch_size, pad_token_id, layout=layout))
     counted = len(batches)
@@ -49,13 +48,29 @@ def evaluate_totals(
         batches += [collate_padded([filler], pad_token_id)] * (wanted - counted)
     with torch.no_grad():
         for position, batch in enumerate(batches):
-            batch = batch.to(device)
-            policy_logps = sequence_logps(policy, batch, params.length_split, params.use_weighting)
-            output = compute_loss(policy_logps, reference(batch), params)
+            sums = score(batch.to(device))
             if position < counted:
-                totals.add(pair_sums(output, policy_logps), batch.num_pairs)
-    policy.train(was_training)
+                totals.add(sums, batch.num_pairs)
+    model.train(was_training)
     return totals
+
+
+def evaluate_totals(
+    policy: torch.nn.Module,
+    reference: ReferenceSource,
+    pairs: Sequence[TokenizedPair],
+    *,
+    params: LossParams,
+    **batching,
+) -> MetricTotals:
+    """Per-pair sums of the TRL-named preference metrics over `pairs`: the training step's forward and loss,
+    without gradients (batching arguments as `batch_totals`)."""
+
+    def score(batch: Batch) -> dict[str, float]:
+        policy_logps = sequence_logps(policy, batch, params.length_split, params.use_weighting)
+        return pair_sums(compute_loss(policy_logps, reference(batch), params), policy_logps)
+
+    return batch_totals(policy, pairs, score, **batching)
 
 
 def evaluate_pairs(policy: torch.nn.Module, reference: ReferenceSource, pairs: Sequence[TokenizedPair],

@@ -156,7 +156,8 @@ def load_model(
     return model
 
 
-def add_lora(model: PreTrainedModel, config: ModelConfig) -> torch.nn.Module:
+def add_lora(model: PreTrainedModel, config: ModelConfig, task_type: str = "CAUSAL_LM") -> torch.nn.Module:
+    """A LoRA adapter on `model`; task_type SEQ_CLS (reward models) also trains the new score head in full."""
     from peft import LoraConfig, get_peft_model
 
     targets = config.lora_target_modules
@@ -165,7 +166,7 @@ def add_lora(model: PreTrainedModel, config: ModelConfig) -> torch.nn.Module:
         lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout,
         target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",")],
-        task_type="CAUSAL_LM",
+        task_type=task_type,
     )
     return get_peft_model(model, lora_config)
 
@@ -226,14 +227,53 @@ def load_policy_and_reference(
     if config.lora:
         policy = add_lora(policy, config)
     if config.gradient_checkpointing:
-        # non-reentrant: works with frozen inputs (LoRA) without enable_input_require_grads. transformers 5.x renamed
-        # the method (the old name warns until v6); the fallback serves older 5.x releases
-        kwargs = {"use_reentrant": False}
-        if hasattr(policy, "activation_checkpointing_enable"):
-            policy.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        enable_checkpointing(policy)
     return policy, reference, tokenizer, source
+
+
+def enable_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute activations in the backward pass (--gradient-checkpointing)."""
+    # non-reentrant: works with frozen inputs (LoRA) without enable_input_require_grads. transformers 5.x renamed the
+    # method (the old name warns until v6); the fallback serves older 5.x releases
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def load_reward_base(
+    config: ModelConfig, model: PreTrainedModel | None = None, tokenizer: PreTrainedTokenizerBase | None = None,
+) -> tuple[torch.nn.Module, PreTrainedTokenizerBase, str]:
+    """A reward model to train: --model (or `model`) with a sequence-classification head of one output, read at
+    each sequence's last token (a new head, initialised from the seed, unless the folder has one), LoRA-wrapped if
+    asked; its tokenizer and source."""
+    from transformers import AutoModelForSequenceClassification
+
+    if model is None:
+        source = resolve_model(config.model, config.cache_dir)
+        extra = {"attn_implementation": config.attn_implementation} if config.attn_implementation else {}
+        try:
+            model = AutoModelForSequenceClassification.from_pretrained(
+                source, num_labels=1, dtype=torch.float32, trust_remote_code=config.trust_remote_code, **extra)
+        except OSError as error:
+            raise UserError(f"cannot load a model with a sequence-classification head from {source}: {error}") from None
+    else:
+        source = model.name_or_path or type(model).__name__
+    tokenizer = tokenizer or load_tokenizer(resolve_model(model.name_or_path or config.model, config.cache_dir),
+                                            config.trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if getattr(model.config, "num_labels", 1) != 1:
+        raise UserError(f"{source}: a reward model has one output (num_labels=1), this one has "
+                        f"{model.config.num_labels}")
+    model.config.pad_token_id = tokenizer.pad_token_id  # the head reads the last token that is not padding
+    disable_dropout(model)
+    if config.lora:
+        model = add_lora(model, config, task_type="SEQ_CLS")
+    if config.gradient_checkpointing:
+        enable_checkpointing(model)
+    return model, tokenizer, source
 
 
 def save_model(

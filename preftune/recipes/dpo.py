@@ -60,6 +60,7 @@ class DPOObjective:
     models: ModelPair  # the unwrapped policy and its reference as models (samples, reports, TR-DPO)
     report_prompts: list[tuple[str, list[int]]]  # shown with samples in report.md
     ground_truth: RewardFunction | None = None  # shown beside the implicit reward in report.md, if any
+    layout: str = "packed"  # --batch-layout
     metric_names: tuple[str, ...] = METRIC_NAMES
     command: str = "train"
 
@@ -111,7 +112,7 @@ def setup(config: Config, inputs: Inputs | None = None, ground_truth: RewardFunc
     objective = DPOObjective(
         params, train_reference, eval_reference, reference_pair(unwrapped, reference, c.model, group.place_frozen),
         # the first distinct prompts of the held-out (else training) data
-        example_prompts(opened.eval_data or opened.train_data, tokenizer), ground_truth)
+        example_prompts(opened.eval_data or opened.train_data, tokenizer), ground_truth, c.train.batch_layout)
     return pairs.start(opened, tokenizer=tokenizer, model_source=model_source, model=policy, optimizer=optimizer,
                        scheduler=scheduler, objective=objective, train_pairs=train_pairs, eval_pairs=eval_pairs,
                        batches_per_epoch=batches_per_epoch, total_steps=total_steps)

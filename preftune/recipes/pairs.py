@@ -43,6 +43,7 @@ class Objective(Protocol):
 
     metric_names: tuple[str, ...]  # the order of the logged training metrics
     command: str  # the CLI command that runs the recipe (for the resume hint)
+    layout: str  # the batch layout of its training micro-batches (batching.LAYOUTS)
 
     def step(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         """(mean loss over the micro-batch's pairs, with gradients; per-pair sums of every metric, "loss" first)."""
@@ -133,7 +134,9 @@ class PairRun:
     model: torch.nn.Module  # as prepared by accelerate (DDP-wrapped or FSDP-sharded)
     optimizer: torch.optim.Optimizer
     scheduler: Any
-    trainable: list[torch.nn.Parameter]  # read after prepare: FSDP replaces the parameters with sharded ones
+    # the optimizer's parameters: FSDP2 swaps in sharded ones at prepare, and a forward without backward (the
+    # precomputed reference) leaves its root's parameters unsharded, so model.parameters() is then the wrong list
+    trainable: list[torch.nn.Parameter]
     objective: Any  # the recipe's Objective, with whatever else the recipe holds (models, reference, ...)
     train_pairs: list[TokenizedPair]
     eval_pairs: list[TokenizedPair]
@@ -216,7 +219,8 @@ def start(opened: Opened, *, tokenizer: PreTrainedTokenizerBase, model_source: s
                                                    scheduler))
     run = PairRun(
         config=c, group=group, folder=opened.folder, tokenizer=tokenizer, model_source=model_source, model=model,
-        optimizer=optimizer, scheduler=scheduler, trainable=[p for p in model.parameters() if p.requires_grad],
+        optimizer=optimizer, scheduler=scheduler,
+        trainable=[p for param_group in optimizer.param_groups for p in param_group["params"]],
         objective=objective, train_pairs=train_pairs, eval_pairs=eval_pairs,
         train_locations=[f"{p.source} {p.location}" for p in opened.train_data.pairs],
         batches_per_epoch=batches_per_epoch, total_steps=total_steps,
@@ -243,7 +247,7 @@ def announce(run: PairRun) -> None:
 # ---- the loop ----------------------------------------------------------------------------------------------------
 def micro_batches(run: PairRun) -> Iterator[Batch]:
     """Micro-batches forever, epoch after epoch, reshuffled per epoch; resumes at `micro_batches_seen`."""
-    collate = LAYOUTS[run.config.train.batch_layout]
+    collate = LAYOUTS[run.objective.layout]
     while True:
         epoch, offset = divmod(run.state.micro_batches_seen, run.batches_per_epoch)
         for positions in run.epoch_batches(epoch)[offset:]:

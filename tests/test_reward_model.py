@@ -1,0 +1,143 @@
+"""The Bradley-Terry reward model: the loss by hand, per-step losses equal TRL 1.16 RewardTrainer's, exact resume,
+and the saved folder read back by `judge --reward`."""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
+
+from preftune.cli import main
+from preftune.recipes.reward_model import bradley_terry_losses
+from tests.conftest import PAIRS, write_jsonl
+
+RECORDS = [
+    *PAIRS,
+    {"prompt": "My verdict:", "chosen": " see it twice, it rewards attention.", "rejected": " skip"},
+    {"prompt": "The cast", "chosen": " shines.", "rejected": " seemed lost in a script that never decides"},
+]
+
+
+def test_bradley_terry_loss_by_hand():
+    chosen, rejected = torch.tensor([2.0, 0.0, -1.0]), torch.tensor([0.0, 0.0, 1.0])
+    # -log sigmoid(d) = log(1 + e^-d): d = 2, 0, -2
+    expected = torch.tensor([math.log(1 + math.exp(-2)), math.log(2), math.log(1 + math.exp(2))])
+    assert torch.allclose(bradley_terry_losses(chosen, rejected), expected)
+    # centering adds c (r_w + r_l)^2: 4, 0, 0 times 0.01
+    centred = bradley_terry_losses(chosen, rejected, 0.01)
+    assert torch.allclose(centred, expected + torch.tensor([0.04, 0.0, 0.0]))
+    # the loss falls as the margin grows, and is symmetric: swapping the pair gives loss(-d)
+    assert torch.allclose(bradley_terry_losses(rejected, chosen), torch.log1p(torch.exp(torch.tensor([2.0, 0, -2]))))
+
+
+@pytest.fixture(scope="module")
+def reward_base(tmp_path_factory, tiny_model_dir) -> Path:
+    """The tiny Llama with a seeded one-output score head, saved, so both trainers start from the same head."""
+    folder = tmp_path_factory.mktemp("reward-base")
+    torch.manual_seed(5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1)
+    with torch.no_grad():
+        model.score.weight.normal_(0, 0.5)  # rewards that differ from the start: the steps are not of constants
+    model.save_pretrained(folder, safe_serialization=True)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(folder)
+    return folder
+
+
+def reward_args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    return ["reward-model", "--model", str(model), "--data", str(data), "--output-dir", str(out), "--batch-size", "2",
+            "--learning-rate", "1e-2", "--warmup-ratio", "0", "--no-shuffle", *extra]
+
+
+def step_losses(out: Path) -> list[float]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [row["loss"] for row in rows if "loss" in row]
+
+
+@pytest.mark.parametrize("centering", [None, 0.01])
+def test_training_steps_equal_trls_reward_trainer(tmp_path, reward_base, centering):
+    from datasets import Dataset
+    from trl import RewardConfig, RewardTrainer
+
+    data = write_jsonl(tmp_path / "pairs.jsonl", RECORDS)
+    extra = ["--center-rewards-coefficient", str(centering)] if centering is not None else []
+    assert main(reward_args(reward_base, data, tmp_path / "ours", "--max-steps", "3", *extra)) == 0
+    ours = step_losses(tmp_path / "ours")
+
+    class Losses(TrainerCallback):
+        values: list[float] = []
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                self.values.append(logs["loss"])
+
+    losses = Losses()
+    config = RewardConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=2, max_steps=3,
+                          learning_rate=1e-2, lr_scheduler_type="linear", warmup_steps=0, logging_steps=1,
+                          save_strategy="no", report_to="none", use_cpu=True, bf16=False,
+                          train_sampling_strategy="sequential", center_rewards_coefficient=centering)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = RewardTrainer(model=AutoModelForSequenceClassification.from_pretrained(reward_base, num_labels=1),
+                                args=config, train_dataset=Dataset.from_list(RECORDS),
+                                processing_class=AutoTokenizer.from_pretrained(reward_base), callbacks=[losses])
+        trainer.train()
+    assert len(ours) == len(losses.values) == 3
+    assert abs(ours[-1] - ours[0]) > 1e-3  # the steps move the model: the comparison is not of constants
+    for step, (a, b) in enumerate(zip(ours, losses.values), start=1):
+        assert a == pytest.approx(b, abs=1e-5), f"step {step}"
+
+
+def test_resume_continues_exactly_and_judge_reads_the_folder(tmp_path, reward_base, tiny_model_dir, capsys):
+    data = write_jsonl(tmp_path / "pairs.jsonl", RECORDS)
+    held_out = write_jsonl(tmp_path / "held_out.jsonl", PAIRS)
+    out = tmp_path / "run"
+    args = reward_args(reward_base, data, out, "--max-steps", "4", "--save-steps", "2", "--eval-data",
+                       str(held_out))
+    assert main(args) == 0
+    first_losses, first_weights = step_losses(out), load_file(out / "model.safetensors")
+    assert "held-out preference accuracy" in capsys.readouterr().out
+    results = json.loads((out / "eval_results.json").read_text())
+    assert results["num_pairs"] == len(PAIRS) and 0 <= results["accuracy"] <= 1 and results["accuracy_stderr"] >= 0
+    # continue from step 2 in the same folder: steps 3 and 4 again, to the same weights
+    assert main([*args, "--resume", str(out / "checkpoint-2")]) == 0
+    assert step_losses(out) == first_losses
+    again = load_file(out / "model.safetensors")
+    assert all(torch.equal(again[name], first_weights[name]) for name in first_weights)
+
+    # the folder is a plain sequence-classification model that judge's --reward reads
+    model = AutoModelForSequenceClassification.from_pretrained(out)
+    assert model.config.num_labels == 1
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "The movie was"}, {"prompt": "Review:"}])
+    capsys.readouterr()
+    assert main(["judge", "--model", str(tiny_model_dir), "--prompts", str(prompts), "--reward", str(out),
+                 "--max-new-tokens", "4"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["comparisons"] == 2 and summary["reward"] == str(out)
+
+
+def test_lora_reward_model_is_saved_merged(tmp_path, reward_base):
+    data = write_jsonl(tmp_path / "pairs.jsonl", RECORDS)
+    out = tmp_path / "lora"
+    assert main(reward_args(reward_base, data, out, "--max-steps", "2", "--lora")) == 0
+    assert (out / "adapter" / "adapter_config.json").is_file()
+    merged = AutoModelForSequenceClassification.from_pretrained(out)
+    base = AutoModelForSequenceClassification.from_pretrained(reward_base)
+    # the score head is trained in full under LoRA (peft's SEQ_CLS task): it moved
+    assert not torch.equal(merged.score.weight, base.score.weight)
+
+
+def test_reward_model_refuses_dpo_options(tmp_path, reward_base, capsys):
+    data = write_jsonl(tmp_path / "pairs.jsonl", RECORDS)
+    with pytest.raises(SystemExit):
+        main(reward_args(reward_base, data, tmp_path / "x", "--beta", "0.1"))
+    assert "--beta" in capsys.readouterr().err
+    assert main(reward_args(reward_base, data, tmp_path / "y", "--center-rewards-coefficient", "-1")) == 2
+    assert "--center-rewards-coefficient must be >= 0" in capsys.readouterr().err
