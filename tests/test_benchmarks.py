@@ -8,7 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import PAIRS, write_jsonl
+
+pytestmark = pytest.mark.slow  # whole benchmark runs (one launches several processes): the full suite runs them
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -77,6 +77,7 @@ def start_and_stop(args: list[str], out: Path, stop_signal: int) -> subprocess.C
     return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
+@pytest.mark.slow
 def test_resume_after_kill_9_equals_the_uninterrupted_run(tmp_path, tiny_model_dir, data, uninterrupted):
     out = tmp_path / "killed"
     args = run_args(tiny_model_dir, data, out)
@@ -91,6 +92,7 @@ def test_resume_after_kill_9_equals_the_uninterrupted_run(tmp_path, tiny_model_d
     assert [r["loss"] for r in rows] == [r["loss"] for r in expected]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_signal_checkpoints_and_resumes_exactly(tmp_path, tiny_model_dir, data, uninterrupted, stop_signal):
     out = tmp_path / "terminated"
@@ -105,6 +107,7 @@ def test_signal_checkpoints_and_resumes_exactly(tmp_path, tiny_model_dir, data, 
     assert [r["step"] for r in train_rows(out)] == list(range(1, STEPS + 1))
 
 
+@pytest.mark.slow
 def test_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path, tiny_model_dir, data, uninterrupted):
     out = tmp_path / "damaged"
     args = run_args(tiny_model_dir, data, out)

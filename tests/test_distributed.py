@@ -15,6 +15,8 @@ from preftune.batching import process_batches
 from preftune.cli import main
 from tests.conftest import PAIRS, write_jsonl
 
+# the tests that launch several processes are slow: the full suite (CI, the README's command) runs them
+
 
 @pytest.mark.parametrize(("num_pairs", "batch_size", "world_size"), [(12, 2, 2), (13, 2, 2), (10, 3, 3), (7, 1, 4)])
 def test_processes_see_disjoint_pairs_that_cover_the_epoch(num_pairs, batch_size, world_size):
@@ -66,6 +68,7 @@ def assert_same_training(one: Path, two: Path) -> None:
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("grad_accum", "two_process_options"), [
     (1, []),
     (2, []),
@@ -80,6 +83,7 @@ def test_two_processes_equal_one_process_with_twice_the_batch(tmp_path, tiny_mod
     assert_same_training(one, two)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("config", "grad_accum", "options", "two_process_options"), [
     ("fsdp", 1, (), []),
     # 16 evaluation pairs: shares of 8 in 3 batches, the last one short
@@ -106,6 +110,7 @@ def test_fsdp_on_two_processes_equals_one_process(tmp_path, tiny_model_dir, conf
     assert samples[0] and samples[0] == samples[1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("engine", ["ddp", "fsdp"])
 def test_checkpoint_resumes_under_the_same_number_of_processes(tmp_path, tiny_model_dir, capfd, monkeypatch, engine):
     data = write_jsonl(tmp_path / "pairs.jsonl", PAIRS * 2)

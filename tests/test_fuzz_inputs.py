@@ -18,6 +18,8 @@ from preftune.cli import main
 from preftune.data import ROLES
 from tests.conftest import PAIRS
 
+pytestmark = pytest.mark.slow  # dozens of generated files through the CLI each: the full suite runs them
+
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 json_values = st.recursive(

@@ -122,12 +122,12 @@ def train_rows(tmp_path, name, tiny_model_dir, pairs_file, capsys, *extra) -> tu
     return read_rows(out), capsys.readouterr().out
 
 
-@pytest.mark.parametrize("options", [
-    [],
-    ["--lora", "--learning-rate", "5e-2"],
-    ["--ref-model", "REF"],
-    ["--ld-alpha", "0.3"],
-], ids=["copy", "lora", "ref-model", "ld-dpo-tails"])
+@pytest.mark.parametrize("options", [  # the inner loop (-m "not slow") keeps the plain case
+    pytest.param([], id="copy"),
+    pytest.param(["--lora", "--learning-rate", "5e-2"], id="lora", marks=pytest.mark.slow),
+    pytest.param(["--ref-model", "REF"], id="ref-model", marks=pytest.mark.slow),
+    pytest.param(["--ld-alpha", "0.3"], id="ld-dpo-tails", marks=pytest.mark.slow),
+])
 def test_precomputed_reference_trains_as_the_live_one(tmp_path, tiny_model_dir, tiny_ref_dir, pairs_file, capsys,
                                                       options):
     options = [str(tiny_ref_dir) if o == "REF" else o for o in options]
