@@ -30,6 +30,11 @@ Every text must be UTF-8. Each record takes one of the forms TRL accepts (other 
 * implicit prompt: ``{"chosen", "rejected"}`` only, each the whole text or conversation; the prompt is their shared
   start (see `extract_prompt`).
 
+A completion may be empty or only whitespace (a string, or assistant messages with such contents), as TRL allows: in a
+harmlessness set, saying nothing is a real answer. It is kept and scored by the tokens that end a reply (EOS after
+plain text, the chat template's end of turn after messages); `load_and_report` names such pairs once
+(`describe_blank`). Prompts must not be empty.
+
 Records are validated when loaded: a bad record is a `DataError` naming the source, the record and the field,
 saying what was expected and what was found. With ``skip_invalid=True`` bad records are dropped and returned in
 `LoadResult.skipped` instead; problems with the source as a whole (missing, empty, unreadable) are `UserError`s.
@@ -83,6 +88,18 @@ class PreferencePair:
     def is_conversational(self) -> bool:
         return isinstance(self.prompt, list)
 
+    @property
+    def blank_completions(self) -> tuple[str, ...]:
+        """The fields ("chosen", "rejected") whose completion is empty or only whitespace."""
+        return tuple(field for field in ("chosen", "rejected") if is_blank(getattr(self, field)))
+
+
+def is_blank(text: Text) -> bool:
+    """Whether a reply says nothing: an empty or whitespace-only string, or messages with only such contents."""
+    if isinstance(text, str):
+        return not text.strip()
+    return not any(message["content"].strip() for message in text)
+
 
 @dataclass
 class LoadResult:
@@ -116,18 +133,19 @@ def _text_kind(text: Text) -> str:
     return "a string" if isinstance(text, str) else "a list of messages"
 
 
-def _check_text(value: object, field: str) -> Text:
+def _check_text(value: object, field: str, blank_ok: bool = False) -> Text:
+    """`value` as a string or messages; `blank_ok` (completions): empty or whitespace-only text is accepted."""
     if isinstance(value, str):
-        if not value.strip():
+        if not blank_ok and not value.strip():
             found = "an empty string" if not value else "only whitespace"
             raise _Invalid(field, f"expected a non-empty string, got {found}")
         return value
     if isinstance(value, list | tuple):
-        return _check_messages(value, field)
+        return _check_messages(value, field, blank_ok)
     raise _Invalid(field, f"expected a string or a list of messages, got {_kind(value)}")
 
 
-def _check_messages(value: list | tuple, field: str) -> list[Message]:
+def _check_messages(value: list | tuple, field: str, blank_ok: bool = False) -> list[Message]:
     if not value:
         raise _Invalid(field, "expected a non-empty list of messages, got an empty list")
     messages: list[Message] = []
@@ -149,7 +167,7 @@ def _check_messages(value: list | tuple, field: str) -> list[Message]:
         # Only role and content: Arrow-backed sources fill absent struct fields with None, which chat templates
         # would render or choke on.
         messages.append({"role": role, "content": content})
-    if not any(m["content"].strip() for m in messages):
+    if not blank_ok and is_blank(messages):
         raise _Invalid(field, "expected some non-empty message content, got only empty messages")
     return messages
 
@@ -175,8 +193,9 @@ def _validate(record: object) -> tuple[Text, Text, Text]:
             found = ", ".join(map(str, record)) or "none"
             raise _Invalid(key, f"missing (expected keys: {EXPECTED_KEYS}; found: {found})")
     prompt = _check_text(record["prompt"], "prompt") if "prompt" in record else None
-    chosen = _check_text(record["chosen"], "chosen")
-    rejected = _check_text(record["rejected"], "rejected")
+    # Blank completions pass here; in the implicit form the prompt is taken out of them, and it must not be blank.
+    chosen = _check_text(record["chosen"], "chosen", blank_ok=True)
+    rejected = _check_text(record["rejected"], "rejected", blank_ok=True)
     if prompt is None:
         return extract_prompt(chosen, rejected)
     _same_kind(prompt, "prompt", chosen, "chosen")
@@ -219,8 +238,11 @@ def extract_prompt(chosen: Text, rejected: Text) -> tuple[Text, Text, Text]:
     Message lists: the prompt is the longest common run of messages; each remainder must start with an assistant
     message.
 
+    A completion may be empty or only whitespace once the prompt is removed (HH-RLHF's empty replies end with
+    ``"\n\nAssistant: "``: the completion is " "); a conversation must still have a reply message after the prompt.
+
     Raises ValueError saying why when there is no shared prompt, the two are identical or of different kinds,
-    or a completion is empty once the prompt is removed.
+    or a conversation has no reply after the prompt or one that does not start with an assistant message.
     """
     if isinstance(chosen, str) != isinstance(rejected, str):
         raise _Invalid("rejected", f"expected {_text_kind(chosen)} like 'chosen', got {_text_kind(rejected)}")
@@ -236,10 +258,6 @@ def extract_prompt(chosen: Text, rejected: Text) -> tuple[Text, Text, Text]:
         prompt: Text = chosen[:n]
         if not prompt.strip():
             raise _Invalid("prompt", "chosen and rejected share no prompt")
-        for field, other, completion in (("chosen", "rejected", chosen[n:]), ("rejected", "chosen", rejected[n:])):
-            if not completion.strip():
-                found = f"only whitespace ({completion!r})" if completion else "nothing"
-                raise _Invalid(field, f"expected a non-empty reply after the prompt shared with {other}, got {found}")
         return prompt, chosen[n:], rejected[n:]
     if n == 0:
         raise _Invalid("prompt", "chosen and rejected share no prompt (their first messages differ)")
@@ -252,9 +270,6 @@ def extract_prompt(chosen: Text, rejected: Text) -> tuple[Text, Text, Text]:
                 f"expected the first message after the shared prompt to be an assistant message, "
                 f"got {messages[n]['role']!r}",
             )
-        if not any(m["content"].strip() for m in messages[n:]):
-            problem = f"expected a non-empty reply after the messages shared with {other}, got only empty messages"
-            raise _Invalid(field, problem)
     return chosen[:n], chosen[n:], rejected[n:]
 
 
@@ -643,10 +658,13 @@ def load_and_report(
     source: str | os.PathLike | object, *, split: str = "train", skip_invalid: bool = False,
     name: str | None = None, log: Callable[[str], None] = print_flushed,
 ) -> LoadResult:
-    """`load_pairs`, and with `skip_invalid` one `describe_skipped` line to `log` when records were skipped."""
+    """`load_pairs`, then one line to `log` for each of: records skipped (with `skip_invalid`, `describe_skipped`),
+    and pairs kept with an empty or whitespace-only completion (`describe_blank`)."""
     result = load_pairs(source, split=split, skip_invalid=skip_invalid, name=name)
     if result.skipped:
         log(describe_skipped(result.skipped))
+    if any(pair.blank_completions for pair in result.pairs):
+        log(describe_blank(result.pairs))
     return result
 
 
@@ -717,3 +735,16 @@ def describe_skipped(skipped: list[DataError], limit: int = 10) -> str:
     shown = "; ".join(str(error) for error in skipped[:limit])
     more = f"; and {len(skipped) - limit} more" if len(skipped) > limit else ""
     return f"skipped {len(skipped)} invalid {noun}: {shown}{more}"
+
+
+def describe_blank(pairs: Sequence[PreferencePair], limit: int = 5) -> str:
+    """One line for the log: how many completions are empty or whitespace-only, and where the first `limit` are
+    (each "source: location (field)"). They are trained on, not dropped: the notice says so, and how they count."""
+    places = [(pair, field) for pair in pairs for field in pair.blank_completions]
+    if not places:
+        return "no empty or whitespace-only completions"
+    noun = "completion is" if len(places) == 1 else "completions are"
+    shown = "; ".join(f"{pair.source}: {pair.location} ({field})" for pair, field in places[:limit])
+    more = f"; and {len(places) - limit} more" if len(places) > limit else ""
+    return (f"note: {len(places)} {noun} empty or whitespace-only, kept and scored as TRL does, by the tokens "
+            f"that end a reply (EOS after plain text, the chat template's end of turn after messages): {shown}{more}")

@@ -113,7 +113,8 @@ def score_candidates(
 ) -> list[dict]:
     """One record per candidate response: its implicit reward, both log-probs, and its rank among its prompt's
     candidates (1: the one best-of-N reranking by the implicit reward picks)."""
-    rows = [(p, j, *tokenize_completion(p.prompt, response, tokenizer))
+    rows = [(p, j, *tokenize_completion(p.prompt, response, tokenizer, source=p.source, location=p.location,
+                                        field=f"responses[{j}]"))
             for p in prompts for j, response in enumerate(p.responses)]
     rewards: list[tuple[float, float, float]] = []
     with torch.no_grad():

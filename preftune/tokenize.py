@@ -4,6 +4,10 @@ The boundary is settled here and nowhere else, the way TRL 1.x settles it: promp
 tokenized separately, and the completion starts where their ids diverge (a tokenizer may merge tokens across
 the boundary, or a chat template may render the prompt differently alone). On the same pair our ids equal
 TRL's DPOTrainer's.
+
+An empty or whitespace-only completion gets the same treatment, so it is scored by the tokens that end a reply:
+EOS after plain text, the chat template's end of turn after messages. One that gets no token at all (no EOS, or a
+template that renders nothing for an empty turn) leaves nothing to score and is a `DataError`.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from typing import TYPE_CHECKING
 from transformers import PreTrainedTokenizerBase
 
 from preftune.data import common_prefix_length, print_flushed
-from preftune.errors import UserError
+from preftune.errors import DataError, UserError
 
 if TYPE_CHECKING:
     from preftune.data import PreferencePair, Text
@@ -40,12 +44,40 @@ def _ids(tokenizer: PreTrainedTokenizerBase, text: Text, add_generation_prompt: 
     return list(tokenizer(text=text)["input_ids"])
 
 
+def _split(
+    prompt: Text, completions: Sequence[Text], tokenizer: PreTrainedTokenizerBase
+) -> tuple[list[int], list[list[int]]]:
+    """Prompt ids and each completion's ids: chat template for messages, EOS appended to plain-text completions,
+    and the completion starting where the prompt's ids and every prompt+completion's diverge (as TRL)."""
+    if isinstance(prompt, list):
+        prompt_ids = _ids(tokenizer, prompt, add_generation_prompt=True)
+        full = [_ids(tokenizer, prompt + completion) for completion in completions]
+    else:
+        eos = tokenizer.eos_token or ""  # without one nothing is appended; an empty completion is then caught below
+        prompt_ids = _ids(tokenizer, prompt)
+        full = [_ids(tokenizer, prompt + (c if c.endswith(eos) else c + eos)) for c in completions]
+    boundary = min(common_prefix_length(prompt_ids, ids) for ids in full)
+    return prompt_ids[:boundary], [ids[boundary:] for ids in full]
+
+
+def _check_scored(ids: list[int], prompt: Text, source: str, location: str | None, field: str | None) -> None:
+    if ids:
+        return
+    ending = ("the chat template renders no token for it" if isinstance(prompt, list)
+              else "the tokenizer has no EOS token to end it")
+    raise DataError(source, location, field,
+                    f"the completion tokenizes to no tokens, so there is nothing to score ({ending})")
+
+
 def tokenize_completion(
-    prompt: Text, completion: Text, tokenizer: PreTrainedTokenizerBase
+    prompt: Text, completion: Text, tokenizer: PreTrainedTokenizerBase, *, source: str = "completion",
+    location: str | None = None, field: str | None = None,
 ) -> tuple[list[int], list[int]]:
-    """(prompt ids, completion ids) of one response, with the same boundary rule and EOS as `tokenize_pair`."""
-    pair = tokenize_pair(_Single(prompt, completion), tokenizer)
-    return pair.prompt_ids, pair.chosen_ids
+    """(prompt ids, completion ids) of one response, with the same boundary rule and EOS as `tokenize_pair`;
+    `source`, `location` and `field` name the response in the `DataError` for one that gets no token."""
+    ids, (completion_ids,) = _split(prompt, [completion], tokenizer)
+    _check_scored(completion_ids, prompt, source, location, field)
+    return ids, completion_ids
 
 
 def prompt_ids(prompt: Text, tokenizer: PreTrainedTokenizerBase) -> list[int]:
@@ -53,34 +85,14 @@ def prompt_ids(prompt: Text, tokenizer: PreTrainedTokenizerBase) -> list[int]:
     return _ids(tokenizer, prompt, add_generation_prompt=isinstance(prompt, list))
 
 
-@dataclass(frozen=True)
-class _Single:
-    """A prompt with one completion, shaped as a pair so that the one boundary rule serves both."""
-
-    prompt: Text
-    chosen: Text
-
-    @property
-    def rejected(self) -> Text:
-        return self.chosen
-
-
 def tokenize_pair(pair: PreferencePair, tokenizer: PreTrainedTokenizerBase, index: int = 0) -> TokenizedPair:
-    """Tokenize one pair: chat template for messages, EOS appended to plain-text completions (as TRL)."""
-    prompt, chosen, rejected = pair.prompt, pair.chosen, pair.rejected
-    if isinstance(prompt, list):
-        prompt_ids = _ids(tokenizer, prompt, add_generation_prompt=True)
-        full_chosen = _ids(tokenizer, prompt + chosen)
-        full_rejected = _ids(tokenizer, prompt + rejected)
-    else:
-        eos = tokenizer.eos_token
-        chosen = chosen if chosen.endswith(eos) else chosen + eos
-        rejected = rejected if rejected.endswith(eos) else rejected + eos
-        prompt_ids = _ids(tokenizer, prompt)
-        full_chosen = _ids(tokenizer, prompt + chosen)
-        full_rejected = _ids(tokenizer, prompt + rejected)
-    boundary = min(common_prefix_length(prompt_ids, full_chosen), common_prefix_length(prompt_ids, full_rejected))
-    return TokenizedPair(prompt_ids[:boundary], full_chosen[boundary:], full_rejected[boundary:], index)
+    """Tokenize one pair: chat template for messages, EOS appended to plain-text completions (as TRL).
+
+    Raises `DataError` naming the pair and field when a completion gets no token (nothing to score)."""
+    prompt_ids, (chosen_ids, rejected_ids) = _split(pair.prompt, [pair.chosen, pair.rejected], tokenizer)
+    for field, ids in (("chosen", chosen_ids), ("rejected", rejected_ids)):
+        _check_scored(ids, pair.prompt, pair.source, pair.location, field)
+    return TokenizedPair(prompt_ids, chosen_ids, rejected_ids, index)
 
 
 def truncate(pair: TokenizedPair, max_length: int | None, mode: str) -> TokenizedPair | None:

@@ -110,19 +110,41 @@ def test_bad_option_exits_2_before_loading(tmp_path, pairs_file, capsys):
     assert "--beta must be > 0" in capsys.readouterr().err
 
 
+def test_trains_on_empty_and_whitespace_replies(tmp_path, tiny_model_dir, capsys):
+    """Empty and whitespace-only chosen replies are trained on (scored by their EOS), with one notice naming them."""
+    records = [PAIRS[0], {**PAIRS[1], "chosen": ""}, PAIRS[2], {**PAIRS[3], "chosen": " \n"}]
+    data = write_jsonl(tmp_path / "blank.jsonl", records)
+    out = tmp_path / "run"
+    code = main(["train", "--model", str(tiny_model_dir), "--data", str(data), "--output-dir", str(out),
+                 "--max-steps", "2", "--batch-size", "2", "--learning-rate", "1e-2"])
+    assert code == 0
+    captured = capsys.readouterr().out
+    notices = [line for line in captured.splitlines() if "empty or whitespace-only" in line]
+    assert notices == [f"note: 2 completions are empty or whitespace-only, kept and scored as TRL does, by the tokens "
+                       f"that end a reply (EOS after plain text, the chat template's end of turn after messages): "
+                       f"{data}: line 2 (chosen); {data}: line 4 (chosen)"]
+    assert re.search(r"on 4 pairs", captured)
+    rows = [r for r in read_metrics(out) if "loss" in r]
+    assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["loss"]) for r in rows)
+
+
 def test_trains_on_real_hh_rlhf_pairs(tmp_path, tiny_model_dir, capsys):
-    """The real HH-RLHF harmless-base test split (implicit prompts) through the whole CLI, on a tiny model."""
+    """The real HH-RLHF harmless-base test split (implicit prompts) through the whole CLI, on a tiny model: its 4
+    empty chosen replies are trained on, without --skip-invalid, and named in one notice."""
     from tests.conftest import HH_RLHF
 
     if not HH_RLHF.is_file():
         pytest.skip(f"{HH_RLHF} not present (it lives in ../shared beside the checkout)")
     out = tmp_path / "hh"
-    code = main(["train", "--model", str(tiny_model_dir), "--data", str(HH_RLHF), "--skip-invalid", "--output-dir",
+    code = main(["train", "--model", str(tiny_model_dir), "--data", str(HH_RLHF), "--output-dir",
                  str(out), "--max-steps", "2", "--batch-size", "2", "--max-length", "256"])
     assert code == 0
     captured = capsys.readouterr().out
-    assert "skipped 4 invalid records" in captured and "line 87" in captured
+    assert "skipped" not in captured
+    notices = [line for line in captured.splitlines() if "empty or whitespace-only" in line]
+    assert len(notices) == 1 and notices[0].startswith("note: 4 completions are empty or whitespace-only")
+    assert all(f"{HH_RLHF}: line {n} (chosen)" in notices[0] for n in (87, 517, 926, 1104))
     trained = int(re.search(r"on (\d+) pairs", captured).group(1))
     dropped = re.search(r"dropped (\d+) training pairs", captured)
-    assert trained + (int(dropped.group(1)) if dropped else 0) == 2312 - 4
+    assert trained + (int(dropped.group(1)) if dropped else 0) == 2312
     assert len([line for line in (out / "metrics.jsonl").read_text().splitlines()]) == 2

@@ -16,6 +16,7 @@ from preftune.data import (
     LoadResult,
     PreferencePair,
     common_prefix_length,
+    describe_blank,
     describe_skipped,
     extract_prompt,
     load_and_report,
@@ -336,9 +337,9 @@ def test_bad_in_memory_record_is_located() -> None:
     assert str(info.value) == (
         "train_data (list): record 2: field 'chosen': expected a string or a list of messages, got int"
     )
-    empty = r"^train_data \(datasets.Dataset\): record 2: field 'chosen': expected a non-empty string"
+    empty = r"^train_data \(datasets.Dataset\): record 2: field 'prompt': expected a non-empty string"
     with pytest.raises(DataError, match=empty):
-        load_pairs(Dataset.from_list([RECORDS[0], {**RECORDS[1], "chosen": ""}]), name="train_data")
+        load_pairs(Dataset.from_list([RECORDS[0], {**RECORDS[1], "prompt": ""}]), name="train_data")
 
 
 def test_non_dict_items_are_data_errors() -> None:
@@ -488,8 +489,6 @@ def test_implicit_message_lists_multi_turn(tmp_path: Path) -> None:
         ("Yes", "No", "share no prompt"),
         (" Yes", " No", "share no prompt"),
         ("Same", "Same", "chosen is identical to rejected"),
-        ("\n\nHuman: Hi\n\nAssistant: ", "\n\nHuman: Hi\n\nAssistant: Hello", "got only whitespace (' ')"),
-        ("Tell me more", "Tell me", "expected a non-empty reply after the prompt shared with chosen, got nothing"),
         ([{"role": "user", "content": "a"}], [{"role": "user", "content": "b"}], "share no prompt"),
         (
             [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
@@ -519,7 +518,7 @@ def test_extract_prompt_splits_without_losing_text(prompt: str, chosen: str, rej
     except ValueError:
         return
     assert p + c == full_chosen and p + r == full_rejected
-    assert p.strip() and c.strip() and r.strip()
+    assert p.strip() and c != r  # a completion may be blank, the prompt may not
 
 
 def test_pair_from_record_directly() -> None:
@@ -544,7 +543,7 @@ BAD_LINES = [
     ('{"prompt": "a", "chosen": " b", "rejected": null}', "rejected",
      "expected a string or a list of messages, got null"),
     ('{"prompt": "", "chosen": " b", "rejected": " c"}', "prompt", "expected a non-empty string, got an empty string"),
-    ('{"prompt": "a", "chosen": " b", "rejected": "  "}', "rejected",
+    ('{"prompt": "  ", "chosen": " b", "rejected": " c"}', "prompt",
      "expected a non-empty string, got only whitespace"),
     ('{"prompt": [], "chosen": [], "rejected": []}', "prompt",
      "expected a non-empty list of messages, got an empty list"),
@@ -568,8 +567,10 @@ BAD_LINES = [
                  "rejected": [MSG]}), "chosen[0].role",
      "expected the reply to start with an assistant message, got 'user'"),
     ('{"chosen": "Yes", "rejected": "No"}', "prompt", "chosen and rejected share no prompt"),
-    ('{"chosen": "\\n\\nHuman: Hi\\n\\nAssistant: ", "rejected": "\\n\\nHuman: Hi\\n\\nAssistant: Hello"}', "chosen",
-     "expected a non-empty reply after the prompt shared with rejected, got only whitespace (' ')"),
+    ('{"chosen": " ", "rejected": "  "}', "prompt", "chosen and rejected share no prompt"),
+    ('{"prompt": "a", "chosen": "", "rejected": ""}', "rejected", "chosen is identical to rejected"),
+    (json.dumps({"prompt": [{"role": "user", "content": "q"}], "chosen": [], "rejected": [MSG]}), "chosen",
+     "expected a non-empty list of messages, got an empty list"),
 ]
 
 
@@ -612,14 +613,14 @@ def test_utf16_file_is_a_user_error(tmp_path: Path) -> None:
 
 def test_csv_bad_rows(tmp_path: Path) -> None:
     path = tmp_path / "bad.csv"
-    path.write_text(csv_text(RECORDS) + "only,two\n" + "p,,r\n" + 'p,"same",same\n', encoding="utf-8")
+    path.write_text(csv_text(RECORDS) + "only,two\n" + ",c,r\n" + 'p,"same",same\n', encoding="utf-8")
     with pytest.raises(DataError) as info:
         load_pairs(path)
     assert str(info.value) == f"{path}: line 6: expected 3 fields as in the header (prompt, chosen, rejected), got 2"
     result = load_pairs(path, skip_invalid=True)
     assert [str(e) for e in result.skipped] == [
         f"{path}: line 6: expected 3 fields as in the header (prompt, chosen, rejected), got 2",
-        f"{path}: line 7: field 'chosen': expected a non-empty string, got an empty string",
+        f"{path}: line 7: field 'prompt': expected a non-empty string, got an empty string",
         f"{path}: line 8: field 'rejected': chosen is identical to rejected",
     ]
 
@@ -700,6 +701,66 @@ def test_saved_dataset_conversational_bad_row(tmp_path: Path) -> None:
     result = load_pairs(tmp_path / "saved", skip_invalid=True)
     assert [p.location for p in result.pairs] == ["row 1"]
     assert result.pairs[0].chosen == [{"role": "assistant", "content": "a"}]
+
+
+# ------------------------------------------------------------------------------------------ empty completions
+
+EMPTY_REPLY = {"role": "assistant", "content": ""}
+SPACE_REPLY = {"role": "assistant", "content": " "}
+ASK = [{"role": "user", "content": "q"}]
+BLANK_RECORDS = [
+    ({"prompt": "Q: Hi\nA:", "chosen": "", "rejected": " Hello!"}, ("Q: Hi\nA:", "", " Hello!"), ("chosen",)),
+    ({"prompt": "Q: Hi\nA:", "chosen": " Hello!", "rejected": " \t\n"}, ("Q: Hi\nA:", " Hello!", " \t\n"),
+     ("rejected",)),
+    ({"prompt": "Q:", "chosen": " ", "rejected": "  "}, ("Q:", " ", "  "), ("chosen", "rejected")),
+    ({"chosen": "\n\nHuman: Hi\n\nAssistant: ", "rejected": "\n\nHuman: Hi\n\nAssistant: Hello"},
+     ("\n\nHuman: Hi\n\nAssistant:", " ", " Hello"), ("chosen",)),
+    # no HH marker: the prompt is the whole shorter text (TRL's rule would cut its last character off)
+    ({"chosen": "Tell me more", "rejected": "Tell me"}, ("Tell me", " more", ""), ("rejected",)),
+    ({"prompt": ASK, "chosen": [EMPTY_REPLY], "rejected": [MSG]},
+     (ASK, [EMPTY_REPLY], [MSG]), ("chosen",)),
+    ({"prompt": ASK, "chosen": [MSG], "rejected": [SPACE_REPLY]},
+     (ASK, [MSG], [SPACE_REPLY]), ("rejected",)),
+    ({"chosen": [*ASK, EMPTY_REPLY], "rejected": [*ASK, MSG]},
+     (ASK, [EMPTY_REPLY], [MSG]), ("chosen",)),
+]
+
+
+@pytest.mark.parametrize(("record", "split", "blank"), BLANK_RECORDS)
+def test_empty_and_whitespace_completions_are_kept(tmp_path: Path, record: dict, split: tuple, blank: tuple) -> None:
+    path = write_jsonl(tmp_path / "blank.jsonl", [RECORDS[0], record])
+    first, pair = load_pairs(path).pairs
+    assert (pair.prompt, pair.chosen, pair.rejected) == split
+    assert pair.blank_completions == blank and first.blank_completions == ()
+
+
+def test_describe_blank_names_count_and_first_places() -> None:
+    pairs = [PreferencePair("P", c, r, "d.jsonl", f"line {i}") for i, (c, r) in
+             enumerate([(" a", ""), (" ", "  "), (" a", " b"), ("", " b"), ("\n", " b")], 1)]
+    assert describe_blank(pairs, limit=3) == (
+        "note: 5 completions are empty or whitespace-only, kept and scored as TRL does, by the tokens that end a "
+        "reply (EOS after plain text, the chat template's end of turn after messages): d.jsonl: line 1 (rejected); "
+        "d.jsonl: line 2 (chosen); d.jsonl: line 2 (rejected); and 2 more"
+    )
+    assert describe_blank(pairs[:1]).startswith("note: 1 completion is empty or whitespace-only, kept")
+    assert describe_blank(pairs[:1]).endswith(": d.jsonl: line 1 (rejected)")
+    assert describe_blank(pairs[2:3]) == "no empty or whitespace-only completions"
+
+
+def test_load_and_report_notes_blank_completions_once(tmp_path: Path) -> None:
+    records = [RECORDS[0], {**RECORDS[1], "chosen": ""}, "not a record", {**RECORDS[2], "rejected": " "}]
+    path = write_jsonl(tmp_path / "blank.jsonl", records)
+    lines: list[str] = []
+    result = load_and_report(path, skip_invalid=True, log=lines.append)
+    assert locations(result) == ["line 1", "line 2", "line 4"]
+    assert lines == [describe_skipped(result.skipped), describe_blank(result.pairs)]
+    assert lines[1].startswith("note: 2 completions are empty or whitespace-only")
+    assert lines[1].endswith(f"{path}: line 2 (chosen); {path}: line 4 (rejected)")
+    lines.clear()
+    load_and_report([RECORDS[0], {**RECORDS[1], "chosen": ""}], log=lines.append)  # without skip_invalid too
+    assert lines == ["note: 1 completion is empty or whitespace-only, kept and scored as TRL does, by the tokens "
+                     "that end a reply (EOS after plain text, the chat template's end of turn after messages): "
+                     "<list of 2 records>: record 2 (chosen)"]
 
 
 # ------------------------------------------------------------------------------------------ skip_invalid
@@ -817,17 +878,19 @@ def test_real_hh_rlhf_harmless_test_split() -> None:
         pytest.skip(f"{HH_RLHF} not present")
     # 4 of the 2,312 records have an empty chosen reply: chosen ends with "\n\nAssistant: " where rejected goes on.
     empty_chosen = ["line 87", "line 517", "line 926", "line 1104"]
-    with pytest.raises(DataError) as info:
-        load_pairs(HH_RLHF)
-    assert str(info.value) == (
-        f"{HH_RLHF}: line 87: field 'chosen': expected a non-empty reply after the prompt shared with rejected, "
-        "got only whitespace (' ')"
-    )
-    result = load_pairs(HH_RLHF, skip_invalid=True)
+    lines: list[str] = []
+    result = load_and_report(HH_RLHF, log=lines.append)
     print(f"HH-RLHF harmless-base test: {len(result.pairs)} pairs, {len(result.skipped)} skipped")
-    assert len(result.pairs) + len(result.skipped) == 2312
-    assert [(e.location, e.field) for e in result.skipped] == [(loc, "chosen") for loc in empty_chosen]
-    assert len(result.pairs) == 2308
+    assert len(result.pairs) == 2312 and not result.skipped
+    blank = [pair for pair in result.pairs if pair.blank_completions]
+    assert [(p.location, p.blank_completions, p.chosen) for p in blank] == [(loc, ("chosen",), " ")
+                                                                           for loc in empty_chosen]
+    assert lines == [describe_blank(result.pairs)]
+    assert lines[0].startswith("note: 4 completions are empty or whitespace-only, kept and scored as TRL does")
+    assert lines[0].endswith(f"{HH_RLHF}: line 87 (chosen); {HH_RLHF}: line 517 (chosen); {HH_RLHF}: line 926 "
+                             f"(chosen); {HH_RLHF}: line 1104 (chosen)")
     assert all(p.prompt.endswith("\n\nAssistant:") for p in result.pairs)
     assert all(p.chosen.startswith(" ") and p.rejected.startswith(" ") for p in result.pairs)
     assert all(p.chosen != p.rejected for p in result.pairs)
+    # --skip-invalid has nothing to drop: an empty reply is a valid record
+    assert load_pairs(HH_RLHF, skip_invalid=True).pairs == result.pairs

@@ -45,8 +45,8 @@ def bad_records(draw) -> dict | object:
         base[field] = draw(not_text)
     elif kind == "missing":
         del base[draw(st.sampled_from(["chosen", "rejected"]))]
-    elif kind == "empty":
-        base[field] = draw(st.sampled_from(["", " ", "\n\t"]))
+    elif kind == "empty":  # only a prompt: an empty or whitespace-only completion is a valid answer
+        base["prompt"] = draw(st.sampled_from(["", " ", "\n\t"]))
     elif kind == "identical":
         base["rejected"] = base["chosen"]
     else:
