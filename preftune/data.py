@@ -587,6 +587,14 @@ def _looks_like_path(name: str) -> bool:
     return name.count("/") > 1 or any(sep in name for sep in separators)
 
 
+def is_hub_dataset(source: str | None) -> bool:
+    """Whether a --data value names a Hugging Face hub dataset, as `load_pairs` reads it: not on disk, not shaped
+    like a path, and not the API's stand-in for in-memory records ("<in-memory ...>")."""
+    if not source or source.startswith("<"):
+        return False
+    return not Path(source).expanduser().exists() and not _looks_like_path(source)
+
+
 def _open(source: str, split: str) -> tuple[Records, str]:
     """The records of `source` and what to call it when it has none."""
     path = Path(source).expanduser()

@@ -372,12 +372,13 @@ LossFunction = Callable[["SequenceLogps", "SequenceLogps", LossParams], LossOutp
 
 @dataclass(frozen=True)
 class LossSpec:
-    """One loss: its function, its one-line meaning (--help) and which loss options it reads. The config's checks
-    are one pass over these rows: a changed option that none of the chosen losses reads is an error, and so is
-    an option that one of them has no valid form for."""
+    """One loss: its function, its one-line meaning (--help), its paper and which loss options it reads. The
+    config's checks are one pass over these rows: a changed option that none of the chosen losses reads is an
+    error, and so is an option that one of them has no valid form for."""
 
     function: LossFunction
     meaning: str
+    paper: str  # what it implements, "Authors year, Title, arXiv:id": the model card cites it
     # --label-smoothing's range (low, high, low included; high excluded); None: not read
     label_smoothing: tuple[float, float, bool] | None = None
     # f-DPO, --f-divergence-type other than reverse_kl: True for the losses of the score s_w - s_l, where its
@@ -405,29 +406,54 @@ FLIP_PROBABILITY = (0.0, 0.5, True)  # --label-smoothing as the probability that
 # TRL 1.16's fifteen, then simpo
 LOSSES: dict[str, LossSpec] = {
     "sigmoid": LossSpec(sigmoid_loss, "logistic loss on the reward margin (DPO); with --label-smoothing, cDPO",
+                        "Rafailov et al. 2023, Direct Preference Optimization: Your Language Model is Secretly a "
+                        "Reward Model, arXiv:2305.18290",
                         label_smoothing=FLIP_PROBABILITY, f_divergence=True),
-    "hinge": LossSpec(hinge_loss, "hinge on the reward margin (SLiC)", f_divergence=True),
-    "ipo": LossSpec(ipo_loss, "squared loss on the per-token reward margin (IPO)", f_divergence=True),
+    "hinge": LossSpec(hinge_loss, "hinge on the reward margin (SLiC)",
+                      "Zhao et al. 2023, SLiC-HF: Sequence Likelihood Calibration with Human Feedback, "
+                      "arXiv:2305.10425", f_divergence=True),
+    "ipo": LossSpec(ipo_loss, "squared loss on the per-token reward margin (IPO)",
+                    "Azar et al. 2023, A General Theoretical Paradigm to Understand Learning from Human Preferences, "
+                    "arXiv:2310.12036", f_divergence=True),
     "exo_pair": LossSpec(exo_pair_loss, "reverse KL to the smoothed preference labels (EXO); needs --label-smoothing",
-                         label_smoothing=(0.0, 1.0, False), f_divergence=True),
-    "nca_pair": LossSpec(nca_pair_loss, "absolute, not only relative, rewards of chosen and rejected (NCA)"),
+                         "Ji et al. 2024, Towards Efficient Exact Optimization of Language Model Alignment, "
+                         "arXiv:2402.00856", label_smoothing=(0.0, 1.0, False), f_divergence=True),
+    "nca_pair": LossSpec(nca_pair_loss, "absolute, not only relative, rewards of chosen and rejected (NCA)",
+                         "Chen et al. 2024, Noise Contrastive Alignment of Language Models with Explicit Rewards, "
+                         "arXiv:2402.05369"),
     "robust": LossSpec(robust_loss, "DPO unbiased under labels flipped with probability --label-smoothing (rDPO)",
-                       label_smoothing=FLIP_PROBABILITY, f_divergence=True),
-    "bco_pair": LossSpec(bco_pair_loss, "chosen classified as good, rejected as bad (BCO)"),
-    "sppo_hard": LossSpec(sppo_hard_loss, "squared log-ratio targets +-1/(2 beta) (SPPO, hard probabilities)"),
+                       "Chowdhury et al. 2024, Provably Robust DPO: Aligning Language Models with Noisy Feedback, "
+                       "arXiv:2403.00409", label_smoothing=FLIP_PROBABILITY, f_divergence=True),
+    "bco_pair": LossSpec(bco_pair_loss, "chosen classified as good, rejected as bad (BCO)",
+                         "Jung et al. 2024, Binary Classifier Optimization for Large Language Model Alignment, "
+                         "arXiv:2404.04656"),
+    "sppo_hard": LossSpec(sppo_hard_loss, "squared log-ratio targets +-1/(2 beta) (SPPO, hard probabilities)",
+                          "Wu et al. 2024, Self-Play Preference Optimization for Language Model Alignment, "
+                          "arXiv:2405.00675"),
     "aot": LossSpec(aot_loss, "policy margins dominate the reference's over the batch (AOT, paired)",
-                    label_smoothing=FLIP_PROBABILITY, per_pair=False),
+                    "Melnyk et al. 2024, Distributional Preference Alignment of LLMs via Optimal Transport, "
+                    "arXiv:2406.05882", label_smoothing=FLIP_PROBABILITY, per_pair=False),
     "aot_unpaired": LossSpec(aot_unpaired_loss, "chosen log-ratios dominate the rejected ones over the batch (AOT)",
-                             label_smoothing=FLIP_PROBABILITY, per_pair=False),
-    "apo_zero": LossSpec(apo_zero_loss, "chosen up, rejected down: chosen better than the model's outputs (APO)"),
-    "apo_down": LossSpec(apo_down_loss, "both down, rejected more: chosen worse than the model's outputs (APO)"),
-    "discopop": LossSpec(discopop_loss, "logistic/exponential blend, --discopop-tau (DiscoPOP)", f_divergence=True,
-                         reads=("discopop_tau",)),
+                             "Melnyk et al. 2024, Distributional Preference Alignment of LLMs via Optimal Transport, "
+                             "arXiv:2406.05882", label_smoothing=FLIP_PROBABILITY, per_pair=False),
+    "apo_zero": LossSpec(apo_zero_loss, "chosen up, rejected down: chosen better than the model's outputs (APO)",
+                         "D'Oosterlinck et al. 2024, Anchored Preference Optimization and Contrastive Revisions, "
+                         "arXiv:2408.06266"),
+    "apo_down": LossSpec(apo_down_loss, "both down, rejected more: chosen worse than the model's outputs (APO)",
+                         "D'Oosterlinck et al. 2024, Anchored Preference Optimization and Contrastive Revisions, "
+                         "arXiv:2408.06266"),
+    "discopop": LossSpec(discopop_loss, "logistic/exponential blend, --discopop-tau (DiscoPOP)",
+                         "Lu et al. 2024, Discovering Preference Optimization Algorithms with and for Large Language "
+                         "Models, arXiv:2406.08414", f_divergence=True, reads=("discopop_tau",)),
     "sft": LossSpec(sft_loss, "negative log-likelihood of the chosen completions (the SFT term of RPO and MPO)",
+                    "Pang et al. 2024, Iterative Reasoning Preference Optimization (RPO's NLL term), arXiv:2404.19733",
                     f_divergence=None, ld_alpha=False),
-    "sigmoid_norm": LossSpec(sigmoid_norm_loss, "DPO on per-token (length-normalised) log-ratios", f_divergence=True),
+    "sigmoid_norm": LossSpec(sigmoid_norm_loss, "DPO on per-token (length-normalised) log-ratios",
+                             "Lambert et al. 2024, Tulu 3: Pushing Frontiers in Open Language Model Post-Training, "
+                             "arXiv:2411.15124", f_divergence=True),
     "simpo": LossSpec(simpo_loss, "reference-free, length-normalised, with margin --simpo-gamma (SimPO)",
-                      ld_alpha=False, reads=("simpo_gamma",)),
+                      "Meng et al. 2024, SimPO: Simple Preference Optimization with a Reference-Free Reward, "
+                      "arXiv:2405.14734", ld_alpha=False, reads=("simpo_gamma",)),
 }
 
 # Derived from the rows, for the tests that pick cases by them: the losses valid under an f-divergence other than

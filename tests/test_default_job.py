@@ -9,6 +9,7 @@ import pytest
 from transformers import AutoModelForCausalLM
 
 from preftune.cli import main
+from preftune.model_card import read_front_matter
 
 
 @pytest.mark.slow
@@ -35,6 +36,10 @@ def test_default_job_end_to_end_reduced(tmp_path):
     assert [r["step"] for r in steps if "loss" in r] == [1, 2, 3]
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.config.num_hidden_layers == 30
+    # the model card: the embedded default's hub id and license; the generated pairs are local, so no datasets
+    card = read_front_matter((out / "README.md").read_text(encoding="utf-8"))
+    assert card["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct" and card["license"] == "apache-2.0"
+    assert "datasets" not in card and card["tags"][:3] == ["preftune", "dpo", "sigmoid"]
 
 
 @pytest.fixture(scope="module")

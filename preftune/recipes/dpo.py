@@ -24,6 +24,7 @@ from preftune.logprobs import sequence_logps
 from preftune.losses import LossParams, compute_loss
 from preftune.measure import ModelPair, reference_pair
 from preftune.metrics import METRIC_NAMES, pair_sums
+from preftune.model_card import write_model_cards
 from preftune.models import load_policy_and_reference, save_model
 from preftune.recipes import pairs
 from preftune.recipes.pairs import Hooks, PairRun, cleanup
@@ -131,7 +132,7 @@ def train(run: PairRun, hooks: Hooks | None = None) -> None:
 
 def save(run: PairRun, hooks: Hooks | None = None) -> None:
     """The trained model (a plain transformers folder, or the LoRA adapter), the resolved config, the final
-    evaluation and report.md."""
+    evaluation, the model card (README.md) and report.md."""
     group, objective = run.group, run.objective
     state_dict = pairs.gathered_state_dict(run)
     if group.is_main:
@@ -140,6 +141,7 @@ def save(run: PairRun, hooks: Hooks | None = None) -> None:
         save_config(run.config, run.folder)
         if run.final_eval is not None:
             (run.folder / "eval_results.json").write_text(json.dumps(run.final_eval, indent=2) + "\n")
+        write_model_cards(run, "dpo", objective.models.policy, merge=run.config.model.merge)
         print(f"saved the trained model to {run.folder}", flush=True)
     del state_dict
     if group.is_main or group.sharded:  # sampling from sharded models: every process generates

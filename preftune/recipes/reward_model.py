@@ -24,6 +24,7 @@ from preftune.batching import Batch
 from preftune.config import Config
 from preftune.errors import UserError
 from preftune.evaluation import batch_totals
+from preftune.model_card import write_model_cards
 from preftune.models import load_reward_base, save_model
 from preftune.recipes import pairs
 from preftune.recipes.pairs import Hooks, PairRun, cleanup
@@ -107,7 +108,7 @@ def setup(config: Config, train_data=None, eval_data=None, model=None, tokenizer
 
 def save(run: PairRun, hooks: Hooks | None = None) -> None:
     """The reward model as a plain sequence-classification folder (LoRA: merged, the adapter in adapter/), the
-    resolved config and the final evaluation."""
+    resolved config, the final evaluation and the model card (README.md)."""
     group = run.group
     state_dict = pairs.gathered_state_dict(run)
     if group.is_main:
@@ -115,6 +116,7 @@ def save(run: PairRun, hooks: Hooks | None = None) -> None:
         save_config(run.config, run.folder)
         if run.final_eval is not None:
             (run.folder / "eval_results.json").write_text(json.dumps(run.final_eval, indent=2) + "\n")
+        write_model_cards(run, "reward-model", group.unwrap(run.model), merge=True)
         print(f"saved the reward model to {run.folder}", flush=True)
     group.wait()
     if hooks is not None and hooks.on_save is not None:
