@@ -21,7 +21,8 @@ In memory (the Python API), records located as "record N" (1-based) and the sour
 * a list or tuple of dicts;
 * a ``pandas.DataFrame`` (pandas is not imported unless one is given); a missing cell (NaN) is a bad field.
 
-Every text must be UTF-8. Each record takes one of the forms TRL accepts (other keys are ignored):
+Every text must be UTF-8. Each record takes one of the forms TRL accepts (other keys are ignored, but for an
+optional ``margin``: a number by which chosen's reward should beat rejected's, read by reward models as TRL's):
 
 * explicit prompt, standard: ``{"prompt": str, "chosen": str, "rejected": str}``; the completions are appended to
   the prompt as they are, so they usually start with a space.
@@ -83,6 +84,8 @@ class PreferencePair:
     rejected: Text
     source: str  # file path or dataset name it came from
     location: str  # "line 17", "record 3", "row 5"
+    # how much chosen must beat rejected by, from an optional "margin" field (reward models read it, as TRL's)
+    margin: float | None = None
 
     @property
     def is_conversational(self) -> bool:
@@ -208,13 +211,29 @@ def _validate(record: object) -> tuple[Text, Text, Text]:
     return prompt, chosen, rejected
 
 
+def _check_margin(value: object) -> float | None:
+    """An optional "margin" field: a finite number (CSV cells arrive as text); absent or null: None."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise _Invalid("margin", f"expected a number, got {_kind(value)}")
+    try:
+        margin = float(value)
+    except ValueError:
+        raise _Invalid("margin", f"expected a number, got {value!r}") from None
+    if not math.isfinite(margin):
+        raise _Invalid("margin", f"expected a finite number, got {value!r}")
+    return margin
+
+
 def pair_from_record(record: Mapping, source: str, location: str) -> PreferencePair:
     """Validate one record (any of the module's forms) into a pair; raises `DataError` naming the field."""
     try:
         prompt, chosen, rejected = _validate(record)
+        margin = _check_margin(record.get("margin"))
     except _Invalid as exc:
         raise DataError(source, location, exc.field, exc.problem) from None
-    return PreferencePair(prompt, chosen, rejected, source, location)
+    return PreferencePair(prompt, chosen, rejected, source, location, margin)
 
 
 def common_prefix_length(a: Sequence, b: Sequence) -> int:

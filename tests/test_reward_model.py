@@ -32,6 +32,9 @@ def test_bradley_terry_loss_by_hand():
     # centering adds c (r_w + r_l)^2: 4, 0, 0 times 0.01
     centred = bradley_terry_losses(chosen, rejected, 0.01)
     assert torch.allclose(centred, expected + torch.tensor([0.04, 0.0, 0.0]))
+    # a margin m asks for r_w - r_l > m: the loss is -log sigmoid(d - m); d - m = 1, -1, -2.5
+    with_margins = bradley_terry_losses(chosen, rejected, margins=torch.tensor([1.0, 1.0, 0.5]))
+    assert torch.allclose(with_margins, torch.log1p(torch.exp(-torch.tensor([1.0, -1.0, -2.5]))))
     # the loss falls as the margin grows, and is symmetric: swapping the pair gives loss(-d)
     assert torch.allclose(bradley_terry_losses(rejected, chosen), torch.log1p(torch.exp(torch.tensor([2.0, 0, -2]))))
 
@@ -61,12 +64,14 @@ def step_losses(out: Path) -> list[float]:
     return [row["loss"] for row in rows if "loss" in row]
 
 
-@pytest.mark.parametrize("centering", [None, 0.01])
-def test_training_steps_equal_trls_reward_trainer(tmp_path, reward_base, centering):
+@pytest.mark.parametrize(("centering", "margins"), [(None, False), (0.01, False), (None, True), (0.01, True)],
+                         ids=["plain", "centred", "margins", "centred-margins"])
+def test_training_steps_equal_trls_reward_trainer(tmp_path, reward_base, centering, margins):
     from datasets import Dataset
     from trl import RewardConfig, RewardTrainer
 
-    data = write_jsonl(tmp_path / "pairs.jsonl", RECORDS)
+    records = [{**r, "margin": 0.25 * i} for i, r in enumerate(RECORDS)] if margins else RECORDS
+    data = write_jsonl(tmp_path / "pairs.jsonl", records)
     extra = ["--center-rewards-coefficient", str(centering)] if centering is not None else []
     assert main(reward_args(reward_base, data, tmp_path / "ours", "--max-steps", "3", *extra)) == 0
     ours = step_losses(tmp_path / "ours")
@@ -86,7 +91,7 @@ def test_training_steps_equal_trls_reward_trainer(tmp_path, reward_base, centeri
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer = RewardTrainer(model=AutoModelForSequenceClassification.from_pretrained(reward_base, num_labels=1),
-                                args=config, train_dataset=Dataset.from_list(RECORDS),
+                                args=config, train_dataset=Dataset.from_list(records),
                                 processing_class=AutoTokenizer.from_pretrained(reward_base), callbacks=[losses])
         trainer.train()
     assert len(ours) == len(losses.values) == 3
@@ -141,3 +146,14 @@ def test_reward_model_refuses_dpo_options(tmp_path, reward_base, capsys):
     assert "--beta" in capsys.readouterr().err
     assert main(reward_args(reward_base, data, tmp_path / "y", "--center-rewards-coefficient", "-1")) == 2
     assert "--center-rewards-coefficient must be >= 0" in capsys.readouterr().err
+
+
+def test_margins_must_be_numbers_on_every_pair_or_none(tmp_path, reward_base, capsys):
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{**RECORDS[0], "margin": "a lot"}, *RECORDS[1:]])
+    assert main(reward_args(reward_base, bad, tmp_path / "x")) == 2
+    err = capsys.readouterr().err
+    assert "line 1" in err and "'margin'" in err and "expected a number" in err and "Traceback" not in err
+    mixed = write_jsonl(tmp_path / "mixed.jsonl", [{**RECORDS[0], "margin": 1.0}, *RECORDS[1:]])
+    assert main(reward_args(reward_base, mixed, tmp_path / "y")) == 2
+    assert "line 2: no 'margin', while other pairs have one" in capsys.readouterr().err
+    assert not (tmp_path / "y" / "model.safetensors").exists()

@@ -88,6 +88,8 @@ def setup(config: Config, inputs: Inputs | None = None, ground_truth: RewardFunc
     c, inputs = config, inputs or Inputs()
     opened = pairs.open_run(c, inputs.train_data, inputs.eval_data)
     group = opened.group
+    if any(pair.margin is not None for pair in opened.train_data.pairs):
+        group.print("note: the pairs' 'margin' field is read by `preftune reward-model`; DPO's losses do not use it")
     params = loss_params(c.loss)
     precompute = c.train.precompute_ref_log_probs
     policy, reference, tokenizer, model_source = load_policy_and_reference(
