@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import gguf
 import pytest
 from transformers import AutoModelForCausalLM
 
@@ -35,6 +36,10 @@ def test_default_job_end_to_end_reduced(tmp_path):
     assert [r["step"] for r in steps if "loss" in r] == [1, 2, 3]
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.config.num_hidden_layers == 30
+    # the trained model leaves as GGUF with the embedded file's tokenizer naming (q8_0: a few seconds)
+    assert main(["export", str(out), "--gguf", str(tmp_path / "policy.gguf"), "--outtype", "q8_0"]) == 0
+    exported = gguf.GGUFReader(tmp_path / "policy.gguf")
+    assert exported.fields["tokenizer.ggml.pre"].contents() == "smollm" and len(exported.tensors) == 272
 
 
 @pytest.fixture(scope="module")
