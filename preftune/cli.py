@@ -2,6 +2,7 @@
 
     preftune train [--config run.yaml] [--flag value ...]   no --data: the default sentiment job
     preftune eval --data pairs.jsonl [--model M] [--ref-model R] [--batch-size N]
+    preftune export RUN_DIR --gguf OUT.gguf [--outtype f32|f16|q8_0] [--force]
 
 User errors (bad files, bad options) print one message and exit with code 2, without a traceback.
 """
@@ -133,6 +134,14 @@ def build_parser() -> argparse.ArgumentParser:
                                "(train and eval) from RUN_DIR/metrics.jsonl, as one PNG.")
     plot.add_argument("run_dir", metavar="RUN_DIR", help="a preftune run folder (holds metrics.jsonl)")
     plot.add_argument("--output", metavar="PNG", help="where to write the picture [default: RUN_DIR/curves.png]")
+    export = commands.add_parser("export", help="write a run's model as one GGUF file (llama.cpp, Ollama)",
+                                 description="The run's model (a LoRA adapter merged into its base first) with its "
+                                 "tokenizer and chat template as one GGUF file. Llama, Mistral and Qwen2 models.")
+    export.add_argument("run_dir", metavar="RUN_DIR", help="a finished preftune run folder (holds the model)")
+    export.add_argument("--gguf", metavar="OUT.gguf", required=True, help="the GGUF file to write")
+    export.add_argument("--outtype", choices=("f32", "f16", "q8_0"), default="f16",
+                        help="type of the weight matrices (norms stay f32) [default: f16]")
+    export.add_argument("--force", action="store_true", help="replace --gguf if it exists")
     return parser
 
 
@@ -180,6 +189,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             from preftune.plot import plot_run
 
             print(plot_run(args.run_dir, args.output))
+            return 0
+        if args.command == "export":
+            print(commands.run_export(args.run_dir, args.gguf, args.outtype, args.force), flush=True)
             return 0
         config = build_config(args)
         if args.command in ("train", "reward-model") and config.train.num_processes > 1 and not launched():

@@ -177,3 +177,11 @@ def run_frontier(config: Config) -> Path:
     from preftune.frontier import run_frontier as frontier
 
     return frontier(config, [float(b) for b in config.default_job.frontier_betas.split(",")])
+
+
+def run_export(run_dir: str, output: str, outtype: str, force: bool) -> str:
+    """`preftune export RUN_DIR --gguf OUT.gguf`: the run's model as one GGUF file; returns what to print."""
+    from preftune.export import export_gguf
+
+    path = export_gguf(run_dir, output, outtype, force)
+    return f"wrote {path} ({outtype}, {path.stat().st_size / 2**20:.1f} MiB)"

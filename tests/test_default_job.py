@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import gguf
 import pytest
 from transformers import AutoModelForCausalLM
 
@@ -40,6 +41,10 @@ def test_default_job_end_to_end_reduced(tmp_path):
     card = read_front_matter((out / "README.md").read_text(encoding="utf-8"))
     assert card["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct" and card["license"] == "apache-2.0"
     assert "datasets" not in card and card["tags"][:3] == ["preftune", "dpo", "sigmoid"]
+    # the trained model leaves as GGUF with the embedded file's tokenizer naming (q8_0: a few seconds)
+    assert main(["export", str(out), "--gguf", str(tmp_path / "policy.gguf"), "--outtype", "q8_0"]) == 0
+    exported = gguf.GGUFReader(tmp_path / "policy.gguf")
+    assert exported.fields["tokenizer.ggml.pre"].contents() == "smollm" and len(exported.tensors) == 272
 
 
 @pytest.fixture(scope="module")
