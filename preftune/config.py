@@ -460,27 +460,13 @@ def check_loss_options(
                                  "with --loss-weights instead")
 
 
-def validate(config: Config, command: str = "train") -> None:
-    """Cross-field checks for `command`; raises ConfigError with every problem found. Runs before any model
-    loads."""
-    from preftune.batching import LAYOUTS  # imported here: batching.py imports torch
+Check = typing.Callable[[bool, str], None]  # need(condition, message): a problem unless the condition holds
+Unused = typing.Callable[[str, typing.Iterable[str], str], None]  # unused(section, names, reason)
 
-    m, d, lo, t = config.model, config.data, config.loss, config.train
-    problems: list[str] = []
 
-    def need(condition: bool, message: str) -> None:
-        if not condition:
-            problems.append(message)
-
-    defaults = Config()
-
-    def unused(section: str, names: typing.Iterable[str], reason: str) -> None:
-        # set by the user to something other than its default (a saved, resolved config repeats the defaults)
-        for name in names:
-            value, default = getattr(getattr(config, section), name), getattr(getattr(defaults, section), name)
-            if f"{section}.{name}" in config.explicitly_set and value != default:
-                problems.append(f"--{name.replace('_', '-')} has no effect {reason}")
-
+def _check_reference(config: Config, command: str, need: Check, unused: Unused) -> None:
+    """The loss options and the reference model: TR-DPO, reference-free, precomputed."""
+    m, lo, t = config.model, config.loss, config.train
     check_loss_options(lo, need, unused)
     if lo.reference_free:
         unused("model", ["ref_model"], "with --reference-free (no reference model is used)")
@@ -498,6 +484,13 @@ def validate(config: Config, command: str = "train") -> None:
         unused("train", ["ref_model_mixup_alpha", "ref_model_sync_steps"], "without --sync-ref-model")
     if lo.reference_free:
         unused("train", ["precompute_ref_log_probs"], "with --reference-free (no reference model is used)")
+
+
+def _check_training(config: Config, command: str, need: Check, unused: Unused) -> None:
+    """Data shaping, the optimizer and schedule, evaluation, processes and checkpoints."""
+    from preftune.batching import LAYOUTS  # imported here: batching.py imports torch
+
+    m, d, t = config.model, config.data, config.train
     need(d.max_length is None or d.max_length >= 0, f"--max-length must be >= 0, got {d.max_length}")
     need(d.truncation_mode in {"keep_start", "keep_end"},
          f"--truncation-mode must be keep_start or keep_end, got '{d.truncation_mode}'")
@@ -527,6 +520,11 @@ def validate(config: Config, command: str = "train") -> None:
     need(t.max_bad_steps >= 1, f"--max-bad-steps must be >= 1, got {t.max_bad_steps}")
     if t.save_steps == 0:
         unused("train", ["save_total_limit"], "without --save-steps")
+
+
+def _check_model(config: Config, command: str, need: Check, unused: Unused) -> None:
+    """LoRA, quantization and the attention kernel."""
+    m = config.model
     need(m.lora_r >= 1, f"--lora-r must be >= 1, got {m.lora_r}")
     need(0 <= m.lora_dropout < 1, f"--lora-dropout must be in [0, 1), got {m.lora_dropout}")
     need(m.attn_implementation in {None, "sdpa", "eager", "flash_attention_2", "flex_attention"},
@@ -535,6 +533,11 @@ def validate(config: Config, command: str = "train") -> None:
     need(not m.load_in_4bit or m.lora, "--load-in-4bit trains a LoRA adapter on 4-bit weights: add --lora")
     if not m.lora:
         unused("model", ["lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "merge"], "without --lora")
+
+
+def _check_command_scope(config: Config, command: str, need: Check, unused: Unused) -> None:
+    """Options that belong to another command, or to the default job, or need a file not given."""
+    d = config.data
     if d.eval_data is None:
         unused("data", ["eval_split"], "without --eval-data")
         unused("train", ["eval_steps"], "without --eval-data")
@@ -555,7 +558,11 @@ def validate(config: Config, command: str = "train") -> None:
     try:
         need(all(float(b) > 0 for b in betas.split(",")), f"--frontier-betas must be positive numbers, got '{betas}'")
     except ValueError:
-        problems.append(f"--frontier-betas: expected comma-separated numbers, got '{betas}'")
+        need(False, f"--frontier-betas: expected comma-separated numbers, got '{betas}'")
+
+
+def _check_sampling(config: Config, command: str, need: Check, unused: Unused) -> None:
+    """generate / score / judge sampling, and the default job's sizes."""
     sample_fields = [f.name for f in dataclasses.fields(SampleConfig)]
     if command == "train":  # train samples only for report.md (and the default job), with --max-new-tokens
         unused("sample", [n for n in sample_fields if n != "max_new_tokens"],
@@ -570,6 +577,28 @@ def validate(config: Config, command: str = "train") -> None:
     for name in ("num_prompts", "num_eval_prompts", "samples_per_eval_prompt"):
         value = getattr(config.default_job, name)
         need(value >= 1, f"--{name.replace('_', '-')} must be >= 1, got {value}")
+
+
+def validate(config: Config, command: str = "train") -> None:
+    """Cross-field checks for `command`; raises ConfigError with every problem found. Runs before any model
+    loads."""
+    problems: list[str] = []
+
+    def need(condition: bool, message: str) -> None:
+        if not condition:
+            problems.append(message)
+
+    defaults = Config()
+
+    def unused(section: str, names: typing.Iterable[str], reason: str) -> None:
+        # set by the user to something other than its default (a saved, resolved config repeats the defaults)
+        for name in names:
+            value, default = getattr(getattr(config, section), name), getattr(getattr(defaults, section), name)
+            if f"{section}.{name}" in config.explicitly_set and value != default:
+                problems.append(f"--{name.replace('_', '-')} has no effect {reason}")
+
+    for check in (_check_reference, _check_training, _check_model, _check_command_scope, _check_sampling):
+        check(config, command, need, unused)
     if problems:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
 

@@ -115,7 +115,7 @@ def test_reward_model_card():
 
 
 def test_front_matter_stays_valid_yaml_and_unknown_base_is_left_out():
-    awkward = BaseModel("/tmp/my: base #1 'quoted' \"x\"", False, {"license": "other", "license_name": "a: b"})
+    awkward = BaseModel("my: base #1 'quoted' \"x\"", False, {"license": "other", "license_name": "a: b"})
     meta = card_parts(model_card(config(), saved(base=awkward), None, None))[0]
     assert meta["base_model"] == awkward.name and meta["license_name"] == "a: b"
     assert meta == front_matter(config(), saved(base=awkward))
