@@ -159,6 +159,16 @@ class TrainConfig:
     max_grad_norm: float = doc("Clip the gradient's global norm to this; 0: no clipping.", 1.0)
     seed: int = doc("Seed for initialisation, shuffling and dropout.", 42)
     logging_steps: int = doc("Log metrics every this many optimizer steps.", 1)
+    report_to: str = doc(
+        "Experiment trackers that receive the metrics and the resolved config, through accelerate's tracking: "
+        "comma-separated names (tensorboard, wandb, mlflow, trackio, comet_ml, aim, clearml, dvclive, swanlab), "
+        "all (every one installed) or none. metrics.jsonl is written either way. TensorBoard's logs go to "
+        "<output-dir>/tensorboard/<project>; the others' location is set as each tracker sets it (WANDB_MODE, "
+        "MLFLOW_TRACKING_URI, ...).",
+        "tensorboard",
+    )
+    run_name: str | None = doc("The run's name in the trackers. Unset: the run folder's name.")
+    project: str = doc("The trackers' project (wandb, trackio, comet_ml; mlflow's experiment).", "preftune")
     eval_steps: float = doc(
         "Evaluate on --eval-data every this many optimizer steps; a fraction in (0, 1): that share of the run's "
         "steps (as TRL); 0: only at the end.",
@@ -506,6 +516,8 @@ def _check_training(config: Config, command: str, need: Check, unused: Unused) -
     need(t.max_grad_norm >= 0, f"--max-grad-norm must be >= 0, got {t.max_grad_norm}")
     need(t.weight_decay >= 0, f"--weight-decay must be >= 0, got {t.weight_decay}")
     need(t.logging_steps >= 1, f"--logging-steps must be >= 1, got {t.logging_steps}")
+    if t.report_to.strip() == "none":
+        unused("train", ["run_name", "project"], "with --report-to none (they name the trackers' run)")
     need(t.eval_steps >= 0 and (t.eval_steps < 1 or float(t.eval_steps).is_integer()),
          f"--eval-steps must be a whole number of steps or a fraction in (0, 1), got {t.eval_steps}")
     need(t.batch_layout in LAYOUTS, f"--batch-layout must be one of {', '.join(LAYOUTS)}, got '{t.batch_layout}'")
@@ -608,7 +620,8 @@ def validate(config: Config, command: str = "train") -> None:
 # batch layouts give the same log-probs up to float rounding).
 RESUMABLE_DIFFERENCES = frozenset({
     "model.cache_dir", "model.merge", "data.eval_data", "data.eval_split", "train.output_dir", "train.overwrite",
-    "train.resume", "train.save_steps", "train.save_total_limit", "train.logging_steps", "train.eval_steps",
+    "train.resume", "train.save_steps", "train.save_total_limit", "train.logging_steps", "train.report_to",
+    "train.run_name", "train.project", "train.eval_steps",
     "train.eval_batch_size", "train.max_bad_steps", "train.precompute_ref_log_probs", "train.batch_layout",
     "default_job.num_eval_prompts", "default_job.samples_per_eval_prompt",
 })

@@ -31,9 +31,9 @@ from preftune.errors import RunInterrupted, UserError
 from preftune.metrics import MetricTotals
 from preftune.runtime.accelerator import make_accelerator, reshard
 from preftune.runtime.checkpoint import find_checkpoint, restore_run_checkpoint, write_run_checkpoint
-from preftune.runtime.logging import MetricLogger
+from preftune.runtime.logging import MetricLogger, tracker_names
 from preftune.runtime.processes import ProcessGroup, full_value
-from preftune.runtime.run_folder import CONFIG_FILE, check_resumable, prepare_output_dir, save_config
+from preftune.runtime.run_folder import CONFIG_FILE, check_resumable, claim_run_folder, save_config
 from preftune.runtime.signals import stop_on_signals
 from preftune.tokenize import TokenizedPair, tokenize_for
 
@@ -90,20 +90,18 @@ def open_run(config: Config, train_data: Any = None, eval_data: Any = None) -> O
     group, create the run folder (the main process decides it; a non-empty one is refused unless resuming or
     --overwrite), refuse resuming with settings that change the math, and save the resolved config."""
     c = config
+    trackers = tracker_names(c.train.report_to)  # an unknown or missing tracker stops before anything loads
     train = load_and_report(train_data if train_data is not None else c.data.data, split=c.data.split,
                             skip_invalid=c.data.skip_invalid, name="train_data")
     eval_source = eval_data if eval_data is not None else c.data.eval_data
     held_out = (load_and_report(eval_source, split=c.data.eval_split, skip_invalid=c.data.skip_invalid,
                                 name="eval_data") if eval_source is not None else None)
-    group = ProcessGroup.of(make_accelerator(c.model.bf16, c.train.grad_accum))
+    folder = claim_run_folder(c.train.output_dir, c.train.overwrite, bool(c.train.resume))
+    c.train.output_dir = str(folder)
+    group = ProcessGroup.of(make_accelerator(c.model.bf16, c.train.grad_accum, trackers, str(folder / "tensorboard")))
     if group.sharded and c.model.load_in_4bit:  # FSDP over bitsandbytes' packed weights needs its own storage
         raise UserError("--load-in-4bit under FSDP is not supported: use QLoRA with data parallelism "
                         "(configs/accelerate/ddp.yaml), or LoRA under FSDP")
-    # the main process creates the folder; the others take its path (the default name has the time in it)
-    folder = str(prepare_output_dir(c.train.output_dir, c.train.overwrite, bool(c.train.resume))) if group.is_main \
-        else None
-    folder = Path(group.broadcast(folder))
-    c.train.output_dir = str(folder)
     resume_from = find_checkpoint(c.train.resume, folder) if c.train.resume else None
     if resume_from is not None:
         check_resumable(resume_from, c)
@@ -225,7 +223,9 @@ def start(opened: Opened, *, tokenizer: PreTrainedTokenizerBase, model_source: s
         train_locations=[f"{p.source} {p.location}" for p in opened.train_data.pairs],
         batches_per_epoch=batches_per_epoch, total_steps=total_steps,
         eval_every=evaluation_interval(c.train.eval_steps, total_steps),
-        logger=MetricLogger(opened.folder, state.step, group.is_main), state=state,
+        logger=MetricLogger(group.accelerator, opened.folder, state.step, project=c.train.project,
+                            run_name=c.train.run_name, config=c.to_dict()),
+        state=state,
     )
     announce(run)
     return run

@@ -6,15 +6,16 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
     from accelerate import Accelerator
 
 
-def make_accelerator(bf16: bool, grad_accum: int = 1) -> Accelerator:
-    """An Accelerator for one run.
+def make_accelerator(bf16: bool, grad_accum: int = 1, trackers: list[str] | None = None,
+                     logging_dir: str | None = None) -> Accelerator:
+    """An Accelerator for one run; `trackers` (accelerate's names) log there, TensorBoard's under `logging_dir`.
 
     accelerate keeps a process-wide state and refuses a second Accelerator with another precision; several runs
     in one process (tests, sweeps, notebooks) are normal here, so the previous run's precision state is cleared
@@ -24,6 +25,7 @@ def make_accelerator(bf16: bool, grad_accum: int = 1) -> Accelerator:
     import torch
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
+    from accelerate.utils import ProjectConfiguration
 
     AcceleratorState._reset_state(reset_partial_state=False)
     # cpu=True without CUDA: accelerate then runs several CPU processes (torchrun, accelerate launch) on gloo
@@ -31,12 +33,24 @@ def make_accelerator(bf16: bool, grad_accum: int = 1) -> Accelerator:
         mixed_precision="bf16" if bf16 else "no",
         gradient_accumulation_steps=grad_accum,
         cpu=not torch.cuda.is_available(),
+        log_with=trackers or None,
+        project_config=ProjectConfiguration(project_dir=logging_dir, logging_dir=logging_dir),
     )
     if fsdp_requested() and accelerator.distributed_type.value == "MULTI_CPU":
         shard_on_cpu_processes(accelerator)
     engine = accelerator.distributed_type.value
     check_engine(engine, accelerator.state.fsdp_plugin.fsdp_version if engine == "FSDP" else None)
     return accelerator
+
+
+def process_state() -> Any:
+    """accelerate's process group (PartialState) alone, started as make_accelerator's Accelerator starts it: who
+    this process is, before a run's Accelerator exists (the run folder is decided first, as its trackers log
+    there)."""
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
 
 
 def fsdp_requested() -> bool:

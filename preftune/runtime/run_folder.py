@@ -28,6 +28,20 @@ def prepare_output_dir(output_dir: str | None, overwrite: bool, resuming: bool, 
     return path
 
 
+def claim_run_folder(output_dir: str | None, overwrite: bool, resuming: bool) -> Path:
+    """The run folder, prepared by the main process (the default name has the time in it) and its path given to
+    the others."""
+    from accelerate.utils import broadcast_object_list
+
+    from preftune.runtime.accelerator import process_state
+
+    state = process_state()
+    box = [str(prepare_output_dir(output_dir, overwrite, resuming)) if state.is_main_process else None]
+    if state.num_processes > 1:
+        broadcast_object_list(box)
+    return Path(box[0])
+
+
 def check_resumable(checkpoint: Path, config: Config) -> None:
     """Refuse, before any model loads, to resume with settings that change the math."""
     saved = yaml.safe_load((checkpoint / CONFIG_FILE).read_text(encoding="utf-8"))
