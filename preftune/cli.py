@@ -46,6 +46,18 @@ REWARD_MODEL_OPTIONS = {
     # without --data: the default job's pairs, and the settings they are built with
     "default_job.num_prompts": None, "default_job.num_eval_prompts": None, "sample.max_new_tokens": None,
 }
+# ppo and rloo: prompts in, no pairs' shaping, batch layout, loss or reference-update options
+RL_OPTIONS = {
+    **{f"{section}.{f.name}": None for section, f in iter_fields()
+       if section in ("model", "data", "train", "rl")
+       and f"{section}.{f.name}" not in {"data.max_length", "data.truncation_mode", "train.batch_size",
+                                          "train.grad_accum", "train.eval_batch_size", "train.batch_layout",
+                                          "train.sync_ref_model", "train.ref_model_mixup_alpha",
+                                          "train.ref_model_sync_steps", "train.precompute_ref_log_probs",
+                                          "model.load_in_4bit"}},
+    "sample.prompts": None, "sample.reward": None, "sample.max_new_tokens": None,
+    "default_job.num_prompts": None, "default_job.num_eval_prompts": None, "default_job.samples_per_eval_prompt": None,
+}
 EVAL_OPTIONS = {
     **MODEL_PAIR, **PAIR_DATA,
     # every loss option, so that a model pair can be scored under any objective
@@ -122,6 +134,14 @@ def build_parser() -> argparse.ArgumentParser:
          "A sequence-classification head of one output over --model, trained with -log sigmoid(r(x, y_chosen) - "
          "r(x, y_rejected)) (optionally centred), as TRL's RewardTrainer; held-out accuracy with its interval. "
          "Saves a plain transformers folder that --reward reads. Without --data: the default job's pairs."),
+        ("ppo", RL_OPTIONS, "RLHF with PPO: an actor-critic against --reward with a KL penalty",
+         "Samples completions of the prompts (--prompts, the prompts of --data's pairs, or the default job's) from "
+         "the policy, scores them with --reward (sentiment, module:function or a reward-model folder), and optimises "
+         "the policy and a critic with PPO's clipped objectives on KL-shaped rewards with GAE. Reports the held-out "
+         "reward against the reference's, and the KL, with their standard errors."),
+        ("rloo", RL_OPTIONS, "RLHF with RLOO: REINFORCE with a leave-one-out baseline against --reward",
+         "As ppo, without a critic: --num-generations samples per prompt, each baselined by the mean reward of the "
+         "others (Ahmadian et al. 2024), the KL to the reference as a penalty on the reward, as TRL's RLOOTrainer."),
         ("judge", JUDGE_OPTIONS, "win rate of --model over --ref-model under a ground-truth reward, and KL",
          "Samples both models on --prompts, scores the samples with --reward, and prints the win rate (ties "
          "count half) with a 95% interval, and KL(policy || reference) from the policy's samples."),
@@ -178,6 +198,8 @@ COMMANDS: dict[str, Callable[[Config], object]] = {
     "judge": cmd_judge,
     "frontier": commands.run_frontier,
     "reward-model": commands.run_reward_model,
+    "ppo": lambda config: commands.run_online(config, "ppo"),
+    "rloo": lambda config: commands.run_online(config, "rloo"),
 }
 
 
@@ -194,7 +216,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(commands.run_export(args.run_dir, args.gguf, args.outtype, args.force), flush=True)
             return 0
         config = build_config(args)
-        if args.command in ("train", "reward-model") and config.train.num_processes > 1 and not launched():
+        trains = args.command in ("train", "reward-model", "ppo", "rloo")
+        if trains and config.train.num_processes > 1 and not launched():
             # checked above, before any process starts; each process parses the same arguments again
             return launch_processes(config.train.num_processes, argv)
         COMMANDS[args.command](config)

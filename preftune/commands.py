@@ -45,6 +45,14 @@ def run_reward_model(config: Config) -> Path:
     return finished.folder
 
 
+def run_online(config: Config, command: str) -> Path:
+    """`preftune ppo` / `preftune rloo`: RLHF against --reward on the prompts; prints the held-out result."""
+    from preftune.recipes import ppo, rloo
+
+    finished = {"ppo": ppo, "rloo": rloo}[command].run(config)
+    return finished.folder
+
+
 def accelerator_of(config: Config):
     from preftune.runtime.accelerator import make_accelerator
 

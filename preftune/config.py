@@ -233,7 +233,8 @@ class SampleConfig:
     top_p: float = doc("Nucleus sampling: keep the smallest set of tokens with this much probability (1: all).", 1.0)
     max_new_tokens: int = doc("Tokens sampled per completion at most.", 64)
     reward: str = doc(
-        "Ground-truth reward for `judge`: 'sentiment' (VADER), 'module:function' (a Python callable taking "
+        "Ground-truth reward for `judge`, and what `ppo` and `rloo` maximise: 'sentiment' (VADER), "
+        "'module:function' (a Python callable taking "
         "(prompt, completion) texts and returning a float; imported only when named here), or a folder / hub id of "
         "a sequence-classification reward model.",
         "sentiment",
@@ -247,6 +248,43 @@ class RewardModelConfig:
     center_rewards_coefficient: float | None = doc(
         "Add this times the mean of (r(x, y_chosen) + r(x, y_rejected))^2 to the loss, so that rewards centre on 0 "
         "(Eisenstein et al. 2023, arXiv:2312.09244, eq. 2; 0.01 suggested). Unset: no centering term."
+    )
+
+
+@dataclass
+class RLConfig:
+    """`preftune ppo` and `preftune rloo`: RLHF with online sampling against --reward (TRL's names)."""
+
+    num_generations: int = doc(
+        "Completions sampled per prompt in each rollout (RLOO's k, at least 2: each is baselined by the others).", 2
+    )
+    rollout_batch_size: int = doc("Prompts per rollout per process (each sampled --num-generations times).", 8)
+    num_ppo_epochs: int | None = doc(
+        "Optimisation passes over each rollout (TRL RLOO's num_iterations). Unset: 4 for ppo, 1 for rloo."
+    )
+    num_mini_batches: int = doc("Minibatches each pass splits the rollout into; one optimizer step each.", 1)
+    kl_coef: float = doc(
+        "Weight of the KL penalty -kl_coef * (log pi - log pi_ref) in the reward (the starting value with "
+        "--kl-target).",
+        0.05,
+    )
+    kl_target: float | None = doc(
+        "Adapt kl_coef towards this KL per completion, in nats (Ziegler et al. 2019's controller). Unset: fixed."
+    )
+    kl_horizon: int = doc("The adaptive controller's horizon, in completions.", 10000)
+    cliprange: float = doc("Clipping of the probability ratio in the surrogate objective (PPO's epsilon).", 0.2)
+    cliprange_value: float = doc("PPO: clipping of the value prediction around its rollout value.", 0.2)
+    vf_coef: float = doc("PPO: weight of the value loss.", 0.1)
+    gamma: float = doc("PPO: discount factor of GAE.", 1.0)
+    lam: float = doc("PPO: lambda of GAE.", 0.95)
+    whiten_rewards: bool = doc("PPO: whiten the per-token rewards of each rollout (scale only).", False)
+    normalize_advantages: bool = doc("RLOO: normalise the advantages over each rollout to mean 0, std 1.", False)
+    missing_eos_penalty: float | None = doc(
+        "Subtract this from the score of a completion that did not end (no EOS within --max-new-tokens)."
+    )
+    value_model: str | None = doc(
+        "PPO's critic to start from: a reward-model folder (`preftune reward-model`) or any model with a one-output "
+        "sequence-classification head. Unset: the policy's starting weights with a new value head."
     )
 
 
@@ -281,6 +319,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     reward_model: RewardModelConfig = field(default_factory=RewardModelConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
     default_job: DefaultJobConfig = field(default_factory=DefaultJobConfig)
     # Fields the user set (YAML or flags), as "section.name": lets checks tell "left at default" from "asked for".
     explicitly_set: set[str] = field(default_factory=set, repr=False, compare=False)
@@ -591,6 +630,51 @@ def _check_sampling(config: Config, command: str, need: Check, unused: Unused) -
         need(value >= 1, f"--{name.replace('_', '-')} must be >= 1, got {value}")
 
 
+RL_COMMANDS = ("ppo", "rloo")
+
+
+def _check_rl(config: Config, command: str, need: Check, unused: Unused) -> None:
+    """The online recipes' options, and the DPO-only options they do not read."""
+    r = config.rl
+    if command not in RL_COMMANDS:
+        unused("rl", [f.name for f in dataclasses.fields(RLConfig)], f"in {command} (it configures ppo and rloo)")
+        return
+    need(r.num_generations >= 1, f"--num-generations must be >= 1, got {r.num_generations}")
+    need(command != "rloo" or r.num_generations >= 2,
+         f"rloo baselines each sample by the other samples of its prompt: --num-generations must be >= 2, got "
+         f"{r.num_generations}")
+    need(r.rollout_batch_size >= 1, f"--rollout-batch-size must be >= 1, got {r.rollout_batch_size}")
+    need(r.num_ppo_epochs is None or r.num_ppo_epochs >= 1, f"--num-ppo-epochs must be >= 1, got {r.num_ppo_epochs}")
+    need(1 <= r.num_mini_batches <= r.rollout_batch_size * r.num_generations,
+         f"--num-mini-batches must be between 1 and the completions of a rollout "
+         f"({r.rollout_batch_size * r.num_generations}), got {r.num_mini_batches}")
+    need(math.isfinite(r.kl_coef) and r.kl_coef >= 0, f"--kl-coef must be >= 0, got {r.kl_coef}")
+    need(r.kl_target is None or r.kl_target > 0, f"--kl-target must be > 0, got {r.kl_target}")
+    need(r.kl_horizon >= 1, f"--kl-horizon must be >= 1, got {r.kl_horizon}")
+    need(r.cliprange > 0, f"--cliprange must be > 0, got {r.cliprange}")
+    need(r.cliprange_value > 0, f"--cliprange-value must be > 0, got {r.cliprange_value}")
+    need(r.vf_coef >= 0, f"--vf-coef must be >= 0, got {r.vf_coef}")
+    need(0 <= r.gamma <= 1 and 0 <= r.lam <= 1, f"--gamma and --lam must be in [0, 1], got {r.gamma}, {r.lam}")
+    if r.kl_target is None:
+        unused("rl", ["kl_horizon"], "without --kl-target")
+    if command == "rloo":
+        unused("rl", ["cliprange_value", "vf_coef", "gamma", "lam", "whiten_rewards", "value_model"],
+               "in rloo (it has no critic)")
+    else:
+        unused("rl", ["normalize_advantages"], "in ppo (it whitens its GAE advantages)")
+    if config.sample.prompts is not None:
+        unused("default_job", ["num_prompts", "num_eval_prompts"], "with --prompts")
+    need(not (config.sample.prompts is not None and config.data.data is not None),
+         f"preftune {command} reads prompts from --prompts or from the pairs of --data, not both")
+
+
+def resolved_num_ppo_epochs(config: Config, command: str) -> int:
+    """--num-ppo-epochs, or its default for the command (TRL's: 4 for PPO, 1 for RLOO)."""
+    if config.rl.num_ppo_epochs is not None:
+        return config.rl.num_ppo_epochs
+    return 4 if command == "ppo" else 1
+
+
 def validate(config: Config, command: str = "train") -> None:
     """Cross-field checks for `command`; raises ConfigError with every problem found. Runs before any model
     loads."""
@@ -609,7 +693,7 @@ def validate(config: Config, command: str = "train") -> None:
             if f"{section}.{name}" in config.explicitly_set and value != default:
                 problems.append(f"--{name.replace('_', '-')} has no effect {reason}")
 
-    for check in (_check_reference, _check_training, _check_model, _check_command_scope, _check_sampling):
+    for check in (_check_reference, _check_training, _check_model, _check_command_scope, _check_sampling, _check_rl):
         check(config, command, need, unused)
     if problems:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))

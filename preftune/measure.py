@@ -43,6 +43,16 @@ def stderr(values: Sequence[float]) -> float:
     return statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0
 
 
+def summarize(rewards: Sequence[float]) -> dict[str, float]:
+    """Mean, spread, standard error and the share above +0.05 of a list of rewards."""
+    return {
+        "mean": statistics.fmean(rewards),
+        "std": statistics.stdev(rewards) if len(rewards) > 1 else 0.0,
+        "stderr": stderr(rewards),
+        "positive_fraction": sum(r > 0.05 for r in rewards) / len(rewards),
+    }
+
+
 def implicit_reward(policy_logps: torch.Tensor, reference_logps: torch.Tensor, beta: float) -> list[float]:
     """r(x, y) = beta * (log pi(y|x) - log pi_ref(y|x)) of each sequence, from its summed log-probs, shapes (N,)."""
     return [beta * ratio for ratio in (policy_logps - reference_logps).tolist()]

@@ -18,6 +18,13 @@ PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("reward margin (rewards/margins)", ("rewards/margins",)),
     ("implicit rewards: chosen (up) vs rejected (down)", ("rewards/chosen", "rewards/rejected")),
 )
+# the online recipes (ppo, rloo): the ground-truth score of the rollouts beside the held-out reward, and the KL
+ONLINE_PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("reward: rollouts' scores (train), held-out samples (eval)", ("objective/scores", "reward")),
+    ("KL(policy || reference) per completion, nats", ("objective/kl", "kl")),
+    ("policy loss (loss/policy)", ("loss/policy",)),
+    ("share of clipped ratios (policy/clipfrac)", ("policy/clipfrac",)),
+)
 COLOURS = {"rewards/chosen": "tab:green", "rewards/rejected": "tab:red"}  # others: blue
 TRAIN_STYLE = {"linewidth": 1.5}
 EVAL_STYLE = {"marker": "o", "linestyle": "--", "markersize": 4}
@@ -44,17 +51,18 @@ def series(rows: list[dict], name: str) -> tuple[list[int], list[float]]:
 
 
 def draw(rows: list[dict], title: str):
-    """The figure for these metrics rows: one panel per entry of PANELS."""
+    """The figure for these metrics rows: one panel per entry of PANELS (ONLINE_PANELS for ppo and rloo runs)."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(2, 2, figsize=(11, 7.5), constrained_layout=True)
-    for axis, (panel_title, names) in zip(axes.flat, PANELS):
+    online = any("objective/scores" in row for row in rows)
+    for axis, (panel_title, names) in zip(axes.flat, ONLINE_PANELS if online else PANELS):
         for name in names:
             colour = COLOURS.get(name, "tab:blue")
-            prefix = "" if len(names) == 1 else f"{name.split('/')[-1]}, "
+            prefix = "" if len(names) == 1 or online else f"{name.split('/')[-1]}, "
             for split, key, style in (("train", name, TRAIN_STYLE), ("eval", f"eval_{name}", EVAL_STYLE)):
                 steps, values = series(rows, key)
                 if steps:

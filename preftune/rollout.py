@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from preftune.batching import pad_rows
-from preftune.logprobs import completion_logps
+from preftune.batching import Batch, pad_rows, padded_batch
+from preftune.logprobs import completion_logps, scored_token_logps
 from preftune.runtime.accelerator import sharded_model
 
 
@@ -102,3 +102,33 @@ def sequence_logps_of_samples(
             sums, _ = completion_logps(model, *rows)
             totals.append(sums.float())
     return torch.cat(totals)
+
+
+def completion_mask(samples: Sequence[Sample], width: int) -> torch.Tensor:
+    """(B, width) bool: True on each sample's completion tokens."""
+    lengths = torch.tensor([len(s.completion_ids) for s in samples])
+    return torch.arange(width).unsqueeze(0) < lengths.unsqueeze(1)
+
+
+def sample_rows(samples: Sequence[Sample], pad_token_id: int, device: torch.device | str) -> Batch:
+    """The samples as a right-padded Batch, one prompt + completion row each (no padding between them, so positions
+    are those the samples were generated at)."""
+    rows = pad_rows([s.prompt_ids for s in samples], [s.completion_ids for s in samples], pad_token_id)
+    return padded_batch(*rows, pair_indices=[]).to(device)
+
+
+def per_token(values: torch.Tensor, batch: Batch, rows: int, width: int) -> torch.Tensor:
+    """(T,) values of a Batch's scored tokens -> (rows, width), token t of row r at [r, t], 0 elsewhere."""
+    placed = values.new_zeros(rows, width)
+    placed[batch.token_rows, batch.token_ranks] = values
+    return placed
+
+
+def token_logps(
+    model: torch.nn.Module, samples: Sequence[Sample], pad_token_id: int, width: int, device: torch.device | str
+) -> torch.Tensor:
+    """log pi(y_t | x, y_<t) of every completion token, (B, width), 0 past a completion's end; with gradients
+    unless called under no_grad. Through logprobs.py's forward (the output head only at completion positions)."""
+    batch = sample_rows(samples, pad_token_id, device)
+    values, _ = scored_token_logps(model, batch)
+    return per_token(values, batch, len(samples), width)

@@ -23,7 +23,7 @@ import torch
 
 from preftune.config import DEFAULT_JOB_OVERRIDES, Config
 from preftune.errors import UserError
-from preftune.measure import ModelPair, measure, stderr
+from preftune.measure import ModelPair, measure, summarize
 from preftune.models import cache_root, load_model, load_tokenizer, resolve_model
 from preftune.recipes import dpo
 from preftune.rewards import SentimentReward, sentiment_reward
@@ -132,15 +132,6 @@ def preference_files(config: Config, source: str) -> tuple[Path, Path]:
               f"({ties} ties dropped) into {path}", flush=True)
     print(f"built the preference pairs in {time.time() - started:.0f} s", flush=True)
     return train_file, eval_file
-
-
-def summarize(rewards: Sequence[float]) -> dict[str, float]:
-    return {
-        "mean": statistics.fmean(rewards),
-        "std": statistics.stdev(rewards) if len(rewards) > 1 else 0.0,
-        "stderr": stderr(rewards),
-        "positive_fraction": sum(r > 0.05 for r in rewards) / len(rewards),
-    }
 
 
 def sentiment_report(models: ModelPair, tokenizer, config: Config, final_eval: dict | None) -> dict:

@@ -20,20 +20,21 @@ from typing import Any, Protocol
 
 import torch
 import yaml
-from accelerate.utils import set_seed
 from tqdm.auto import tqdm
-from transformers import PreTrainedTokenizerBase, get_scheduler
+from transformers import PreTrainedTokenizerBase
 
 from preftune.batching import LAYOUTS, Batch, process_batches
 from preftune.config import Config
 from preftune.data import LoadResult, load_and_report
 from preftune.errors import RunInterrupted, UserError
 from preftune.metrics import MetricTotals
-from preftune.runtime.accelerator import make_accelerator, reshard
-from preftune.runtime.checkpoint import find_checkpoint, restore_run_checkpoint, write_run_checkpoint
+from preftune.runtime.accelerator import reshard
+from preftune.runtime.checkpoint import restore_run_checkpoint, write_run_checkpoint
 from preftune.runtime.logging import MetricLogger, tracker_names
 from preftune.runtime.processes import ProcessGroup, full_value
-from preftune.runtime.run_folder import CONFIG_FILE, check_resumable, claim_run_folder, save_config
+from preftune.runtime.run_folder import CONFIG_FILE
+from preftune.runtime.session import Session, evaluation_interval, open_session
+from preftune.runtime.session import prepare_training as prepare
 from preftune.runtime.signals import stop_on_signals
 from preftune.tokenize import TokenizedPair, tokenize_for
 
@@ -83,32 +84,21 @@ class Opened:
     resume_from: Path | None
     train_data: LoadResult
     eval_data: LoadResult | None
+    session: Session
 
 
 def open_run(config: Config, train_data: Any = None, eval_data: Any = None) -> Opened:
-    """Load the pairs (`train_data` / `eval_data`: in-memory records, else the config's files), start the process
-    group, create the run folder (the main process decides it; a non-empty one is refused unless resuming or
-    --overwrite), refuse resuming with settings that change the math, and save the resolved config."""
+    """Load the pairs (`train_data` / `eval_data`: in-memory records, else the config's files), then open the run
+    (runtime.session: process group, run folder, resume checks, the resolved config saved)."""
     c = config
-    trackers = tracker_names(c.train.report_to)  # an unknown or missing tracker stops before anything loads
+    tracker_names(c.train.report_to)  # an unknown or missing tracker stops before the data is read
     train = load_and_report(train_data if train_data is not None else c.data.data, split=c.data.split,
                             skip_invalid=c.data.skip_invalid, name="train_data")
     eval_source = eval_data if eval_data is not None else c.data.eval_data
     held_out = (load_and_report(eval_source, split=c.data.eval_split, skip_invalid=c.data.skip_invalid,
                                 name="eval_data") if eval_source is not None else None)
-    folder = claim_run_folder(c.train.output_dir, c.train.overwrite, bool(c.train.resume))
-    c.train.output_dir = str(folder)
-    group = ProcessGroup.of(make_accelerator(c.model.bf16, c.train.grad_accum, trackers, str(folder / "tensorboard")))
-    if group.sharded and c.model.load_in_4bit:  # FSDP over bitsandbytes' packed weights needs its own storage
-        raise UserError("--load-in-4bit under FSDP is not supported: use QLoRA with data parallelism "
-                        "(configs/accelerate/ddp.yaml), or LoRA under FSDP")
-    resume_from = find_checkpoint(c.train.resume, folder) if c.train.resume else None
-    if resume_from is not None:
-        check_resumable(resume_from, c)
-    if group.is_main:
-        save_config(c, folder)
-    set_seed(c.train.seed)
-    return Opened(c, group, folder, resume_from, train, held_out)
+    session = open_session(c)
+    return Opened(c, session.group, session.folder, session.resume_from, train, held_out, session)
 
 
 def tokenize_data(opened: Opened, tokenizer: PreTrainedTokenizerBase) -> tuple[list[TokenizedPair],
@@ -165,27 +155,6 @@ def count_steps(batches_per_epoch: int, grad_accum: int, num_epochs: float, max_
     return max(1, math.ceil(num_epochs * batches_per_epoch / grad_accum))
 
 
-def evaluation_interval(eval_steps: float, total_steps: int) -> int:
-    """--eval-steps as optimizer steps: a whole number as it is, a fraction in (0, 1) of the run's steps (TRL)."""
-    if 0 < eval_steps < 1:
-        return max(1, math.ceil(round(eval_steps * total_steps, 6)))
-    return int(eval_steps)
-
-
-def make_optimizer(config: Config, model: torch.nn.Module, total_steps: int) -> tuple[torch.optim.Optimizer, Any]:
-    t = config.train
-    optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad],
-        lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.weight_decay,
-        # one kernel over all parameters: no whole-model temporaries (the for-each path makes several) and faster;
-        # TRL's default (adamw_torch_fused) too
-        fused=True,
-    )
-    scheduler = get_scheduler(t.lr_scheduler_type, optimizer, num_warmup_steps=math.ceil(t.warmup_ratio * total_steps),
-                              num_training_steps=total_steps)
-    return optimizer, scheduler
-
-
 def steps_of(opened: Opened, num_pairs: int) -> tuple[int, int]:
     """(micro-batches per epoch for this process, optimizer steps of the run)."""
     c = opened.config
@@ -198,12 +167,7 @@ def steps_of(opened: Opened, num_pairs: int) -> tuple[int, int]:
 
 
 def prepare_training(opened: Opened, model: torch.nn.Module, total_steps: int) -> tuple[torch.nn.Module, Any, Any]:
-    """The optimizer and schedule, and the model and optimizer prepared by accelerate (DDP or FSDP)."""
-    optimizer, scheduler = make_optimizer(opened.config, model, total_steps)
-    # the scheduler stays out of accelerate's prepare: that wrapper steps it once per process, for loaders it
-    # shards itself; our step count is already global
-    model, optimizer = opened.group.accelerator.prepare(model, optimizer)
-    return model, optimizer, scheduler
+    return prepare(opened.session, model, total_steps)
 
 
 def start(opened: Opened, *, tokenizer: PreTrainedTokenizerBase, model_source: str, model: torch.nn.Module,
@@ -223,8 +187,7 @@ def start(opened: Opened, *, tokenizer: PreTrainedTokenizerBase, model_source: s
         train_locations=[f"{p.source} {p.location}" for p in opened.train_data.pairs],
         batches_per_epoch=batches_per_epoch, total_steps=total_steps,
         eval_every=evaluation_interval(c.train.eval_steps, total_steps),
-        logger=MetricLogger(group.accelerator, opened.folder, state.step, project=c.train.project,
-                            run_name=c.train.run_name, config=c.to_dict()),
+        logger=opened.session.logger(state.step),
         state=state,
     )
     announce(run)
