@@ -13,13 +13,10 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from preftune.data import PromptRecord, Text
+from preftune.data import PromptRecord
 from preftune.measure import ModelPair, measure
+from preftune.prompts import prompt_text
 from preftune.rewards import RewardFunction
-
-
-def prompt_text(prompt: Text) -> str:
-    return prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in prompt)
 
 
 @dataclass

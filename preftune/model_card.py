@@ -1,5 +1,6 @@
 """README.md, a model card in the Hugging Face convention, in every model folder preftune saves: the DPO policy
-(all weights, merged LoRA, or the LoRA adapter) and the reward model (and the adapter/ folder beside a merged one).
+(all weights, merged LoRA, or the LoRA adapter), the PPO and RLOO policies, and the reward model (and the
+adapter/ folder beside a merged one).
 
 A card is YAML front matter (base_model, library_name, license carried from the base's own card, datasets when
 they are hub datasets, tags, pipeline_tag), then the method with its papers, the training data, the resolved
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from preftune.config import Config
+from preftune.config import Config, resolved_num_ppo_epochs
 from preftune.data import is_hub_dataset
 from preftune.errors import UserError
 from preftune.losses import LOSSES, parse_loss_list
@@ -30,10 +31,12 @@ from preftune.report import TrainingMeans, last_epoch_means
 if TYPE_CHECKING:
     import torch
 
+    from preftune.recipes.online import OnlineRun
     from preftune.recipes.pairs import PairRun
 
 CARD_FILE = "README.md"
-RECIPES = ("dpo", "reward-model")
+RECIPES = ("dpo", "reward-model", "ppo", "rloo")
+POLICY_RECIPES = ("dpo", "ppo", "rloo")  # the others save a reward model
 # what a folder holds: all weights trained; a LoRA adapter merged into the base (a plain model); the adapter itself
 FORMS = ("full", "merged", "adapter")
 # fields of the base model's card that hold for a model trained from it
@@ -54,10 +57,18 @@ F_DPO = ("Wang et al. 2023, Beyond Reverse KL: Generalizing Direct Preference Op
 LD_DPO = "Liu et al. 2024, Length Desensitization in Direct Preference Optimization, arXiv:2409.06411"
 WPO = "Zhou et al. 2024, WPO: Enhancing RLHF with Weighted Preference Optimization, arXiv:2406.11827"
 TR_DPO = "Gorbatovski et al. 2024, Learn Your Reference Model for Real Good Alignment, arXiv:2404.09656"
+PPO_PAPER = "Schulman et al. 2017, Proximal Policy Optimization Algorithms, arXiv:1707.06347"
+ZIEGLER = "Ziegler et al. 2019, Fine-Tuning Language Models from Human Preferences, arXiv:1909.08593"
+GAE_PAPER = ("Schulman et al. 2016, High-Dimensional Continuous Control Using Generalized Advantage Estimation, "
+             "arXiv:1506.02438")
+RLOO_PAPER = ("Ahmadian et al. 2024, Back to Basics: Revisiting REINFORCE Style Optimization for Learning from Human "
+              "Feedback in LLMs, arXiv:2402.14740")
 
 # the config sections a recipe reads: the card shows these of the resolved config
 RECIPE_SECTIONS = {"dpo": ("model", "data", "loss", "train"),
-                   "reward-model": ("model", "data", "train", "reward_model")}
+                   "reward-model": ("model", "data", "train", "reward_model"),
+                   "ppo": ("model", "data", "sample", "train", "rl"),
+                   "rloo": ("model", "data", "sample", "train", "rl")}
 
 
 @dataclass(frozen=True)
@@ -170,12 +181,14 @@ def front_matter(config: Config, model: SavedModel) -> dict[str, Any]:
     if model.recipe == "dpo":
         names, _ = loss_names(config)
         tags = ["preftune", "dpo", *dict.fromkeys(names)]
+    elif model.recipe in POLICY_RECIPES:
+        tags = ["preftune", model.recipe, "rlhf"]
     else:
         tags = ["preftune", "reward-model", "bradley-terry"]
     if config.model.lora:
         tags.append("lora")
     meta["tags"] = tags
-    meta["pipeline_tag"] = "text-generation" if model.recipe == "dpo" else "text-classification"
+    meta["pipeline_tag"] = "text-generation" if model.recipe in POLICY_RECIPES else "text-classification"
     return meta
 
 
@@ -249,8 +262,32 @@ def reward_method(config: Config) -> tuple[list[str], list[str]]:
     return lines, [BRADLEY_TERRY, OUYANG, *([CENTERING] if coefficient is not None else [])]
 
 
+def rl_method(config: Config, recipe: str) -> tuple[list[str], list[str]]:
+    """The method paragraphs of a PPO or RLOO run and the papers they cite."""
+    r, s = config.rl, config.sample
+    reference = (f"`{config.model.ref_model}`, frozen" if config.model.ref_model is not None
+                 else "the base model (the policy with its LoRA adapter switched off)" if config.model.lora
+                 else "a frozen copy of the starting model")
+    kl = (f"adapted towards {r.kl_target} nats per completion from {r.kl_coef}" if r.kl_target is not None
+          else f"{r.kl_coef}")
+    if recipe == "ppo":
+        lines = ["Trained with RLHF by PPO (actor-critic): completions sampled from the policy are scored by the "
+                 f"reward `{s.reward}`; per-token rewards are -kl_coef * (log pi - log pi_ref) with the score added at "
+                 f"the last token (kl_coef {kl}); a critic gives GAE advantages (gamma {r.gamma}, lambda {r.lam}), "
+                 f"and the policy and critic minimise PPO's clipped surrogate (clip {r.cliprange}) and vf_coef "
+                 f"{r.vf_coef} times the clipped value loss (clip {r.cliprange_value})."]
+        papers = [ZIEGLER, OUYANG, PPO_PAPER, GAE_PAPER]
+    else:
+        lines = [f"Trained with RLHF by RLOO: {r.num_generations} completions per prompt sampled from the policy "
+                 f"are scored by the reward `{s.reward}` less kl_coef * sum_t (log pi - log pi_ref) (kl_coef {kl}); "
+                 "each is baselined by the mean reward of the other samples of its prompt, and the policy minimises "
+                 f"the clipped surrogate (clip {r.cliprange}) on sequence log-probabilities. No critic."]
+        papers = [RLOO_PAPER, ZIEGLER]
+    return [*lines, "", f"Reference model: {reference}."], papers
+
+
 def form_text(model: SavedModel) -> str:
-    kind = "policy" if model.recipe == "dpo" else "reward model"
+    kind = "policy" if model.recipe in POLICY_RECIPES else "reward model"
     if model.form == "full":
         return f"This folder holds the trained {kind}: all weights, as a plain transformers model."
     if model.form == "merged":
@@ -270,19 +307,30 @@ def hyperparameter_rows(config: Config, model: SavedModel) -> list[tuple[str, An
         names, weights = loss_names(config)
         rows += [("loss", ", ".join(names)), *([("loss weights", ", ".join(f"{w:g}" for w in weights))]
                                                if len(names) > 1 else []), ("beta", c.loss.beta)]
+    elif model.recipe in POLICY_RECIPES:
+        r = c.rl
+        rows += [("kl_coef", r.kl_coef), *([("kl_target", r.kl_target)] if r.kl_target is not None else []),
+                 ("completions per rollout", f"{r.rollout_batch_size * r.num_generations * model.num_processes} "
+                                             f"({r.rollout_batch_size} prompts x {r.num_generations} samples x "
+                                             f"{model.num_processes} process" + ("es" if model.num_processes > 1
+                                                                                 else "") + ")"),
+                 ("max new tokens", c.sample.max_new_tokens),
+                 ("epochs x minibatches per rollout", f"{resolved_num_ppo_epochs(c, model.recipe)} x "
+                                                      f"{r.num_mini_batches}")]
     elif c.reward_model.center_rewards_coefficient is not None:
         rows.append(("center_rewards_coefficient", c.reward_model.center_rewards_coefficient))
+    offline = model.recipe not in ("ppo", "rloo")
     rows += [
         ("learning rate", f"{t.learning_rate:g} (AdamW, betas {t.adam_beta1:g}, {t.adam_beta2:g}, weight decay "
                           f"{t.weight_decay:g})"),
         ("schedule", f"{t.lr_scheduler_type}, warmup ratio {t.warmup_ratio:g}"),
-        ("pairs per optimizer step", f"{t.batch_size * t.grad_accum * model.num_processes} (batch {t.batch_size} x "
-                                     f"grad_accum {t.grad_accum} x {model.num_processes} process"
-                                     + ("es" if model.num_processes > 1 else "") + ")"),
-        ("optimizer steps", f"{model.steps}" + (f" (max_steps {t.max_steps})" if t.max_steps > 0
-                                                else f" (num_epochs {t.num_epochs:g})")),
+        *([("pairs per optimizer step", f"{t.batch_size * t.grad_accum * model.num_processes} (batch {t.batch_size} x "
+                                        f"grad_accum {t.grad_accum} x {model.num_processes} process"
+                                        + ("es" if model.num_processes > 1 else "") + ")")] if offline else []),
+        ("optimizer steps" if offline else "rollouts",
+         f"{model.steps}" + (f" (max_steps {t.max_steps})" if t.max_steps > 0 else f" (num_epochs {t.num_epochs:g})")),
         ("max gradient norm", t.max_grad_norm),
-        ("max length", f"{c.data.max_length or 'no limit'} ({c.data.truncation_mode})"),
+        *([("max length", f"{c.data.max_length or 'no limit'} ({c.data.truncation_mode})")] if offline else []),
         ("precision", "bf16 autocast, fp32 weights" if c.model.bf16 else "fp32"),
         ("seed", t.seed),
     ]
@@ -296,9 +344,12 @@ def hyperparameter_rows(config: Config, model: SavedModel) -> list[tuple[str, An
 def metric_lines(eval_results: dict[str, Any] | None, training: TrainingMeans | None, recipe: str) -> list[str]:
     lines: list[str] = []
     if eval_results:
-        lines += [f"Held-out evaluation at the end of training ({eval_results.get('num_pairs', '?')} pairs; "
+        counted = (f"{eval_results['num_samples']} samples" if "num_samples" in eval_results
+                   else f"{eval_results.get('num_pairs', '?')} pairs")
+        lines += [f"Held-out evaluation at the end of training ({counted}; "
                   "`eval_results.json`):", "", "| metric | value |", "|---|---|",
-                  *[f"| {name} | {value_text(value)} |" for name, value in eval_results.items() if name != "num_pairs"],
+                  *[f"| {name} | {value_text(value)} |" for name, value in eval_results.items()
+                    if name not in ("num_pairs", "num_samples")],
                   ""]
     else:
         lines += ["No held-out evaluation (no held-out pairs were given).", ""]
@@ -312,6 +363,10 @@ def metric_lines(eval_results: dict[str, Any] | None, training: TrainingMeans | 
     if recipe == "dpo":
         lines += ["", "`rewards/*` are the implicit rewards beta * log(pi/pi_ref) of the chosen and rejected "
                   "completions; `rewards/accuracies` is the share of pairs whose chosen completion has the higher one."]
+    elif recipe in POLICY_RECIPES:
+        lines += ["", "`reward` is the mean ground-truth reward of the policy's samples on the held-out prompts and "
+                  "`kl` the KL(policy || reference) per completion estimated from them, each with its standard error; "
+                  "`objective/*` are TRL's names for the rollouts' scores and KL."]
     else:
         lines += ["", "`accuracy` is the share of pairs whose chosen completion gets the higher reward; `margin` the "
                   "mean of r(chosen) - r(rejected)."]
@@ -320,7 +375,7 @@ def metric_lines(eval_results: dict[str, Any] | None, training: TrainingMeans | 
 
 def usage_lines(model: SavedModel) -> list[str]:
     path, tokenizer = repr(model.path), repr(model.tokenizer_path)
-    if model.recipe == "dpo":
+    if model.recipe in POLICY_RECIPES:
         if model.form == "adapter":
             loading = ["from peft import AutoPeftModelForCausalLM", "from transformers import AutoTokenizer", "",
                        f"model = AutoPeftModelForCausalLM.from_pretrained({path})  # the base named in "
@@ -334,8 +389,12 @@ def usage_lines(model: SavedModel) -> list[str]:
                 "tokenizer.apply_chat_template",
                 "output = model.generate(**inputs, max_new_tokens=32, do_sample=True)",
                 "print(tokenizer.decode(output[0, inputs[\"input_ids\"].shape[1]:], skip_special_tokens=True))"]
-        after = ["As an implicit reward model, against the model it started from: `preftune score --model "
-                 f"{model.path} --ref-model BASE --data pairs.jsonl` (and `preftune eval` for the preference metrics)."]
+        after = (["As an implicit reward model, against the model it started from: `preftune score --model "
+                  f"{model.path} --ref-model BASE --data pairs.jsonl` (and `preftune eval` for the preference "
+                  "metrics)."]
+                 if model.recipe == "dpo" else
+                 [f"Against the model it started from: `preftune judge --model {model.path} --ref-model BASE "
+                  "--prompts prompts.jsonl --reward REWARD` (win rate and KL)."])
     else:
         if model.form == "adapter":
             loading = ["from peft import AutoPeftModelForSequenceClassification", "",
@@ -353,9 +412,10 @@ def usage_lines(model: SavedModel) -> list[str]:
     return [note, "", "```python", *code, "```", "", *after]
 
 
-def data_line(what: str, source: str | None, split: str, num_pairs: int) -> str:
+def data_line(what: str, source: str | None, split: str, count: int, unit: str = "pairs") -> str:
     hub = f" (hub dataset, split `{split}`)" if is_hub_dataset(source) else ""
-    return f"- {what}: `{source}`{hub}, {num_pairs} pairs"
+    named = f"`{source}`" if source is not None else "the default job's movie-review requests"
+    return f"- {what}: {named}{hub}, {count} {unit}"
 
 
 def model_card(config: Config, model: SavedModel, eval_results: dict[str, Any] | None,
@@ -364,16 +424,20 @@ def model_card(config: Config, model: SavedModel, eval_results: dict[str, Any] |
     if model.recipe not in RECIPES or model.form not in FORMS:
         raise ValueError(f"model card of recipe {model.recipe!r}, form {model.form!r}: expected {RECIPES}, {FORMS}")
     c = config
-    method, papers = dpo_method(c) if model.recipe == "dpo" else reward_method(c)
+    method, papers = (dpo_method(c) if model.recipe == "dpo" else reward_method(c) if model.recipe == "reward-model"
+                      else rl_method(c, model.recipe))
     if c.model.lora:
         papers.append(LORA_PAPER)
         if c.model.load_in_4bit:
             papers.append(QLORA_PAPER)
-    what = "policy trained with DPO" if model.recipe == "dpo" else "Bradley-Terry reward model trained"
+    what = {"dpo": "policy trained with DPO", "reward-model": "Bradley-Terry reward model trained",
+            "ppo": "policy trained with PPO (RLHF)", "rloo": "policy trained with RLOO (RLHF)"}[model.recipe]
     title = model.name + (" (LoRA adapter)" if model.form == "adapter" else "")
-    data_lines = [data_line("training", c.data.data, c.data.split, model.num_train_pairs)]
-    if c.data.eval_data is not None:
-        data_lines.append(data_line("held-out", c.data.eval_data, c.data.eval_split, model.num_eval_pairs))
+    unit = "pairs" if model.recipe in ("dpo", "reward-model") else "prompts"
+    data_lines = [data_line("training", c.sample.prompts if unit == "prompts" and c.sample.prompts else c.data.data,
+                            c.data.split, model.num_train_pairs, unit)]
+    if c.data.eval_data is not None or (unit == "prompts" and model.num_eval_pairs):
+        data_lines.append(data_line("held-out", c.data.eval_data, c.data.eval_split, model.num_eval_pairs, unit))
     sections = {name: values for name, values in c.to_dict().items() if name in RECIPE_SECTIONS[model.recipe]}
     lines = [
         "---",
@@ -421,7 +485,7 @@ def model_card(config: Config, model: SavedModel, eval_results: dict[str, Any] |
 
 
 # ---- writing them --------------------------------------------------------------------------------------------
-def write_model_cards(run: PairRun, recipe: str, model: torch.nn.Module, merge: bool) -> list[Path]:
+def write_model_cards(run: PairRun | OnlineRun, recipe: str, model: torch.nn.Module, merge: bool) -> list[Path]:
     """README.md in each folder the run saved (`model` and `merge` as `models.save_model` had them): the folder,
     and adapter/ beside a merged model. Main process only, after the model, config and eval_results are written."""
     from peft import PeftModel
@@ -431,9 +495,11 @@ def write_model_cards(run: PairRun, recipe: str, model: torch.nn.Module, merge: 
         training = last_epoch_means(read_metrics(folder), run.objective.metric_names)
     except UserError:  # no metrics.jsonl rows (nothing logged)
         training = None
+    online = recipe in ("ppo", "rloo")  # an online run trains on prompts
     facts = dict(recipe=recipe, name=folder.name, tokenizer_path=str(folder),
-                 base=base_model_of(c.model.model, run.model_source), num_train_pairs=len(run.train_pairs),
-                 num_eval_pairs=len(run.eval_pairs), steps=run.state.step,
+                 base=base_model_of(c.model.model, run.model_source),
+                 num_train_pairs=len(run.train_prompts if online else run.train_pairs),
+                 num_eval_pairs=len(run.eval_prompts if online else run.eval_pairs), steps=run.state.step,
                  num_processes=run.group.world_size)
     if not isinstance(model, PeftModel):
         folders = [(folder, "full")]

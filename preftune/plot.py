@@ -22,8 +22,8 @@ PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
 ONLINE_PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("reward: rollouts' scores (train), held-out samples (eval)", ("objective/scores", "reward")),
     ("KL(policy || reference) per completion, nats", ("objective/kl", "kl")),
-    ("policy loss (loss/policy)", ("loss/policy",)),
-    ("share of clipped ratios (policy/clipfrac)", ("policy/clipfrac",)),
+    ("score less the KL penalty (objective/rlhf_reward)", ("objective/rlhf_reward",)),
+    ("-log pi of the sampled tokens per completion (objective/entropy)", ("objective/entropy",)),
 )
 COLOURS = {"rewards/chosen": "tab:green", "rewards/rejected": "tab:red"}  # others: blue
 TRAIN_STYLE = {"linewidth": 1.5}
@@ -72,7 +72,7 @@ def draw(rows: list[dict], title: str):
             axis.annotate("ln 2 (policy = reference)", (0.01, 0.6931), xycoords=("axes fraction", "data"),
                           fontsize=8, color="grey", va="bottom")
         axis.set_title(panel_title, fontsize=10)
-        axis.set_xlabel("optimizer step")
+        axis.set_xlabel("rollout" if online else "optimizer step")
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8, loc="best")
     figure.suptitle(title, fontsize=11)

@@ -132,7 +132,7 @@ class TrainingMeans:
 
 def last_epoch_means(rows: list[dict], metric_names: Sequence[str] = METRIC_NAMES) -> TrainingMeans | None:
     """The means of `metric_names` over the last epoch's training rows of metrics.jsonl; None if none was logged."""
-    train_rows = [row for row in rows if "loss" in row]
+    train_rows = [row for row in rows if metric_names[0] in row]  # the recipe's first metric marks its training rows
     if not train_rows:
         return None
     last_epoch = train_rows[-1]["epoch"]

@@ -52,3 +52,25 @@ def test_bench_sharding_trains_the_same_steps_under_ddp_and_fsdp(tmp_path, tiny_
         assert len(measured["losses"]) == 3
         assert measured["seconds_per_step"] > 0 and measured["peak_rss_gb_largest_process"] > 0
     assert report["max_loss_difference_between_engines"] < 1e-4
+
+
+def test_bench_rloo_vs_trl_smoke_times_both_sides_on_the_same_prompts(tmp_path):
+    output = tmp_path / "rloo-vs-trl.json"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_rloo_vs_trl.py"), "--smoke", "--output", str(output)],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    assert json.loads(output.read_text()) == report
+    assert report["settings"]["steps"] == 2 and report["settings"]["max_new_tokens"] == 4
+    for side in ("trl", "preftune"):
+        measured = report[side]
+        assert len(measured["step_seconds"]) == len(measured["losses"]) == len(measured["scores"]) == 2
+        assert measured["completions"] == 2 * report["settings"]["completions_per_step"]
+        assert 0 < measured["completion_tokens"] <= measured["completions"] * 4
+        assert measured["median_step_seconds"] > 0 and measured["completion_tokens_per_second"] > 0
+        assert measured["peak_rss_gb"] > 0
+        assert abs(measured["mean_loss"]) < 1e-4  # one update per rollout: -mean(leave-one-out advantage) = 0
+    assert report["same_prompts_each_step"]
+    assert report["ratios"]["steps_per_second"] > 0 and report["ratios"]["completion_tokens_per_second"] > 0

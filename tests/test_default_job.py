@@ -13,28 +13,42 @@ from preftune.cli import main
 from preftune.model_card import read_front_matter
 
 
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")  # the model converted once for the whole module
+
+
 @pytest.mark.slow
-def test_default_job_end_to_end_reduced(tmp_path):
-    out, cache = tmp_path / "run", tmp_path / "cache"
+def test_default_job_end_to_end_reduced_learns(tmp_path, shared_cache):
+    """At reduced size (64 training prompts, 128 held-out, 12 new tokens, 8 steps at a constant learning rate), the
+    policy's held-out ground-truth reward rises above the reference's. Measured at these settings (seed 42, and
+    seed 1 for the spread): reward gain +0.150 and +0.190, each with a standard error of 0.041 (128 samples per
+    model, reward std ~0.33), so `gain > 0` holds by 3.6 standard errors or more. Held-out preference accuracy is not
+    asserted above 0.5: it measured 0.500 (94 pairs) and 0.538 (93 pairs) here, within one standard error (0.052) of
+    chance; the full default job reaches 0.639 on 61 pairs."""
+    out, cache = tmp_path / "run", shared_cache
     code = main([
-        "train", "--output-dir", str(out), "--cache-dir", str(cache), "--num-prompts", "24",
-        "--num-eval-prompts", "6", "--max-new-tokens", "12", "--max-steps", "3", "--batch-size", "4",
+        "train", "--output-dir", str(out), "--cache-dir", str(cache), "--num-prompts", "64",
+        "--num-eval-prompts", "128", "--samples-per-eval-prompt", "1", "--max-new-tokens", "12", "--max-steps", "8",
+        "--batch-size", "8", "--learning-rate", "3e-5", "--lr-scheduler-type", "constant", "--warmup-ratio", "0",
     ])
     assert code == 0
     report = json.loads((out / "sentiment_report.json").read_text())
     for key in ("reference_reward", "policy_reward"):
         assert -1.0 <= report[key]["mean"] <= 1.0
-    assert math.isfinite(report["reward_gain"]) and math.isfinite(report["kl_policy_reference"]["mean"])
+    assert report["reward_gain"] > 0  # learning happened (see the docstring for the margin)
+    assert math.isfinite(report["kl_policy_reference"]["mean"]) and report["kl_policy_reference"]["mean"] > 0
     assert 0.0 <= report["held_out_preference_accuracy"] <= 1.0
-    assert report["kl_policy_reference"]["num_samples"] == 6 * 2
+    assert report["kl_policy_reference"]["num_samples"] == 128
     assert len(report["examples"]) == 5
     # the generated preference pairs: chosen scored above rejected by the ground-truth reward
-    pair_files = list(cache.glob("data/sentiment-*/train.jsonl"))
+    pair_files = [path for path in cache.glob("data/sentiment-*/train.jsonl")
+                  if len(path.read_text().splitlines()) > 40]  # this test's (the other tests' have 16 prompts)
     assert len(pair_files) == 1
     records = [json.loads(line) for line in pair_files[0].read_text().splitlines()]
     assert records and all(r["chosen_reward"] > r["rejected_reward"] for r in records)
     steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in steps if "loss" in r] == [1, 2, 3]
+    assert [r["step"] for r in steps if "loss" in r] == list(range(1, 9))
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.config.num_hidden_layers == 30
     # the model card: the embedded default's hub id and license; the generated pairs are local, so no datasets
@@ -45,11 +59,6 @@ def test_default_job_end_to_end_reduced(tmp_path):
     assert main(["export", str(out), "--gguf", str(tmp_path / "policy.gguf"), "--outtype", "q8_0"]) == 0
     exported = gguf.GGUFReader(tmp_path / "policy.gguf")
     assert exported.fields["tokenizer.ggml.pre"].contents() == "smollm" and len(exported.tensors) == 272
-
-
-@pytest.fixture(scope="module")
-def shared_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")  # the model converted once, the pairs sampled once, for both cases
 
 
 @pytest.mark.slow

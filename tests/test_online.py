@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from preftune.cli import main
+from preftune.model_card import read_front_matter
 from tests.conftest import PAIRS, write_jsonl
 
 PROMPTS = [{"prompt": p["prompt"]} for p in PAIRS]
@@ -56,6 +57,9 @@ def test_a_run_logs_trl_names_measures_held_out_and_saves_a_loadable_policy(tmp_
     assert report["method"] == command and report["held_out_prompts"] == 4 and report["completions_generated"] == 16
     assert report["reward_gain"] == pytest.approx(report["policy_reward"]["mean"] - report["reference_reward"]["mean"])
     assert "held-out prompts" in (out / "report.md").read_text() and (out / "curves.png").is_file()
+    card = read_front_matter((out / "README.md").read_text())
+    assert card["tags"] == ["preftune", command, "rlhf"] and card["pipeline_tag"] == "text-generation"
+    assert "reward `sentiment`" in (out / "README.md").read_text()
     policy = AutoModelForCausalLM.from_pretrained(out)
     start = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     assert not torch.equal(policy.model.norm.weight, start.model.norm.weight) or any(

@@ -26,10 +26,10 @@ from transformers import PreTrainedTokenizerBase
 
 from preftune.batching import process_batches
 from preftune.config import Config, resolved_num_ppo_epochs
-from preftune.data import Text, load_and_report, load_prompts
 from preftune.errors import RunInterrupted, UserError
 from preftune.measure import ModelPair, measure, summarize
 from preftune.policy_gradient import adaptive_kl_coef
+from preftune.prompts import Prompt, distinct_prompts, prompt_sources
 from preftune.rewards import RewardFunction
 from preftune.rollout import Sample, completion_mask, sample, token_logps
 from preftune.runtime.checkpoint import restore_run_checkpoint, write_run_checkpoint
@@ -38,19 +38,8 @@ from preftune.runtime.processes import ProcessGroup, full_value
 from preftune.runtime.run_folder import CONFIG_FILE
 from preftune.runtime.session import Session, evaluation_interval
 from preftune.runtime.signals import stop_on_signals
-from preftune.tokenize import prompt_ids
 
 REPORT_FILE = "rl_report.json"
-
-
-@dataclass(frozen=True)
-class Prompt:
-    text: str  # what the reward reads as the prompt
-    ids: list[int]  # what the policy continues (chat template with the generation prompt, or plain text)
-
-
-def prompt_text(prompt: Text) -> str:
-    return prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in prompt)
 
 
 @dataclass
@@ -262,16 +251,16 @@ def train(run: OnlineRun, on_evaluate: Callable[[OnlineRun, dict], None] | None 
             learning_rate = run.scheduler.get_last_lr()[0]
             run.scheduler.step()
             state.bad_steps_in_row = state.bad_steps_in_row + 1 if skipped else 0
-            metrics = rollout_metrics(rollout, state.kl_coef)
+            metrics = run.group.mean(rollout_metrics(rollout, state.kl_coef))  # the controller sees every process's
             if c.rl.kl_target is not None:
                 state.kl_coef = adaptive_kl_coef(state.kl_coef, metrics["objective/kl"], c.rl.kl_target,
                                                  c.rl.kl_horizon, len(rollout.samples) * run.group.world_size)
             state.step += 1
             progress.update(1)
             if state.step % c.train.logging_steps == 0 or state.step == run.total_steps:
-                values = {**metrics, **scored, **means, "objective/kl_coef": state.kl_coef, "lr": learning_rate,
-                          "grad_norm": grad_norm, "episode": state.step * len(rollout.samples) * run.group.world_size}
-                run.log(values)
+                values = run.group.mean({**scored, **means, "grad_norm": grad_norm})
+                run.log({**metrics, **values, "objective/kl_coef": state.kl_coef, "lr": learning_rate,
+                         "episode": state.step * len(rollout.samples) * run.group.world_size})
                 progress.set_postfix(score=f"{metrics['objective/scores']:+.3f}", kl=f"{metrics['objective/kl']:.2f}")
             if skipped:
                 warnings.warn(f"step {state.step}: non-finite loss or gradient; a minibatch update was skipped",
@@ -358,49 +347,6 @@ def cleanup(run: OnlineRun) -> None:
 
 
 # ---- setup and save ----------------------------------------------------------------------------------------------
-# What the online recipes use on the default job's prompts unless the user sets it (the library defaults suit large
-# prompt sets; these move SmolLM2-135M in ~30 rollouts on 2 CPU cores).
-DEFAULT_JOB_OVERRIDES: dict[str, Any] = {
-    "train.learning_rate": 1e-5,
-    "train.warmup_ratio": 0.0,
-    "sample.max_new_tokens": 24,
-}
-
-
-def prompt_sources(config: Config) -> tuple[list[Text], list[Text]]:
-    """The training and held-out prompts as texts or message lists: --prompts, else the prompts of --data's pairs,
-    else the default job's review requests (and its held-out ones); held-out: --eval-data's prompts. Read and
-    checked before anything else loads."""
-    c = config
-    held_out: list[Text] = []
-    if c.sample.prompts is not None:
-        train = [record.prompt for record in load_prompts(c.sample.prompts)]
-    elif c.data.data is not None:
-        train = [pair.prompt for pair in load_and_report(c.data.data, split=c.data.split,
-                                                          skip_invalid=c.data.skip_invalid, name="train_data").pairs]
-    else:
-        from preftune.sentiment import make_prompts
-
-        for key, value in DEFAULT_JOB_OVERRIDES.items():
-            if key not in c.explicitly_set:
-                section, name = key.split(".")
-                setattr(getattr(c, section), name, value)
-        train = make_prompts(c.default_job.num_prompts, c.train.seed, held_out=False)
-        held_out = make_prompts(c.default_job.num_eval_prompts, c.train.seed, held_out=True)
-    if c.data.eval_data is not None:
-        held_out = [pair.prompt for pair in load_and_report(c.data.eval_data, split=c.data.eval_split,
-                                                             skip_invalid=c.data.skip_invalid, name="eval_data").pairs]
-    return train, held_out
-
-
-def distinct_prompts(texts: list[Text], tokenizer: PreTrainedTokenizerBase) -> list[Prompt]:
-    """Each distinct prompt once, in order, with the ids the policy continues."""
-    seen: dict[str, Prompt] = {}
-    for text in texts:
-        seen.setdefault(json.dumps(text), Prompt(prompt_text(text), prompt_ids(text, tokenizer)))
-    return list(seen.values())
-
-
 ModelBuilder = Callable[[torch.nn.Module, PreTrainedTokenizerBase], torch.nn.Module]
 
 
@@ -416,6 +362,9 @@ def setup(config: Config, objective: Any, build_model: ModelBuilder | None = Non
     train_texts, eval_texts = prompt_sources(c)
     session = open_session(c)
     group = session.group
+    if group.sharded:  # the held-out measurement and report sample on the main process alone
+        raise UserError(f"preftune {objective.command} under FSDP is not supported yet: use data parallelism "
+                        "(configs/accelerate/ddp.yaml or --num-processes)")
     reward = load_reward(c.sample.reward, group.device)  # a bad --reward fails before the policy loads
     policy, reference, tokenizer, source = load_policy_and_reference(c.model)
     train_prompts, eval_prompts = distinct_prompts(train_texts, tokenizer), distinct_prompts(eval_texts, tokenizer)
@@ -434,6 +383,7 @@ def save(run: OnlineRun) -> None:
     """The trained policy (a plain transformers folder, or the LoRA adapter), the resolved config, the final
     held-out measurement (eval_results.json), rl_report.json (reference vs policy on the held-out prompts) and
     report.md."""
+    from preftune.model_card import write_model_cards
     from preftune.models import save_model
     from preftune.report import cell, write_report
     from preftune.runtime.run_folder import save_config
@@ -444,6 +394,7 @@ def save(run: OnlineRun) -> None:
         save_config(c, run.folder)
         if run.final_eval is not None:
             (run.folder / "eval_results.json").write_text(json.dumps(run.final_eval, indent=2) + "\n")
+        write_model_cards(run, run.objective.command, run.models.policy, merge=c.model.merge)
         print(f"saved the trained model to {run.folder}", flush=True)
     if run.eval_prompts and group.is_main:
         report = held_out_report(run)

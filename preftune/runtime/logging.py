@@ -52,6 +52,17 @@ def tracker_config(config: dict[str, dict[str, Any]]) -> dict[str, Any]:
             for section, values in config.items() for name, value in values.items()}
 
 
+def read_tracker_state(path: Path) -> dict[str, Any]:
+    """trackers.json, or a fresh state when it cannot be read (written by an older preftune before the write was
+    atomic): the trackers then start new runs rather than the resume failing."""
+    try:
+        saved = json.loads(path.read_text())
+        return {"runs": dict(saved["runs"]), "sent": dict(saved["sent"])}
+    except (OSError, ValueError, KeyError, TypeError):
+        print(f"warning: {path} is unreadable; the trackers start new runs", flush=True)
+        return {"runs": {}, "sent": {}}
+
+
 class MetricLogger:
     def __init__(self, accelerator: Accelerator, folder: Path, first_step: int, *, project: str,
                  run_name: str | None, config: dict[str, dict[str, Any]]) -> None:
@@ -66,7 +77,7 @@ class MetricLogger:
             return
         self.folder = folder
         resuming = first_step > 0 and (folder / TRACKERS_FILE).exists()
-        saved = json.loads((folder / TRACKERS_FILE).read_text()) if resuming else {"runs": {}, "sent": {}}
+        saved = read_tracker_state(folder / TRACKERS_FILE) if resuming else {"runs": {}, "sent": {}}
         self.runs: dict[str, str] = saved["runs"]
         self.sent: dict[str, int] = saved["sent"]
         run_name = run_name or folder.name
@@ -109,7 +120,10 @@ class MetricLogger:
         self.save_state()
 
     def save_state(self) -> None:
-        (self.folder / TRACKERS_FILE).write_text(json.dumps({"runs": self.runs, "sent": self.sent}))
+        # atomic: a run killed mid-write (kill -9) must leave the previous state, not an empty file
+        staging = self.folder / (TRACKERS_FILE + ".tmp")
+        staging.write_text(json.dumps({"runs": self.runs, "sent": self.sent}))
+        staging.replace(self.folder / TRACKERS_FILE)
 
     def close(self) -> None:
         """Finish each tracker's run (not accelerate's end_training: it would also end the process group, which

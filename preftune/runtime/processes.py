@@ -67,6 +67,15 @@ class ProcessGroup:
         reduced.add(dict(zip(names, packed[:-1])), int(packed[-1]))
         return reduced
 
+    def mean(self, values: dict[str, float]) -> dict[str, float]:
+        """Each value averaged over the processes (each process's own mean counts once; every process calls it)."""
+        if self.world_size == 1:
+            return values
+        names = sorted(values)
+        packed = torch.tensor([float(values[n]) for n in names], dtype=torch.float64, device=self.device)
+        packed = self.accelerator.reduce(packed, reduction="mean").tolist()
+        return dict(zip(names, packed))
+
     def any_process(self, flag: bool) -> bool:
         """True on every process if `flag` is true on any (so that all stop, or all compute, together)."""
         if self.world_size == 1:

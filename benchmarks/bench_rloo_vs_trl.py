@@ -1,0 +1,339 @@
+"""`preftune rloo` against TRL 1.16's RLOOTrainer: the same model, prompts, k, batch and settings, each side in its
+own process, one after the other; prints one JSON object.
+
+Both sides train the default job's RLOO: the embedded SmolLM2-135M-Instruct (or --model), the default job's training
+prompts (`preftune.sentiment.make_prompts`, chat messages, in the same order on both sides: TRL's
+`shuffle_dataset=False`, preftune's `--no-shuffle`, so step s samples from the same prompts), k = --num-generations
+samples per prompt, --prompts-per-step prompts per step, one optimizer step per rollout on the whole rollout (TRL:
+per_device_train_batch_size = prompts x k, gradient_accumulation_steps=1, steps_per_generation=1, num_iterations=1;
+preftune: --rollout-batch-size prompts, --num-ppo-epochs 1, --num-mini-batches 1), --max-new-tokens new tokens at
+most, temperature 1 (no top-k, top-p 1), learning rate 1e-5 on a linear decay with no warmup, fused AdamW, gradient
+clipping at 1.0, KL coefficient 0.05 (TRL's beta, preftune's --kl-coef) as a sequence-level penalty on the reward,
+the clipped surrogate with epsilon 0.2, no advantage normalisation, fp32 weights and compute, dropout off, no
+activation checkpointing (TRL's default is on: turned off here, as preftune's), no evaluation, no checkpoints, no
+trackers. Reward: VADER's compound sentiment of the completion text (preftune's `--reward sentiment`; on the TRL
+side a reward function calling `preftune.rewards.sentiment_reward()` on the decoded completion).
+
+Per step each side does the same work: sample k completions per prompt (HF `generate`, one batch of prompts x k,
+KV-cached, left-padded prompts, stopping at EOS), a no-grad forward of the policy (the "old" log-probs: with
+num_iterations=1 they equal the current ones, but both sides compute them, as TRL always does) and one of the
+reference, the reward, the leave-one-out advantages, one forward and backward of the policy, clipping, the optimizer
+and scheduler steps. What differs:
+- TRL tokenizes the prompts (chat template) at every step and decodes completions into message lists; preftune
+  tokenizes them once at setup.
+- Log-prob forwards: TRL runs the whole [left-padded prompt | right-padded completion] rows through the backbone
+  and projects only the completion positions through the head in tiles (its fused LM head, `add_fused_lm_head`),
+  and also computes the per-token entropy in the training forward (a metric); preftune right-pads whole rows (no
+  padding between prompt and completion) and applies the head at completion positions only (logprobs.py).
+- TRL gathers, logs and buffers per-step metrics and the completions table (gather_object, nanstd, clip ratios);
+  preftune's rollout metrics are a few reductions.
+- Sampling streams differ (TRL: the global RNG seeded once; preftune: a seed per step), so the completions, their
+  lengths and scores differ between the sides: hence tokens/s as well as steps/s. With num_iterations=1 the ratio
+  pi/pi_old is 1 and the loss is -mean(advantage) = 0 up to rounding on both sides (leave-one-out advantages sum to
+  0 per prompt); the gradient is what moves the policy.
+
+Timing: TRL, a TrainerCallback's on_step_begin -> on_step_end (generation happens inside the step, in
+`_prepare_inputs`; the dataloader fetch before it and the logging after it are outside); preftune, the same span
+around `online.collect` -> `objective.score` -> `online.optimise` -> scheduler step, the loop of `online.train`
+without its logging, evaluation and checkpoints. The first step is left out as warm-up. Completion tokens are the
+sampled tokens up to and including the first EOS (TRL: the reward function's `completion_ids`; preftune: each
+sample's `completion_ids`). Peak RSS is each worker process's high-water mark (getrusage), model loading included.
+
+Needs TRL (`pip install -e '.[dev]'`). Example:
+    .venv/bin/python benchmarks/bench_rloo_vs_trl.py                       # 6 steps, 8 prompts x 2, 24 new tokens
+    .venv/bin/python benchmarks/bench_rloo_vs_trl.py --steps 11 --output rloo-vs-trl.json
+    .venv/bin/python benchmarks/bench_rloo_vs_trl.py --smoke               # a tiny random model: runs, not numbers
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+SIDES = ("trl", "preftune")
+LEARNING_RATE = 1e-5
+KL_COEF = 0.05
+CLIP = 0.2
+MAX_GRAD_NORM = 1.0
+WARMUP_STEPS = 1  # left out of the timings
+
+
+# ---- the parent: model, runs, results ------------------------------------------------------------------------
+def smoke_model(folder: Path) -> str:
+    """A 2-layer random Llama with SmolLM2-135M-Instruct's tokenizer (and chat template), read from the embedded
+    GGUF file (as tests/conftest.py builds its tiny models)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from preftune.models import default_gguf_path
+
+    gguf = default_gguf_path()
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id)
+    LlamaForCausalLM(config).save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def run_worker(side: str, args: argparse.Namespace, folder: Path) -> dict:
+    """One side in its own process (which reports its own peak RSS, from the kernel's accounting)."""
+    result_file = folder / f"{side}.json"
+    command = [sys.executable, __file__, "--worker", side, "--model", args.model, "--steps", str(args.steps),
+               "--prompts-per-step", str(args.prompts_per_step), "--num-generations", str(args.num_generations),
+               "--max-new-tokens", str(args.max_new_tokens), "--seed", str(args.seed), "--result", str(result_file),
+               "--work-dir", str(folder)]
+    if args.cache_dir:
+        command += ["--cache-dir", args.cache_dir]
+    started = time.time()
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL if not args.verbose else None,
+                               stderr=subprocess.PIPE, text=True)
+    _, stderr = process.communicate()
+    if process.returncode:
+        sys.exit(f"{side} failed:\n{stderr[-4000:]}")
+    result = json.loads(result_file.read_text())
+    result["wall_seconds"] = round(time.time() - started, 1)
+    return result
+
+
+def summarise(side: dict, warmup: int) -> dict:
+    seconds = side["step_seconds"][warmup:]
+    tokens = side["completion_tokens"][warmup:]
+    completions = side["completions"]
+    return {
+        "median_step_seconds": round(statistics.median(seconds), 3),
+        "mean_step_seconds": round(statistics.mean(seconds), 3),
+        "steps_per_second": round(len(seconds) / sum(seconds), 4),
+        "completion_tokens_per_second": round(sum(tokens) / sum(seconds), 1),
+        "completions": sum(completions),
+        "completion_tokens": sum(side["completion_tokens"]),
+        "mean_completion_tokens": round(sum(side["completion_tokens"]) / sum(completions), 2),
+        "peak_rss_gb": round(side["peak_rss_kb"] / 1024**2, 2),
+        "mean_loss": statistics.mean(side["losses"]),
+        "mean_score": round(statistics.mean(side["scores"]), 4),
+        "step_seconds": [round(x, 3) for x in side["step_seconds"]],
+        "losses": side["losses"],
+        "scores": [round(x, 4) for x in side["scores"]],
+        "setup_seconds": round(side["setup_seconds"], 1),
+        "wall_seconds": side["wall_seconds"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=None, help="rollout steps per side, the first a warm-up "
+                        "(default 6; --smoke: 2)")
+    parser.add_argument("--prompts-per-step", type=int, default=8)
+    parser.add_argument("--num-generations", type=int, default=2, help="k, samples per prompt")
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="default 24 (the default job's); --smoke: 4")
+    parser.add_argument("--seed", type=int, default=42, help="preftune's default")
+    parser.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct")
+    parser.add_argument("--cache-dir", default=None, help="preftune's cache (the converted default model)")
+    parser.add_argument("--output", type=Path, default=None, help="also write the JSON here")
+    parser.add_argument("--smoke", action="store_true", help="a tiny random Llama, 2 steps, 4 new tokens: checks "
+                        "that both sides run; the numbers mean nothing")
+    parser.add_argument("--verbose", action="store_true", help="show the workers' output")
+    # worker-only arguments
+    parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
+    parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--work-dir", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    args.steps = args.steps or (2 if args.smoke else 6)
+    args.max_new_tokens = args.max_new_tokens or (4 if args.smoke else 24)
+    if args.worker:
+        (worker_trl if args.worker == "trl" else worker_preftune)(args)
+        return
+    if args.steps <= WARMUP_STEPS:
+        sys.exit(f"--steps must be more than the {WARMUP_STEPS} warm-up step")
+    if args.num_generations < 2:
+        sys.exit("--num-generations must be at least 2 (the leave-one-out baseline)")
+
+    import transformers
+    import trl
+
+    from preftune.models import resolve_model
+
+    started = time.time()
+    with tempfile.TemporaryDirectory(prefix="bench-rloo-vs-trl-") as tmp:
+        folder = Path(tmp)
+        if args.smoke:
+            (folder / "tiny-model").mkdir()
+            args.model = smoke_model(folder / "tiny-model")
+        else:
+            args.model = resolve_model(args.model, args.cache_dir)
+        report = {
+            "date": date.today().isoformat(),
+            "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+                        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+                        "python": platform.python_version(), "torch": torch.__version__,
+                        "transformers": transformers.__version__, "trl": trl.__version__},
+            "settings": {"model": "tiny random Llama (--smoke)" if args.smoke else args.model, "steps": args.steps,
+                         "warmup_steps_left_out": WARMUP_STEPS, "prompts_per_step": args.prompts_per_step,
+                         "num_generations": args.num_generations,
+                         "completions_per_step": args.prompts_per_step * args.num_generations,
+                         "max_new_tokens": args.max_new_tokens, "learning_rate": LEARNING_RATE, "kl_coef": KL_COEF,
+                         "cliprange": CLIP, "max_grad_norm": MAX_GRAD_NORM, "temperature": 1.0, "seed": args.seed,
+                         "dtype": "float32", "reward": "sentiment (VADER compound of the completion)"},
+        }
+        results = {side: run_worker(side, args, folder) for side in SIDES}  # one after the other, never together
+    prompts = {side: results[side].pop("prompts") for side in SIDES}
+    for side in SIDES:
+        report[side] = summarise(results[side], WARMUP_STEPS)
+    ours, theirs = report["preftune"], report["trl"]
+    report["same_prompts_each_step"] = prompts["preftune"] == prompts["trl"]
+    report["ratios"] = {  # preftune / TRL: above 1, preftune is faster (or, for peak RSS, larger)
+        "steps_per_second": round(ours["steps_per_second"] / theirs["steps_per_second"], 3),
+        "completion_tokens_per_second": round(ours["completion_tokens_per_second"]
+                                              / theirs["completion_tokens_per_second"], 3),
+        "peak_rss": round(ours["peak_rss_gb"] / theirs["peak_rss_gb"], 3) if theirs["peak_rss_gb"] else None,
+    }
+    report["seconds"] = round(time.time() - started)
+    text = json.dumps(report, indent=2)
+    if args.output is not None:
+        args.output.write_text(text + "\n")
+    print(text)
+
+
+# ---- the workers: one training run each, timings per rollout step ------------------------------------------
+def peak_rss_kb() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def worker_trl(args: argparse.Namespace) -> None:
+    import warnings
+
+    from datasets import Dataset, disable_progress_bars
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import RLOOConfig, RLOOTrainer
+
+    from preftune.config import Config
+    from preftune.prompts import prompt_text
+    from preftune.rewards import sentiment_reward
+    from preftune.sentiment import make_prompts
+
+    setup_started = time.perf_counter()
+    disable_progress_bars()
+
+    class StepTimes(TrainerCallback):
+        def __init__(self) -> None:
+            self.seconds: list[float] = []
+            self.losses: list[float] = []
+            self.began = 0.0
+
+        def on_step_begin(self, *_, **__) -> None:
+            synchronize()
+            self.began = time.perf_counter()
+
+        def on_step_end(self, *_, **__) -> None:
+            synchronize()
+            self.seconds.append(time.perf_counter() - self.began)
+
+        def on_log(self, _args, _state, _control, logs=None, **__) -> None:
+            if logs and "loss" in logs:
+                self.losses.append(float(logs["loss"]))
+
+    vader = sentiment_reward()
+    record: dict[str, list] = {"completion_tokens": [], "completions": [], "scores": [], "prompts": []}
+
+    def sentiment(prompts, completions, completion_ids, **_):
+        """VADER on the completion's text; counts the step's completion tokens (up to and including the EOS)."""
+        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+        scores = vader([prompt_text(p) for p in prompts], texts)
+        record["completion_tokens"].append(sum(len(ids) for ids in completion_ids))
+        record["completions"].append(len(completion_ids))
+        record["scores"].append(statistics.mean(scores))
+        record["prompts"].append([prompt_text(p) for p in prompts])
+        return scores
+
+    # the default job's training prompts, as preftune builds them (its --num-prompts default, the same seed)
+    prompts = make_prompts(Config().default_job.num_prompts, args.seed, held_out=False)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        config = RLOOConfig(
+            output_dir=str(args.work_dir / "trl-out"), report_to="none", use_cpu=not torch.cuda.is_available(),
+            bf16=False, fp16=False, seed=args.seed, max_steps=args.steps,
+            per_device_train_batch_size=args.prompts_per_step * args.num_generations, gradient_accumulation_steps=1,
+            steps_per_generation=1, num_iterations=1, num_generations=args.num_generations,
+            max_completion_length=args.max_new_tokens, temperature=1.0, top_p=1.0, top_k=0,
+            learning_rate=LEARNING_RATE, lr_scheduler_type="linear", warmup_steps=0, beta=KL_COEF, epsilon=CLIP,
+            normalize_advantages=False, max_grad_norm=MAX_GRAD_NORM, gradient_checkpointing=False,
+            disable_dropout=True, shuffle_dataset=False, logging_steps=1, save_strategy="no", eval_strategy="no",
+            disable_tqdm=True, dataloader_num_workers=0,
+        )
+        timer = StepTimes()
+        trainer = RLOOTrainer(model=model, reward_funcs=sentiment, args=config,
+                              train_dataset=Dataset.from_list([{"prompt": p} for p in prompts]),
+                              processing_class=tokenizer, callbacks=[timer])
+        setup_seconds = time.perf_counter() - setup_started
+        trainer.train()
+    if not len(timer.seconds) == len(record["scores"]) == args.steps:
+        sys.exit(f"TRL ran {len(timer.seconds)} steps and {len(record['scores'])} rollouts; {args.steps} expected")
+    args.result.write_text(json.dumps({"step_seconds": timer.seconds, "losses": timer.losses, **record,
+                                       "setup_seconds": setup_seconds, "peak_rss_kb": peak_rss_kb()}))
+
+
+def worker_preftune(args: argparse.Namespace) -> None:
+    from preftune.cli import build_config, build_parser
+    from preftune.recipes import online, rloo
+
+    setup_started = time.perf_counter()
+    argv = ["rloo", "--model", args.model, "--output-dir", str(args.work_dir / "preftune-out"), "--overwrite",
+            "--max-steps", str(args.steps), "--rollout-batch-size", str(args.prompts_per_step), "--num-generations",
+            str(args.num_generations), "--num-ppo-epochs", "1", "--num-mini-batches", "1", "--max-new-tokens",
+            str(args.max_new_tokens), "--learning-rate", str(LEARNING_RATE), "--lr-scheduler-type", "linear",
+            "--warmup-ratio", "0", "--kl-coef", str(KL_COEF), "--cliprange", str(CLIP), "--max-grad-norm",
+            str(MAX_GRAD_NORM), "--no-normalize-advantages", "--reward", "sentiment", "--seed", str(args.seed),
+            "--no-shuffle", "--no-bf16", "--no-gradient-checkpointing", "--report-to", "none", "--save-steps", "0"]
+    if args.cache_dir:
+        argv += ["--cache-dir", args.cache_dir]
+    config = build_config(build_parser().parse_args(argv))
+    run = rloo.setup(config)
+    setup_seconds = time.perf_counter() - setup_started
+    record: dict[str, list] = {"step_seconds": [], "losses": [], "completion_tokens": [], "completions": [],
+                               "scores": [], "prompts": []}
+    try:
+        run.model.train()
+        while run.state.step < run.total_steps:  # online.train's step, without logging, evaluation, checkpoints
+            prompts = online.step_prompts(run)
+            synchronize()
+            began = time.perf_counter()
+            rollout = online.collect(run, prompts)
+            run.objective.score(run, rollout)
+            means, _, _ = online.optimise(run, rollout)
+            run.scheduler.step()
+            synchronize()
+            record["step_seconds"].append(time.perf_counter() - began)
+            run.state.step += 1
+            record["losses"].append(means["loss/policy"])
+            record["completion_tokens"].append(sum(len(s.completion_ids) for s in rollout.samples))
+            record["completions"].append(len(rollout.samples))
+            record["scores"].append(rollout.raw_scores.mean().item())
+            record["prompts"].append([prompts[s.prompt_index].text for s in rollout.samples])
+    finally:
+        online.cleanup(run)
+    args.result.write_text(json.dumps({**record, "setup_seconds": setup_seconds, "peak_rss_kb": peak_rss_kb()}))
+
+
+if __name__ == "__main__":
+    main()
