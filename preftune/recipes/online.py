@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import signal
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -26,7 +25,7 @@ from transformers import PreTrainedTokenizerBase
 
 from preftune.batching import process_batches
 from preftune.config import Config, resolved_num_ppo_epochs
-from preftune.errors import RunInterrupted, UserError
+from preftune.errors import UserError
 from preftune.measure import ModelPair, measure, summarize
 from preftune.policy_gradient import adaptive_kl_coef
 from preftune.prompts import Prompt, distinct_prompts, prompt_sources
@@ -37,7 +36,7 @@ from preftune.runtime.logging import MetricLogger
 from preftune.runtime.processes import ProcessGroup, full_value
 from preftune.runtime.run_folder import CONFIG_FILE
 from preftune.runtime.session import Session, evaluation_interval
-from preftune.runtime.signals import stop_on_signals
+from preftune.runtime.signals import interruption, stop_on_signals
 
 REPORT_FILE = "rl_report.json"
 
@@ -276,11 +275,8 @@ def train(run: OnlineRun, on_evaluate: Callable[[OnlineRun, dict], None] | None 
                                 f"{path}")
             if run.group.any_process(signal_received() is not None):
                 path = save_checkpoint(run)
-                raise RunInterrupted(
-                    f"stopped at step {state.step} of {run.total_steps}; checkpoint {path}. Resume with:\n"
-                    f"  preftune {run.objective.command} --config {run.folder / CONFIG_FILE} --resume",
-                    signal_received() or signal.SIGTERM,
-                )
+                raise interruption(state.step, run.total_steps, path, run.objective.command, run.folder / CONFIG_FILE,
+                                   signal_received())
     progress.close()
     if run.eval_prompts:
         just_evaluated = run.eval_every and state.step % run.eval_every == 0
@@ -412,3 +408,13 @@ def save(run: OnlineRun) -> None:
                    f"{report['completions_generated']} completions generated."]
         write_report(run.folder, c.to_dict(), summary, rows, f"preftune {run.objective.command} run {run.folder.name}")
     group.wait()
+
+
+def run(online_run: OnlineRun) -> OnlineRun:
+    """train -> save on a set-up run, with cleanup whatever happens. Returns the finished run."""
+    try:
+        train(online_run)
+        save(online_run)
+    finally:
+        cleanup(online_run)
+    return online_run

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import signal
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -26,7 +25,7 @@ from transformers import PreTrainedTokenizerBase
 from preftune.batching import LAYOUTS, Batch, process_batches
 from preftune.config import Config
 from preftune.data import LoadResult, load_and_report
-from preftune.errors import RunInterrupted, UserError
+from preftune.errors import UserError
 from preftune.metrics import MetricTotals
 from preftune.runtime.accelerator import reshard
 from preftune.runtime.checkpoint import restore_run_checkpoint, write_run_checkpoint
@@ -35,7 +34,7 @@ from preftune.runtime.processes import ProcessGroup, full_value
 from preftune.runtime.run_folder import CONFIG_FILE
 from preftune.runtime.session import Session, evaluation_interval, open_session
 from preftune.runtime.session import prepare_training as prepare
-from preftune.runtime.signals import stop_on_signals
+from preftune.runtime.signals import interruption, stop_on_signals
 from preftune.tokenize import TokenizedPair, tokenize_for
 
 
@@ -279,11 +278,8 @@ def train(run: PairRun, hooks: Hooks | None = None, after_step: Callable[[PairRu
                 )
             if run.group.any_process(signal_received() is not None):
                 path = save_checkpoint(run)
-                raise RunInterrupted(
-                    f"stopped at step {state.step} of {run.total_steps}; checkpoint {path}. Resume with:\n"
-                    f"  preftune {objective.command} --config {run.folder / CONFIG_FILE} --resume",
-                    signal_received() or signal.SIGTERM,
-                )
+                raise interruption(state.step, run.total_steps, path, objective.command, run.folder / CONFIG_FILE,
+                                   signal_received())
     progress.close()
     if run.eval_pairs:
         # the periodic evaluation may just have run at the last step: reuse it rather than log it twice

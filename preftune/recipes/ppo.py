@@ -112,10 +112,4 @@ def setup(config: Config) -> OnlineRun:
 
 def run(config: Config) -> OnlineRun:
     """setup -> train -> save, with cleanup whatever happens."""
-    ppo_run = setup(config)
-    try:
-        online.train(ppo_run)
-        online.save(ppo_run)
-    finally:
-        online.cleanup(ppo_run)
-    return ppo_run
+    return online.run(setup(config))

@@ -66,10 +66,4 @@ def setup(config: Config) -> OnlineRun:
 
 def run(config: Config) -> OnlineRun:
     """setup -> train -> save, with cleanup whatever happens."""
-    rloo_run = setup(config)
-    try:
-        online.train(rloo_run)
-        online.save(rloo_run)
-    finally:
-        online.cleanup(rloo_run)
-    return rloo_run
+    return online.run(setup(config))

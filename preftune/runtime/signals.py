@@ -5,6 +5,9 @@ from __future__ import annotations
 import contextlib
 import signal
 from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from preftune.errors import RunInterrupted
 
 
 @contextlib.contextmanager
@@ -25,3 +28,10 @@ def stop_on_signals() -> Iterator[Callable[[], int | None]]:
     finally:
         for s, old in previous.items():
             signal.signal(s, old)
+
+
+def interruption(step: int, total_steps: int, checkpoint: Path, command: str, config_file: Path,
+                 received: int | None) -> RunInterrupted:
+    """What a loop raises after a signal stopped it at `step` and it wrote `checkpoint`: how to resume."""
+    return RunInterrupted(f"stopped at step {step} of {total_steps}; checkpoint {checkpoint}. Resume with:\n"
+                          f"  preftune {command} --config {config_file} --resume", received or signal.SIGTERM)
