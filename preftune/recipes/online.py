@@ -113,7 +113,6 @@ class OnlineRun:
     state: OnlineState
     last_eval: dict[str, float] | None = None
     final_eval: dict[str, float] | None = None
-    reference_eval: dict[str, float] | None = None  # the reference's held-out reward (measured once, at the end)
 
     def log(self, values: dict, step: int | None = None) -> None:
         self.logger.log(values, self.state.step if step is None else step, self.state.step / self.batches_per_epoch)
