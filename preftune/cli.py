@@ -35,7 +35,7 @@ JUDGE_OPTIONS = {**MODEL_PAIR, **SAMPLING, "sample.reward": None}
 FRONTIER_OPTIONS = {"train.output_dir": None, "train.overwrite": None, "train.seed": None, "model.cache_dir": None,
                     "default_job.num_prompts": None, "default_job.num_eval_prompts": None,
                     "default_job.samples_per_eval_prompt": None, "default_job.frontier_betas": "betas",
-                    "sample.max_new_tokens": None}
+                    "default_job.frontier_methods": "methods", "sample.max_new_tokens": None}
 # the reward model reads no reference, loss, sampling or layout option (its head reads each padded row's last token)
 REWARD_MODEL_OPTIONS = {
     **{f"{section}.{f.name}": None for section, f in iter_fields()
@@ -55,8 +55,15 @@ RL_OPTIONS = {
                                           "train.sync_ref_model", "train.ref_model_mixup_alpha",
                                           "train.ref_model_sync_steps", "train.precompute_ref_log_probs",
                                           "model.load_in_4bit"}},
-    "sample.prompts": None, "sample.reward": None, "sample.max_new_tokens": None,
+    "sample.prompts": None, "sample.reward": None, "sample.eval_reward": None, "sample.max_new_tokens": None,
     "default_job.num_prompts": None, "default_job.num_eval_prompts": None, "default_job.samples_per_eval_prompt": None,
+}
+# online-dpo: ppo's and rloo's options, DPO's loss and TR-DPO reference updates (iterative DPO) where they apply
+ONLINE_DPO_OPTIONS = {
+    **RL_OPTIONS,
+    **{f"loss.{f.name}": None for section, f in iter_fields()
+       if section == "loss" and f.name not in {"ld_alpha", "use_weighting"}},
+    "train.sync_ref_model": None, "train.ref_model_mixup_alpha": None, "train.ref_model_sync_steps": None,
 }
 EVAL_OPTIONS = {
     **MODEL_PAIR, **PAIR_DATA,
@@ -126,10 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
         ("score", SCORE_OPTIONS, "implicit rewards beta*log(pi/pi_ref) of responses; best-of-N ranks",
          "The implicit reward of each response under --model against --ref-model: of chosen and rejected for "
          "--data pairs, or of every candidate (with its rank) for --prompts records with \"responses\"."),
-        ("frontier", FRONTIER_OPTIONS, "the paper's reward-KL frontier in miniature: DPO vs Preferred-FT vs best-of-N",
-         "On the default job's sentiment pairs: DPO at several --betas and training lengths, Preferred-FT (SFT on "
-         "the chosen responses) and best-of-N sampling, as (KL, ground-truth reward) points on held-out prompts; "
-         "writes frontier.csv, frontier.md and frontier.png. About 40 minutes on 2 CPU cores."),
+        ("frontier", FRONTIER_OPTIONS, "DPO or RLHF? reward vs KL and the costs of DPO, PPO, RLOO, online DPO, ...",
+         "On the default job's sentiment pairs: DPO at several --betas, Preferred-FT (SFT on the chosen responses), "
+         "a reward model fit to the pairs with PPO, RLOO and online DPO against it, PPO-GT (on the ground truth) "
+         "and best-of-N sampling (--methods picks some), as (KL, ground-truth reward) points on held-out prompts, "
+         "with each method's wall time, memory, samples, reward queries and labels. Each method is cached in the "
+         "folder: a re-run computes only what is missing. Writes frontier.csv/.md/.png, costs.csv/.md and "
+         "sample_efficiency.png. About 80 minutes on 2 CPU cores for all methods."),
         ("reward-model", REWARD_MODEL_OPTIONS, "train a Bradley-Terry reward model on preference pairs",
          "A sequence-classification head of one output over --model, trained with -log sigmoid(r(x, y_chosen) - "
          "r(x, y_rejected)) (optionally centred), as TRL's RewardTrainer; held-out accuracy with its interval. "
@@ -142,6 +152,11 @@ def build_parser() -> argparse.ArgumentParser:
         ("rloo", RL_OPTIONS, "RLHF with RLOO: REINFORCE with a leave-one-out baseline against --reward",
          "As ppo, without a critic: --num-generations samples per prompt, each baselined by the mean reward of the "
          "others (Ahmadian et al. 2024), the KL to the reference as a penalty on the reward, as TRL's RLOOTrainer."),
+        ("online-dpo", ONLINE_DPO_OPTIONS, "online DPO: DPO on pairs of the policy's own samples ranked by --reward",
+         "Each rollout samples two completions per prompt from the current policy, ranks them with --reward (ties "
+         "are left out of the loss) and takes a step of --loss-type (any DPO-family loss) against the reference "
+         "(Guo et al. 2024), as TRL's OnlineDPOTrainer. Iterative DPO: one rollout per round over all prompts, "
+         "--num-ppo-epochs passes over its pairs, --sync-ref-model to make each round's reference the last policy."),
         ("judge", JUDGE_OPTIONS, "win rate of --model over --ref-model under a ground-truth reward, and KL",
          "Samples both models on --prompts, scores the samples with --reward, and prints the win rate (ties "
          "count half) with a 95% interval, and KL(policy || reference) from the policy's samples."),
@@ -200,6 +215,7 @@ COMMANDS: dict[str, Callable[[Config], object]] = {
     "reward-model": commands.run_reward_model,
     "ppo": lambda config: commands.run_online(config, "ppo"),
     "rloo": lambda config: commands.run_online(config, "rloo"),
+    "online-dpo": lambda config: commands.run_online(config, "online-dpo"),
 }
 
 
@@ -216,7 +232,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(commands.run_export(args.run_dir, args.gguf, args.outtype, args.force), flush=True)
             return 0
         config = build_config(args)
-        trains = args.command in ("train", "reward-model", "ppo", "rloo")
+        trains = args.command in ("train", "reward-model", "ppo", "rloo", "online-dpo")
         if trains and config.train.num_processes > 1 and not launched():
             # checked above, before any process starts; each process parses the same arguments again
             return launch_processes(config.train.num_processes, argv)

@@ -46,10 +46,11 @@ def run_reward_model(config: Config) -> Path:
 
 
 def run_online(config: Config, command: str) -> Path:
-    """`preftune ppo` / `preftune rloo`: RLHF against --reward on the prompts; prints the held-out result."""
-    from preftune.recipes import ppo, rloo
+    """`preftune ppo` / `rloo` / `online-dpo`: training on the policy's samples scored by --reward; prints the
+    held-out result."""
+    from preftune.recipes import online_dpo, ppo, rloo
 
-    finished = {"ppo": ppo, "rloo": rloo}[command].run(config)
+    finished = {"ppo": ppo, "rloo": rloo, "online-dpo": online_dpo}[command].run(config)
     return finished.folder
 
 
@@ -184,7 +185,7 @@ def run_frontier(config: Config) -> Path:
     """`preftune frontier`: the reward-KL frontier of the default job."""
     from preftune.frontier import run_frontier as frontier
 
-    return frontier(config, [float(b) for b in config.default_job.frontier_betas.split(",")])
+    return frontier(config, [name.strip() for name in config.default_job.frontier_methods.split(",")])
 
 
 def run_export(run_dir: str, output: str, outtype: str, force: bool) -> str:

@@ -239,6 +239,11 @@ class SampleConfig:
         "a sequence-classification reward model.",
         "sentiment",
     )
+    eval_reward: str | None = doc(
+        "The reward the held-out measurement of `ppo`, `rloo` and `online-dpo` reports (the same forms as --reward): "
+        "the ground truth, when --reward is a learned reward model. Unset: --reward; on the default job's prompts, "
+        "'sentiment' (the reward that labelled its pairs)."
+    )
 
 
 @dataclass
@@ -253,14 +258,16 @@ class RewardModelConfig:
 
 @dataclass
 class RLConfig:
-    """`preftune ppo` and `preftune rloo`: RLHF with online sampling against --reward (TRL's names)."""
+    """`preftune ppo`, `rloo` and `online-dpo`: training on the policy's own samples, scored by --reward (TRL's
+    names)."""
 
     num_generations: int = doc(
         "Completions sampled per prompt in each rollout (RLOO's k, at least 2: each is baselined by the others).", 2
     )
     rollout_batch_size: int = doc("Prompts per rollout per process (each sampled --num-generations times).", 8)
     num_ppo_epochs: int | None = doc(
-        "Optimisation passes over each rollout (TRL RLOO's num_iterations). Unset: 4 for ppo, 1 for rloo."
+        "Optimisation passes over each rollout (TRL RLOO's num_iterations). Unset: 4 for ppo, 1 for rloo and "
+        "online-dpo."
     )
     num_mini_batches: int = doc("Minibatches each pass splits the rollout into; one optimizer step each.", 1)
     kl_coef: float = doc(
@@ -288,6 +295,10 @@ class RLConfig:
     )
 
 
+# `preftune frontier --methods`: the names of its methods (frontier_methods.py builds them)
+FRONTIER_METHODS = ("best-of-n", "dpo", "preferred-ft", "ppo", "ppo-gt", "rloo", "online-dpo")
+
+
 @dataclass
 class DefaultJobConfig:
     """The default job (no --data): the DPO paper's controlled-sentiment experiment in miniature."""
@@ -296,6 +307,12 @@ class DefaultJobConfig:
     num_eval_prompts: int = doc("Default job: held-out prompts for the before/after reward report.", 64)
     samples_per_eval_prompt: int = doc("Default job: samples per held-out prompt from each model.", 2)
     frontier_betas: str = doc("preftune frontier: the DPO betas to compare, comma-separated.", "0.05,0.1,0.5")
+    frontier_methods: str = doc(
+        "preftune frontier: the methods to run, comma-separated: best-of-n, dpo (every beta), preferred-ft, ppo "
+        "(against a reward model fit to the pairs, trained first), ppo-gt (against the ground truth), rloo and "
+        "online-dpo (against the reward model).",
+        ",".join(FRONTIER_METHODS),
+    )
 
 
 # Training settings the default job uses unless the user sets them: enough learning signal for a few minutes of
@@ -597,8 +614,11 @@ def _check_command_scope(config: Config, command: str, need: Check, unused: Unus
     else:
         unused("default_job", [f.name for f in dataclasses.fields(DefaultJobConfig)],
                "with --data (it configures the default job, which runs only without --data)")
-    if command == "train":
-        unused("default_job", ["frontier_betas"], "in train (it configures preftune frontier)")
+    if command != "frontier":
+        unused("default_job", ["frontier_betas", "frontier_methods"], f"in {command} (it configures preftune frontier)")
+    for name in config.default_job.frontier_methods.split(","):
+        need(name.strip() in FRONTIER_METHODS, f"--methods: '{name.strip()}' is not a method; choose from "
+                                               f"{', '.join(FRONTIER_METHODS)}")
     if command != "reward-model":
         unused("reward_model", [f.name for f in dataclasses.fields(RewardModelConfig)],
                f"in {command} (it configures preftune reward-model)")
@@ -630,16 +650,19 @@ def _check_sampling(config: Config, command: str, need: Check, unused: Unused) -
         need(value >= 1, f"--{name.replace('_', '-')} must be >= 1, got {value}")
 
 
-RL_COMMANDS = ("ppo", "rloo")
+RL_COMMANDS = ("ppo", "rloo", "online-dpo")
 
 
 def _check_rl(config: Config, command: str, need: Check, unused: Unused) -> None:
     """The online recipes' options, and the DPO-only options they do not read."""
     r = config.rl
     if command not in RL_COMMANDS:
-        unused("rl", [f.name for f in dataclasses.fields(RLConfig)], f"in {command} (it configures ppo and rloo)")
+        unused("rl", [f.name for f in dataclasses.fields(RLConfig)],
+               f"in {command} (it configures ppo, rloo and online-dpo)")
         return
     need(r.num_generations >= 1, f"--num-generations must be >= 1, got {r.num_generations}")
+    need(command != "online-dpo" or r.num_generations == 2,
+         f"online-dpo ranks two samples per prompt into a pair: --num-generations must be 2, got {r.num_generations}")
     need(command != "rloo" or r.num_generations >= 2,
          f"rloo baselines each sample by the other samples of its prompt: --num-generations must be >= 2, got "
          f"{r.num_generations}")
@@ -657,7 +680,17 @@ def _check_rl(config: Config, command: str, need: Check, unused: Unused) -> None
     need(0 <= r.gamma <= 1 and 0 <= r.lam <= 1, f"--gamma and --lam must be in [0, 1], got {r.gamma}, {r.lam}")
     if r.kl_target is None:
         unused("rl", ["kl_horizon"], "without --kl-target")
-    if command == "rloo":
+    if command == "online-dpo":
+        unused("rl", ["kl_coef", "kl_target", "kl_horizon", "cliprange", "cliprange_value", "vf_coef", "gamma", "lam",
+                      "whiten_rewards", "normalize_advantages", "value_model"],
+               "in online-dpo (its loss is --loss-type's, with --beta as the KL weight)")
+        need(config.loss.ld_alpha is None and not config.loss.use_weighting,
+             "--ld-alpha and --use-weighting are not supported in online-dpo (they need per-token extras of the "
+             "pairs' log-probs that its rollouts do not compute)")
+        need(r.num_mini_batches <= r.rollout_batch_size,
+             f"--num-mini-batches must be at most the pairs of a rollout ({r.rollout_batch_size}), got "
+             f"{r.num_mini_batches}")
+    elif command == "rloo":
         unused("rl", ["cliprange_value", "vf_coef", "gamma", "lam", "whiten_rewards", "value_model"],
                "in rloo (it has no critic)")
     else:

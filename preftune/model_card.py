@@ -35,8 +35,8 @@ if TYPE_CHECKING:
     from preftune.recipes.pairs import PairRun
 
 CARD_FILE = "README.md"
-RECIPES = ("dpo", "reward-model", "ppo", "rloo")
-POLICY_RECIPES = ("dpo", "ppo", "rloo")  # the others save a reward model
+RECIPES = ("dpo", "reward-model", "ppo", "rloo", "online-dpo")
+POLICY_RECIPES = ("dpo", "ppo", "rloo", "online-dpo")  # the others save a reward model
 # what a folder holds: all weights trained; a LoRA adapter merged into the base (a plain model); the adapter itself
 FORMS = ("full", "merged", "adapter")
 # fields of the base model's card that hold for a model trained from it
@@ -63,12 +63,14 @@ GAE_PAPER = ("Schulman et al. 2016, High-Dimensional Continuous Control Using Ge
              "arXiv:1506.02438")
 RLOO_PAPER = ("Ahmadian et al. 2024, Back to Basics: Revisiting REINFORCE Style Optimization for Learning from Human "
               "Feedback in LLMs, arXiv:2402.14740")
+ONLINE_DPO_PAPER = "Guo et al. 2024, Direct Language Model Alignment from Online AI Feedback, arXiv:2402.04792"
 
 # the config sections a recipe reads: the card shows these of the resolved config
 RECIPE_SECTIONS = {"dpo": ("model", "data", "loss", "train"),
                    "reward-model": ("model", "data", "train", "reward_model"),
                    "ppo": ("model", "data", "sample", "train", "rl"),
-                   "rloo": ("model", "data", "sample", "train", "rl")}
+                   "rloo": ("model", "data", "sample", "train", "rl"),
+                   "online-dpo": ("model", "data", "loss", "sample", "train", "rl")}
 
 
 @dataclass(frozen=True)
@@ -263,7 +265,7 @@ def reward_method(config: Config) -> tuple[list[str], list[str]]:
 
 
 def rl_method(config: Config, recipe: str) -> tuple[list[str], list[str]]:
-    """The method paragraphs of a PPO or RLOO run and the papers they cite."""
+    """The method paragraphs of a PPO, RLOO or online DPO run and the papers they cite."""
     r, s = config.rl, config.sample
     reference = (f"`{config.model.ref_model}`, frozen" if config.model.ref_model is not None
                  else "the base model (the policy with its LoRA adapter switched off)" if config.model.lora
@@ -277,6 +279,12 @@ def rl_method(config: Config, recipe: str) -> tuple[list[str], list[str]]:
                  f"and the policy and critic minimise PPO's clipped surrogate (clip {r.cliprange}) and vf_coef "
                  f"{r.vf_coef} times the clipped value loss (clip {r.cliprange_value})."]
         papers = [ZIEGLER, OUYANG, PPO_PAPER, GAE_PAPER]
+    elif recipe == "online-dpo":
+        names, _ = loss_names(config)
+        lines = ["Trained with online DPO: each rollout samples two completions per prompt from the policy, ranks "
+                 f"them by the reward `{s.reward}` into (chosen, rejected), leaves out ties, and takes a step of the "
+                 f"{', '.join(names)} loss (beta {config.loss.beta}) against the reference."]
+        papers = [ONLINE_DPO_PAPER, DPO_PAPER]
     else:
         lines = [f"Trained with RLHF by RLOO: {r.num_generations} completions per prompt sampled from the policy "
                  f"are scored by the reward `{s.reward}` less kl_coef * sum_t (log pi - log pi_ref) (kl_coef {kl}); "
@@ -309,17 +317,20 @@ def hyperparameter_rows(config: Config, model: SavedModel) -> list[tuple[str, An
                                                if len(names) > 1 else []), ("beta", c.loss.beta)]
     elif model.recipe in POLICY_RECIPES:
         r = c.rl
-        rows += [("kl_coef", r.kl_coef), *([("kl_target", r.kl_target)] if r.kl_target is not None else []),
-                 ("completions per rollout", f"{r.rollout_batch_size * r.num_generations * model.num_processes} "
+        if model.recipe == "online-dpo":
+            rows += [("loss", ", ".join(loss_names(config)[0])), ("beta", c.loss.beta)]
+        else:
+            rows += [("kl_coef", r.kl_coef), *([("kl_target", r.kl_target)] if r.kl_target is not None else [])]
+        processes = f"{model.num_processes} process" + ("es" if model.num_processes > 1 else "")
+        rows += [("completions per rollout", f"{r.rollout_batch_size * r.num_generations * model.num_processes} "
                                              f"({r.rollout_batch_size} prompts x {r.num_generations} samples x "
-                                             f"{model.num_processes} process" + ("es" if model.num_processes > 1
-                                                                                 else "") + ")"),
+                                             f"{processes})"),
                  ("max new tokens", c.sample.max_new_tokens),
                  ("epochs x minibatches per rollout", f"{resolved_num_ppo_epochs(c, model.recipe)} x "
                                                       f"{r.num_mini_batches}")]
     elif c.reward_model.center_rewards_coefficient is not None:
         rows.append(("center_rewards_coefficient", c.reward_model.center_rewards_coefficient))
-    offline = model.recipe not in ("ppo", "rloo")
+    offline = model.recipe not in ("ppo", "rloo", "online-dpo")
     rows += [
         ("learning rate", f"{t.learning_rate:g} (AdamW, betas {t.adam_beta1:g}, {t.adam_beta2:g}, weight decay "
                           f"{t.weight_decay:g})"),
@@ -431,7 +442,8 @@ def model_card(config: Config, model: SavedModel, eval_results: dict[str, Any] |
         if c.model.load_in_4bit:
             papers.append(QLORA_PAPER)
     what = {"dpo": "policy trained with DPO", "reward-model": "Bradley-Terry reward model trained",
-            "ppo": "policy trained with PPO (RLHF)", "rloo": "policy trained with RLOO (RLHF)"}[model.recipe]
+            "ppo": "policy trained with PPO (RLHF)", "rloo": "policy trained with RLOO (RLHF)",
+            "online-dpo": "policy trained with online DPO"}[model.recipe]
     title = model.name + (" (LoRA adapter)" if model.form == "adapter" else "")
     unit = "pairs" if model.recipe in ("dpo", "reward-model") else "prompts"
     data_lines = [data_line("training", c.sample.prompts if unit == "prompts" and c.sample.prompts else c.data.data,
@@ -495,7 +507,7 @@ def write_model_cards(run: PairRun | OnlineRun, recipe: str, model: torch.nn.Mod
         training = last_epoch_means(read_metrics(folder), run.objective.metric_names)
     except UserError:  # no metrics.jsonl rows (nothing logged)
         training = None
-    online = recipe in ("ppo", "rloo")  # an online run trains on prompts
+    online = recipe in ("ppo", "rloo", "online-dpo")  # an online run trains on prompts
     facts = dict(recipe=recipe, name=folder.name, tokenizer_path=str(folder),
                  base=base_model_of(c.model.model, run.model_source),
                  num_train_pairs=len(run.train_prompts if online else run.train_pairs),

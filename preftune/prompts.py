@@ -30,6 +30,7 @@ DEFAULT_JOB_OVERRIDES: dict[str, Any] = {
     "train.learning_rate": 1e-5,
     "train.warmup_ratio": 0.0,
     "sample.max_new_tokens": 24,
+    "sample.eval_reward": "sentiment",  # the ground truth, also when --reward is a reward model fit to its pairs
 }
 
 

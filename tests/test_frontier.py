@@ -1,10 +1,13 @@
-"""The frontier's pieces that need no training: best-of-N's analytic KL, the table and the plot."""
+"""The frontier's pieces that need no training: the tables, both plots, and the cache of methods (with a stand-in
+for the methods' processes)."""
 
 from __future__ import annotations
 
 import math
 
-from preftune.frontier import Point, plot_frontier, write_table
+from preftune.config import Config
+from preftune.frontier import Point, plot_frontier, run_frontier, write_table
+from preftune.frontier_methods import Cost
 
 
 def test_table_and_plot(tmp_path):
@@ -18,7 +21,61 @@ def test_table_and_plot(tmp_path):
     write_table(points, tmp_path)
     plot_frontier(points, tmp_path / "frontier.png")
     rows = (tmp_path / "frontier.csv").read_text().splitlines()
-    assert rows[0] == "method,step,n,kl,kl_stderr,reward,reward_stderr" and len(rows) == 6
+    assert rows[0].startswith("method,step,n,kl,kl_stderr,reward,reward_stderr,seconds,") and len(rows) == 6
     table = (tmp_path / "frontier.md").read_text()
     assert "| best-of-N |  | 4 | 0.64 +- 0.00 | +0.400 +- 0.030 |" in table
     assert (tmp_path / "frontier.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def fake_runner(calls: list[str]):
+    """Stands in for a method's process: points and a cost row from its name, and a record of what ran."""
+
+    def run(spec, config, folder):
+        calls.append(spec.label)
+        if spec.kind == "reward-model":
+            return [], Cost(spec.label, 5.0, 4.0, 10**9, 1, "reward model", 0, 0, 242, False,
+                            {"held_out_accuracy": 0.6, "held_out_accuracy_stderr": 0.06, "labels": 242})
+        if spec.kind == "best-of-n":
+            points = [Point("reference", None, 1, 0.0, 0.0, 0.1, 0.02, 1.0, 64, 64, 0),
+                      Point("best-of-N", None, 4, 0.64, 0.0, 0.4, 0.03, 4.0, 256, 256, 0)]
+        else:
+            budget = {"completions": 16 * 10, "reward_queries": 16 * 10} if spec.kind in ("ppo", "rloo") else {}
+            points = [Point(spec.label, 10, None, 1.0, 0.1, 0.3, 0.04, 20.0, labels=242 if spec.kind != "ppo" or
+                            spec.uses_reward_model else 0, **budget)]
+        last = points[-1]
+        return points, Cost(spec.label, 30.0, 20.0, 2 * 10**9, len(spec.copies), ", ".join(spec.copies),
+                            last.completions, last.reward_queries, last.labels, spec.uses_reward_model)
+
+    return run
+
+
+def test_methods_are_cached_and_a_rerun_computes_only_what_is_missing(tmp_path, monkeypatch):
+    monkeypatch.setattr("preftune.sentiment.prepare_default_job", lambda config: None)
+    config = Config()
+    config.train.output_dir = str(tmp_path / "frontier")
+    config.default_job.frontier_betas = "0.1"
+    calls: list[str] = []
+    folder = run_frontier(config, ["best-of-n", "dpo", "rloo"], runner=fake_runner(calls))
+    assert calls == ["reward model", "best-of-N", "DPO beta=0.1", "RLOO"]  # the reward model first: RLOO needs it
+    costs = (folder / "costs.md").read_text()
+    assert "| reward model | 4 s | 5 s | 1.00 GB | 1 (reward model) | 0 | 0 | 242 | held-out accuracy 0.600" in costs
+    assert ("| RLOO | 20 s + reward model | 30 s | 2.00 GB | 3 (policy, reference, reward model) | 160 | 160 | 242 |"
+            in costs)
+    assert (folder / "sample_efficiency.png").read_bytes()[:4] == b"\x89PNG"
+    assert (folder / "frontier.png").read_bytes()[:4] == b"\x89PNG"
+    calls.clear()
+    run_frontier(config, ["best-of-n", "dpo", "rloo", "ppo-gt"], runner=fake_runner(calls))
+    assert calls == ["PPO-GT"]
+    calls.clear()
+    config.default_job.frontier_betas = "0.1,0.5"
+    config.default_job.num_eval_prompts = 32  # every method's measurement changes: all are recomputed
+    run_frontier(config, ["dpo"], runner=fake_runner(calls))
+    assert calls == ["DPO beta=0.1", "DPO beta=0.5"]
+
+    assert "DPO beta=0.5" in (folder / "frontier.md").read_text() and "RLOO" not in (folder / "costs.md").read_text()
+
+def test_an_unknown_method_is_a_user_error(capsys):
+    from preftune.cli import main
+
+    assert main(["frontier", "--methods", "dpo,ppo-magic"]) == 2
+    assert "--methods: 'ppo-magic' is not a method" in capsys.readouterr().err

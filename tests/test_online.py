@@ -1,6 +1,6 @@
-"""`preftune ppo` and `preftune rloo` through the CLI on tiny models: what a run writes, TRL's metric names, held-out
-measurement, exact resume, LoRA, learning on a reward the policy can reach, and user errors (exit 2, no
-traceback, nothing written)."""
+"""`preftune ppo`, `rloo` and `online-dpo` through the CLI on tiny models: what a run writes, TRL's metric names,
+held-out measurement, exact resume, LoRA, learning on a reward the policy can reach, iterative DPO's reference
+updates, and user errors (exit 2, no traceback, nothing written)."""
 
 from __future__ import annotations
 
@@ -21,9 +21,16 @@ PROMPTS = [{"prompt": p["prompt"]} for p in PAIRS]
 
 
 @pytest.fixture
-def files(tmp_path) -> dict[str, Path]:
+def files(tmp_path, monkeypatch) -> dict[str, Path]:
+    # a reward without ties (VADER scores a random model's text 0 almost always; online DPO leaves ties out)
+    (tmp_path / "text_reward.py").write_text("def length(prompt, completion):\n"
+                                             "    return len(completion) + 1e-3 * sum(map(ord, completion))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
     return {"prompts": write_jsonl(tmp_path / "prompts.jsonl", PROMPTS),
             "pairs": write_jsonl(tmp_path / "pairs.jsonl", PAIRS)}
+
+
+LENGTH_REWARD = ("--reward", "text_reward:length")
 
 
 def args_for(command: str, model: Path, files: dict[str, Path], out: Path, *extra: str) -> list[str]:
@@ -39,11 +46,14 @@ def rows_of(out: Path) -> list[dict]:
 @pytest.mark.parametrize(("command", "names"), [
     ("ppo", ["loss/policy", "loss/value", "policy/approxkl", "policy/clipfrac", "val/vpred", "val/clipfrac"]),
     ("rloo", ["loss/policy", "policy/approxkl", "policy/clipfrac"]),
+    ("online-dpo", ["loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+                    "logps/chosen", "objective/chosen_scores", "objective/scores_margin", "objective/tie_rate"]),
 ])
 def test_a_run_logs_trl_names_measures_held_out_and_saves_a_loadable_policy(tmp_path, tiny_model_dir, files,
                                                                              command, names):
     out = tmp_path / "run"
-    assert main(args_for(command, tiny_model_dir, files, out, "--eval-steps", "2")) == 0
+    assert main(args_for(command, tiny_model_dir, files, out, "--eval-steps", "2", "--eval-reward", "sentiment",
+                         *LENGTH_REWARD)) == 0
     rows = rows_of(out)
     train = [r for r in rows if "objective/scores" in r]
     assert [r["step"] for r in train] == [1, 2, 3, 4]
@@ -56,21 +66,23 @@ def test_a_run_logs_trl_names_measures_held_out_and_saves_a_loadable_policy(tmp_
     report = json.loads((out / "rl_report.json").read_text())
     assert report["method"] == command and report["held_out_prompts"] == 4 and report["completions_generated"] == 16
     assert report["reward_gain"] == pytest.approx(report["policy_reward"]["mean"] - report["reference_reward"]["mean"])
+    # trained on one reward, measured on held-out prompts with another (the ground truth)
+    assert report["reward"] == "sentiment" and report["trained_on_reward"] == "text_reward:length"
     assert "held-out prompts" in (out / "report.md").read_text() and (out / "curves.png").is_file()
     card = read_front_matter((out / "README.md").read_text())
     assert card["tags"] == ["preftune", command, "rlhf"] and card["pipeline_tag"] == "text-generation"
-    assert "reward `sentiment`" in (out / "README.md").read_text()
+    assert "reward `text_reward:length`" in (out / "README.md").read_text()
     policy = AutoModelForCausalLM.from_pretrained(out)
     start = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     assert not torch.equal(policy.model.norm.weight, start.model.norm.weight) or any(
         not torch.equal(a, b) for a, b in zip(policy.parameters(), start.parameters()))
 
 
-@pytest.mark.parametrize("command", ["ppo", "rloo"])
+@pytest.mark.parametrize("command", ["ppo", "rloo", "online-dpo"])
 def test_resume_from_a_checkpoint_ends_on_the_same_weights(tmp_path, tiny_model_dir, files, command):
     out = tmp_path / "run"
-    args = args_for(command, tiny_model_dir, files, out, "--save-steps", "2", "--kl-target", "0.5",
-                    "--kl-horizon", "20")
+    adaptive = ["--kl-target", "0.5", "--kl-horizon", "20"] if command != "online-dpo" else []
+    args = args_for(command, tiny_model_dir, files, out, "--save-steps", "2", *adaptive, *LENGTH_REWARD)
     assert main(args) == 0
     uninterrupted = load_file(out / "model.safetensors")
     metrics = rows_of(out)
@@ -82,13 +94,14 @@ def test_resume_from_a_checkpoint_ends_on_the_same_weights(tmp_path, tiny_model_
     again = rows_of(out)
     assert [r["step"] for r in again if "objective/scores" in r] == [1, 2, 3, 4]
     for before, after in zip(metrics, again):
-        for name in ("objective/scores", "loss/policy", "objective/kl_coef"):
+        for name in ("objective/scores", "loss/policy", "loss", "objective/kl_coef"):
             assert before.get(name) == after.get(name)
 
 
-def test_ppo_with_lora_takes_its_reference_from_the_adapter_switched_off(tmp_path, tiny_model_dir, files):
+@pytest.mark.parametrize("command", ["ppo", "online-dpo"])
+def test_lora_takes_its_reference_from_the_adapter_switched_off(tmp_path, tiny_model_dir, files, command):
     out = tmp_path / "run"
-    assert main(args_for("ppo", tiny_model_dir, files, out, "--lora", "--lora-r", "4")) == 0
+    assert main(args_for(command, tiny_model_dir, files, out, "--lora", "--lora-r", "4", *LENGTH_REWARD)) == 0
     assert (out / "adapter_config.json").is_file()
     first = [r for r in rows_of(out) if "objective/kl" in r][0]
     assert first["objective/kl"] == pytest.approx(0.0, abs=1e-5)  # the adapter starts as a no-op
@@ -121,8 +134,48 @@ def test_one_update_moves_probability_towards_the_samples_with_positive_advantag
         online.cleanup(run)
 
 
+def test_online_dpo_step_raises_the_margin_of_its_pairs(tmp_path, tiny_model_dir, files):
+    """The direction of learning, on one rollout: after one online DPO update the policy's log-ratio margin
+    (log pi(y_w) - log pi(y_l), the reference's cancels) grows on the rollout's decided pairs."""
+    from preftune.cli import build_config, build_parser
+    from preftune.recipes import online, online_dpo
+    from preftune.rollout import token_logps
+
+    argv = args_for("online-dpo", tiny_model_dir, files, tmp_path / "run", "--max-steps", "1",
+                    "--rollout-batch-size", "4", "--warmup-ratio", "0", *LENGTH_REWARD)
+    config = build_config(build_parser().parse_args(argv))
+    run = online_dpo.setup(config)
+    try:
+        rollout = online.collect(run, online.step_prompts(run))
+        assert run.objective.score(run, rollout)["objective/tie_rate"] == 0
+        online.optimise(run, rollout)
+        with torch.no_grad():
+            new = token_logps(run.models.policy, rollout.samples, run.tokenizer.pad_token_id, rollout.width, "cpu")
+        change = ((new - rollout.logps) * rollout.mask).sum(1).view(-1, 2)
+        first_is_chosen = rollout.extras["first_is_chosen"][0::2]
+        sign = torch.where(first_is_chosen, 1.0, -1.0)
+        assert (sign * (change[:, 0] - change[:, 1])).sum() > 0
+    finally:
+        online.cleanup(run)
+
+
+def test_iterative_online_dpo_moves_the_reference_to_the_policy_after_each_round(tmp_path, tiny_model_dir, files):
+    """--sync-ref-model with alpha 1 every rollout: each round's rollout is sampled with the reference equal to the
+    policy, so its KL is exactly 0 after the first round (the first round's reference is the starting model too)."""
+    out = tmp_path / "run"
+    assert main(args_for("online-dpo", tiny_model_dir, files, out, "--rollout-batch-size", "4", "--max-steps", "3",
+                         "--num-ppo-epochs", "2", "--num-mini-batches", "2", "--sync-ref-model",
+                         "--ref-model-mixup-alpha", "1", "--ref-model-sync-steps", "1", *LENGTH_REWARD)) == 0
+    train = [r for r in rows_of(out) if "objective/kl" in r]
+    assert [r["objective/kl"] for r in train] == [0.0, 0.0, 0.0]
+    report = json.loads((out / "rl_report.json").read_text())
+    assert report["kl_policy_reference"]["mean"] == 0.0  # measured against the last round's reference
+
+
 @pytest.mark.parametrize(("extra", "message"), [
     (["--num-generations", "1"], "--num-generations must be >= 2"),
+    (["online-dpo", "--num-generations", "3"], "online-dpo ranks two samples per prompt into a pair"),
+    (["online-dpo", "--kl-coef", "0.1"], "--kl-coef has no effect in online-dpo"),
     (["--normalize-advantages"], "--normalize-advantages has no effect in ppo"),
     (["--reward", "no_such_module:f"], "--reward no_such_module:f: cannot import f from no_such_module"),
     (["--data", "PAIRS"], "reads prompts from --prompts or from the pairs of --data, not both"),
@@ -130,6 +183,8 @@ def test_one_update_moves_probability_towards_the_samples_with_positive_advantag
 ])
 def test_bad_options_exit_2_before_anything_is_written(tmp_path, tiny_model_dir, files, capsys, extra, message):
     command = "rloo" if "--num-generations" in extra else "ppo"
+    if extra[0] == "online-dpo":
+        command, extra = extra[0], extra[1:]
     out = tmp_path / "run"
     extra = [str(files["pairs"]) if value == "PAIRS" else value for value in extra]
     assert main(args_for(command, tiny_model_dir, files, out, *extra)) == 2
@@ -142,3 +197,11 @@ def test_a_bad_prompts_line_is_named(tmp_path, tiny_model_dir, files, capsys):
     assert main(args_for("rloo", tiny_model_dir, files, tmp_path / "run")) == 2
     err = capsys.readouterr().err
     assert "prompts.jsonl: line 2: field 'prompt'" in err and not (tmp_path / "run").exists()
+
+
+def test_the_iterative_dpo_config_file_validates_as_documented():
+    from preftune.cli import build_config, build_parser
+
+    config = build_config(build_parser().parse_args(["online-dpo", "--config", "configs/iterative-dpo.yaml"]))
+    assert config.train.sync_ref_model and config.train.ref_model_mixup_alpha == 1.0
+    assert config.rl.rollout_batch_size == 256 and config.rl.num_ppo_epochs == 2

@@ -67,6 +67,8 @@ class Rollout:
 class OnlineObjective(Protocol):
     command: str  # the CLI command (for the resume hint)
     metric_names: tuple[str, ...]  # the per-minibatch metrics `loss` returns, averaged per step
+    minibatch_unit: int  # consecutive rollout rows a minibatch keeps together (online DPO's pairs: 2)
+    kl_coef: float  # the KL weight the rollout metrics (and PPO's, RLOO's reward) start from
 
     def policy_of(self, model: torch.nn.Module) -> torch.nn.Module:
         """The policy inside the trained module (which may hold a critic beside it)."""
@@ -102,8 +104,10 @@ class OnlineRun:
     trainable: list[torch.nn.Parameter]
     objective: Any
     models: ModelPair  # the unwrapped policy and its reference (rollouts, measurement, report)
-    reward: RewardFunction
+    reward: RewardFunction  # what the policy is trained to maximise
     reward_name: str
+    eval_reward: RewardFunction  # what the held-out measurement reports (the ground truth)
+    eval_reward_name: str
     train_prompts: list[Prompt]
     eval_prompts: list[Prompt]
     batches_per_epoch: int
@@ -130,11 +134,11 @@ def count_rollout_steps(config: Config, num_prompts: int, world_size: int, rank:
 
 def start(session: Session, *, tokenizer: PreTrainedTokenizerBase, model_source: str, model: torch.nn.Module,
           optimizer: torch.optim.Optimizer, scheduler: Any, objective: Any, models: ModelPair, reward: RewardFunction,
-          train_prompts: list[Prompt], eval_prompts: list[Prompt]) -> OnlineRun:
+          eval_reward: RewardFunction, train_prompts: list[Prompt], eval_prompts: list[Prompt]) -> OnlineRun:
     """The run, restored from its checkpoint when resuming."""
     c, group = session.config, session.group
     batches_per_epoch, total_steps = count_rollout_steps(c, len(train_prompts), group.world_size, group.rank)
-    state = OnlineState(kl_coef=c.rl.kl_coef, world_size=group.world_size, sharded=group.sharded)
+    state = OnlineState(kl_coef=objective.kl_coef, world_size=group.world_size, sharded=group.sharded)
     if session.resume_from is not None:
         state = OnlineState(**restore_run_checkpoint(group, session.resume_from, session.folder, model, optimizer,
                                                      scheduler))
@@ -143,6 +147,7 @@ def start(session: Session, *, tokenizer: PreTrainedTokenizerBase, model_source:
         optimizer=optimizer, scheduler=scheduler,
         trainable=[p for param_group in optimizer.param_groups for p in param_group["params"]],
         objective=objective, models=models, reward=reward, reward_name=c.sample.reward,
+        eval_reward=eval_reward, eval_reward_name=c.sample.eval_reward or c.sample.reward,
         train_prompts=train_prompts, eval_prompts=eval_prompts, batches_per_epoch=batches_per_epoch,
         total_steps=total_steps, eval_every=evaluation_interval(c.train.eval_steps, total_steps),
         logger=session.logger(state.step), state=state,
@@ -211,15 +216,18 @@ def rollout_metrics(rollout: Rollout, kl_coef: float) -> dict[str, float]:
 
 # ---- the loop ----------------------------------------------------------------------------------------------------
 def optimise(run: OnlineRun, rollout: Rollout) -> tuple[dict[str, float], float, bool]:
-    """num_ppo_epochs passes over the rollout in num_mini_batches shuffled minibatches, an optimizer step each.
-    Returns (the minibatches' mean metrics, the last gradient norm, whether any step was skipped)."""
+    """num_ppo_epochs passes over the rollout in num_mini_batches shuffled minibatches, an optimizer step each
+    (the objective's `minibatch_unit` rows stay together). Returns (the minibatches' mean metrics, the last gradient
+    norm, whether any step was skipped)."""
     r, accelerator, model = run.config.rl, run.group.accelerator, run.model
     order = torch.Generator().manual_seed(rollout_seed(run))
+    unit = run.objective.minibatch_unit
     totals: dict[str, float] = {}
     count, skipped, grad_norm = 0, False, float("nan")
     max_norm = run.config.train.max_grad_norm if run.config.train.max_grad_norm > 0 else float("inf")
     for _ in range(resolved_num_ppo_epochs(run.config, run.objective.command)):
-        for index in torch.randperm(len(rollout.samples), generator=order).chunk(r.num_mini_batches):
+        for units in torch.randperm(len(rollout.samples) // unit, generator=order).chunk(r.num_mini_batches):
+            index = (units[:, None] * unit + torch.arange(unit)).flatten()
             with accelerator.autocast():
                 loss, metrics = run.objective.loss(model, rollout.rows(index))
             accelerator.backward(loss)
@@ -235,8 +243,10 @@ def optimise(run: OnlineRun, rollout: Rollout) -> tuple[dict[str, float], float,
     return {name: value / count for name, value in totals.items()}, grad_norm, skipped
 
 
-def train(run: OnlineRun, on_evaluate: Callable[[OnlineRun, dict], None] | None = None) -> None:
-    """Rollout steps until `total_steps`, then a final held-out measurement (kept in `run.final_eval`)."""
+def train(run: OnlineRun, on_evaluate: Callable[[OnlineRun, dict], None] | None = None,
+          after_step: Callable[[OnlineRun], None] | None = None) -> None:
+    """Rollout steps until `total_steps`, then a final held-out measurement (kept in `run.final_eval`).
+    `after_step`: called after each rollout's updates (online DPO's reference updates)."""
     c, state = run.config, run.state
     progress = tqdm(total=run.total_steps, initial=state.step, desc=run.objective.command, dynamic_ncols=True,
                     disable=not run.group.is_main)
@@ -254,6 +264,8 @@ def train(run: OnlineRun, on_evaluate: Callable[[OnlineRun, dict], None] | None 
                 state.kl_coef = adaptive_kl_coef(state.kl_coef, metrics["objective/kl"], c.rl.kl_target,
                                                  c.rl.kl_horizon, len(rollout.samples) * run.group.world_size)
             state.step += 1
+            if after_step is not None:
+                after_step(run)
             progress.update(1)
             if state.step % c.train.logging_steps == 0 or state.step == run.total_steps:
                 values = run.group.mean({**scored, **means, "grad_norm": grad_norm})
@@ -289,7 +301,7 @@ def evaluate(run: OnlineRun, on_evaluate: Callable[[OnlineRun, dict], None] | No
     with run.group.accelerator.autocast():
         measured = measure(run.models, run.tokenizer, [p.ids for p in run.eval_prompts],
                            num_samples=c.default_job.samples_per_eval_prompt, max_new_tokens=c.sample.max_new_tokens,
-                           seed=c.train.seed + 7, sample_reference=False, reward=run.reward,
+                           seed=c.train.seed + 7, sample_reference=False, reward=run.eval_reward,
                            prompt_texts=[p.text for p in run.eval_prompts])
     rewards = summarize(measured.policy_rewards)
     results = {"reward": rewards["mean"], "reward_stderr": rewards["stderr"], "kl": measured.kl.mean,
@@ -308,11 +320,13 @@ def held_out_report(run: OnlineRun) -> dict[str, Any]:
     with run.group.accelerator.autocast():
         measured = measure(run.models, run.tokenizer, [p.ids for p in run.eval_prompts],
                            num_samples=c.default_job.samples_per_eval_prompt, max_new_tokens=c.sample.max_new_tokens,
-                           seed=c.train.seed + 7, reward=run.reward, prompt_texts=[p.text for p in run.eval_prompts])
+                           seed=c.train.seed + 7, reward=run.eval_reward,
+                           prompt_texts=[p.text for p in run.eval_prompts])
     policy, reference = summarize(measured.policy_rewards), summarize(measured.reference_rewards)
     return {
         "method": run.objective.command,
-        "reward": run.reward_name,
+        "reward": run.eval_reward_name,
+        "trained_on_reward": run.reward_name,
         "held_out_prompts": len(run.eval_prompts),
         "samples_per_prompt": c.default_job.samples_per_eval_prompt,
         "reference_reward": reference,
@@ -322,13 +336,18 @@ def held_out_report(run: OnlineRun) -> dict[str, Any]:
         "kl_policy_reference": {"mean": measured.kl.mean, "stderr": measured.kl.stderr,
                                 "num_samples": measured.kl.num_samples},
         "steps": run.state.step,
-        "completions_generated": run.state.step * c.rl.rollout_batch_size * c.rl.num_generations
-        * run.group.world_size,
+        "completions_generated": completions_generated(run),
         "examples": [{"prompt": run.eval_prompts[i].text,
                       "reference": measured.reference_samples[i * c.default_job.samples_per_eval_prompt].text,
                       "policy": measured.policy_samples[i * c.default_job.samples_per_eval_prompt].text}
                      for i in range(min(5, len(run.eval_prompts)))],
     }
+
+
+def completions_generated(run: OnlineRun) -> int:
+    """Completions sampled for training so far, over all processes (the held-out measurement's not counted)."""
+    c = run.config
+    return run.state.step * c.rl.rollout_batch_size * c.rl.num_generations * run.group.world_size
 
 
 def save_checkpoint(run: OnlineRun) -> Path:
@@ -361,6 +380,9 @@ def setup(config: Config, objective: Any, build_model: ModelBuilder | None = Non
         raise UserError(f"preftune {objective.command} under FSDP is not supported yet: use data parallelism "
                         "(configs/accelerate/ddp.yaml or --num-processes)")
     reward = load_reward(c.sample.reward, group.device)  # a bad --reward fails before the policy loads
+    eval_reward = reward
+    if c.sample.eval_reward not in (None, c.sample.reward):
+        eval_reward = load_reward(c.sample.eval_reward, group.device)
     policy, reference, tokenizer, source = load_policy_and_reference(c.model)
     train_prompts, eval_prompts = distinct_prompts(train_texts, tokenizer), distinct_prompts(eval_texts, tokenizer)
     _, total_steps = count_rollout_steps(c, len(train_prompts), group.world_size, group.rank)
@@ -370,8 +392,8 @@ def setup(config: Config, objective: Any, build_model: ModelBuilder | None = Non
         reference = group.place_frozen(reference)
     models = reference_pair(objective.policy_of(group.unwrap(prepared)), reference, c.model, group.place_frozen)
     return start(session, tokenizer=tokenizer, model_source=source, model=prepared, optimizer=optimizer,
-                 scheduler=scheduler, objective=objective, models=models, reward=reward, train_prompts=train_prompts,
-                 eval_prompts=eval_prompts)
+                 scheduler=scheduler, objective=objective, models=models, reward=reward, eval_reward=eval_reward,
+                 train_prompts=train_prompts, eval_prompts=eval_prompts)
 
 
 def save(run: OnlineRun) -> None:
@@ -395,12 +417,12 @@ def save(run: OnlineRun) -> None:
         report = held_out_report(run)
         (run.folder / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         ref, pol, kl = report["reference_reward"], report["policy_reward"], report["kl_policy_reference"]
-        print(f"held-out reward ({run.reward_name}): reference {ref['mean']:+.3f} +- {ref['stderr']:.3f}, policy "
+        print(f"held-out reward ({run.eval_reward_name}): reference {ref['mean']:+.3f} +- {ref['stderr']:.3f}, policy "
               f"{pol['mean']:+.3f} +- {pol['stderr']:.3f} (gain {report['reward_gain']:+.3f} +- "
               f"{report['reward_gain_stderr']:.3f}); KL(policy || reference) {kl['mean']:.2f} +- {kl['stderr']:.2f}",
               flush=True)
         rows = [f"| {cell(e['prompt'])} | {cell(e['reference'])} | {cell(e['policy'])} |" for e in report["examples"]]
-        summary = [f"Held-out reward ({run.reward_name}, {report['held_out_prompts']} prompts x "
+        summary = [f"Held-out reward ({run.eval_reward_name}, {report['held_out_prompts']} prompts x "
                    f"{report['samples_per_prompt']} samples): reference {ref['mean']:+.3f} +- {ref['stderr']:.3f}, "
                    f"policy {pol['mean']:+.3f} +- {pol['stderr']:.3f}; KL(policy || reference) {kl['mean']:.2f} +- "
                    f"{kl['stderr']:.2f} nats per completion; {report['steps']} rollouts, "
@@ -409,10 +431,10 @@ def save(run: OnlineRun) -> None:
     group.wait()
 
 
-def run(online_run: OnlineRun) -> OnlineRun:
+def run(online_run: OnlineRun, after_step: Callable[[OnlineRun], None] | None = None) -> OnlineRun:
     """train -> save on a set-up run, with cleanup whatever happens. Returns the finished run."""
     try:
-        train(online_run)
+        train(online_run, after_step=after_step)
         save(online_run)
     finally:
         cleanup(online_run)

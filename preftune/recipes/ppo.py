@@ -64,6 +64,11 @@ class PPOObjective:
     config: Config
     command: str = "ppo"
     metric_names: tuple[str, ...] = PPO_METRICS
+    minibatch_unit: int = 1
+
+    @property
+    def kl_coef(self) -> float:
+        return self.config.rl.kl_coef
 
     def policy_of(self, model: torch.nn.Module) -> torch.nn.Module:
         return model.policy

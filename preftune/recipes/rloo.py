@@ -34,6 +34,11 @@ class RLOOObjective:
     pad_token_id: int = 0
     command: str = "rloo"
     metric_names: tuple[str, ...] = RLOO_METRICS
+    minibatch_unit: int = 1
+
+    @property
+    def kl_coef(self) -> float:
+        return self.config.rl.kl_coef
 
     def policy_of(self, model: torch.nn.Module) -> torch.nn.Module:
         return model

@@ -1,0 +1,115 @@
+"""Online DPO (`preftune online-dpo`): DPO on pairs of the policy's own samples (Guo et al. 2024, "Direct Language
+Model Alignment from Online AI Feedback", arXiv:2402.04792), as TRL 1.16's experimental OnlineDPOTrainer:
+setup -> train -> save -> cleanup.
+
+Per rollout (the loop is `online.train`, shared with PPO and RLOO): two samples per prompt from the current policy,
+ranked by --reward into (chosen, rejected); any loss of the DPO family (`losses.compute_loss`, --loss-type, --beta)
+on their summed log-probs under the policy and the frozen reference. A pair whose two scores are equal says nothing
+about which is better: it is left out of the loss (TRL counts it with the first sample as chosen) and counted in
+`objective/tie_rate`. Iterative DPO (Xiong et al. 2024, arXiv:2312.11456) is the same loop with one rollout per
+round over all prompts (--rollout-batch-size), several passes over its pairs (--num-ppo-epochs, --num-mini-batches)
+and the reference moved to the policy after each round (--sync-ref-model, TR-DPO's update with alpha 1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from preftune.config import Config, loss_params
+from preftune.logprobs import SequenceLogps
+from preftune.losses import LossParams, compute_loss
+from preftune.recipes import online
+from preftune.recipes.online import OnlineRun, Rollout
+from preftune.reference import sync_reference_model
+from preftune.rollout import token_logps
+
+ONLINE_DPO_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+                      "logps/chosen", "logps/rejected")
+
+
+def ranked_pairs(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores (2P,) of P prompts' two samples, rows 2i and 2i + 1 -> (first_is_chosen (P,) bool, decided (P,) bool:
+    the two scores differ). A tie puts the first sample first, as TRL does, and is not decided."""
+    first, second = scores[0::2], scores[1::2]
+    return first >= second, first != second
+
+
+def pair_logps(per_sequence: torch.Tensor, tokens: torch.Tensor, first_is_chosen: torch.Tensor) -> SequenceLogps:
+    """Summed log-probs and token counts (2P,) of consecutive sample pairs -> chosen and rejected, (P,) each."""
+    chosen_column = (~first_is_chosen).long()[:, None]
+    pairs, counts = per_sequence.view(-1, 2), tokens.view(-1, 2)
+    return SequenceLogps(pairs.gather(1, chosen_column).squeeze(1), pairs.gather(1, 1 - chosen_column).squeeze(1),
+                         counts.gather(1, chosen_column).squeeze(1), counts.gather(1, 1 - chosen_column).squeeze(1))
+
+
+@dataclass
+class OnlineDPOObjective:
+    config: Config
+    params: LossParams
+    pad_token_id: int = 0
+    command: str = "online-dpo"
+    metric_names: tuple[str, ...] = ONLINE_DPO_METRICS
+    minibatch_unit: int = 2  # a minibatch holds whole pairs
+
+    @property
+    def kl_coef(self) -> float:
+        return self.params.beta  # DPO's beta is the KL weight of the objective it solves (TRL logs it so)
+
+    def policy_of(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model
+
+    def score(self, run: OnlineRun, rollout: Rollout) -> dict[str, float]:
+        """Rank each prompt's two samples; metrics of the scores of chosen and rejected, their gap, the tie rate."""
+        first_is_chosen, decided = ranked_pairs(rollout.scores)
+        # kept per row (both rows of a pair) so that `Rollout.rows` slices them with the samples
+        rollout.extras.update(first_is_chosen=first_is_chosen.repeat_interleave(2),
+                              decided=decided.repeat_interleave(2))
+        pairs = rollout.scores.view(-1, 2)
+        chosen, rejected = pairs.max(1).values, pairs.min(1).values
+        return {"objective/chosen_scores": chosen.mean().item(), "objective/rejected_scores": rejected.mean().item(),
+                "objective/scores_margin": (chosen - rejected).mean().item(),
+                "objective/tie_rate": 1.0 - decided.float().mean().item()}
+
+    def loss(self, model: torch.nn.Module, minibatch: Rollout) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The DPO-family loss of the minibatch's decided pairs (rows 2i, 2i + 1 are one prompt's)."""
+        mask = minibatch.mask
+        tokens = mask.sum(1)
+        logps = (token_logps(model, minibatch.samples, self.pad_token_id, minibatch.width, mask.device)
+                 * mask).sum(1)
+        first_is_chosen = minibatch.extras["first_is_chosen"][0::2]
+        policy = pair_logps(logps, tokens, first_is_chosen)
+        reference = pair_logps((minibatch.ref_logps * mask).sum(1), tokens, first_is_chosen)
+        output = compute_loss(policy, reference, self.params)
+        decided = minibatch.extras["decided"][0::2].float()
+        count = decided.sum().clamp(min=1.0)  # all ties: a zero loss, no gradient
+
+        def mean(values: torch.Tensor) -> torch.Tensor:
+            return (values * decided).sum() / count
+
+        loss = mean(output.losses)
+        margins = output.chosen_rewards - output.rejected_rewards
+        return loss, {"loss": loss.detach(), "rewards/chosen": mean(output.chosen_rewards),
+                      "rewards/rejected": mean(output.rejected_rewards), "rewards/margins": mean(margins),
+                      "rewards/accuracies": mean((margins > 0).float()),
+                      "logps/chosen": mean(policy.chosen.detach()), "logps/rejected": mean(policy.rejected.detach())}
+
+
+def setup(config: Config) -> OnlineRun:
+    objective = OnlineDPOObjective(config, loss_params(config.loss))
+    run = online.setup(config, objective)
+    objective.pad_token_id = run.tokenizer.pad_token_id
+    return run
+
+
+def sync_reference(run: OnlineRun) -> None:
+    """TR-DPO's reference update every --ref-model-sync-steps rollouts (iterative DPO: alpha 1, every round)."""
+    t = run.config.train
+    if run.state.step % t.ref_model_sync_steps == 0:
+        sync_reference_model(run.models.policy, run.models.reference, t.ref_model_mixup_alpha)
+
+
+def run(config: Config) -> OnlineRun:
+    """setup -> train -> save, with cleanup whatever happens."""
+    return online.run(setup(config), after_step=sync_reference if config.train.sync_ref_model else None)
