@@ -26,13 +26,17 @@ BUDGETS = (  # (Point field, axis label) of the sample-efficiency panels
 )
 
 
-def write_table(points: list[Point], folder: Path) -> None:
-    columns = [f.name for f in dataclasses.fields(Point)]
-    with (folder / "frontier.csv").open("w", newline="") as handle:
+def write_csv(path: Path, records: list) -> None:
+    """Dataclass records as CSV, one column per field."""
+    columns = [f.name for f in dataclasses.fields(records[0])] if records else []
+    with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(columns)
-        for p in points:
-            writer.writerow([getattr(p, c) for c in columns])
+        writer.writerows([getattr(record, c) for c in columns] for record in records)
+
+
+def write_table(points: list[Point], folder: Path) -> None:
+    write_csv(folder / "frontier.csv", points)
     lines = ["| method | steps | N | KL (nats) | mean reward |", "|---|---|---|---|---|"]
     for p in points:
         lines.append(f"| {p.method} | {'' if p.step is None else p.step} | {'' if p.n is None else p.n} | "
@@ -50,12 +54,7 @@ def reward_model_seconds(costs: list[Cost]) -> float:
 
 def write_costs(costs: list[Cost], points: list[Point], folder: Path) -> None:
     """costs.csv (every field) and costs.md: one row per method with its last point's held-out reward and KL."""
-    columns = [f.name for f in dataclasses.fields(Cost)]
-    with (folder / "costs.csv").open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(columns)
-        for cost in costs:
-            writer.writerow([getattr(cost, c) for c in columns])
+    write_csv(folder / "costs.csv", costs)
     lines = ["| method | training time | process wall time | peak RSS | models held | completions sampled | "
              "reward queries | preference labels | last point: reward, KL |", "|---|---|---|---|---|---|---|---|---|"]
     for cost in costs:

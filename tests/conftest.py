@@ -71,3 +71,27 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
 @pytest.fixture
 def pairs_file(tmp_path: Path) -> Path:
     return write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
+
+
+def assert_gradients_equal(model: torch.nn.Module, expected: dict[str, torch.Tensor], step: int,
+                           atol: float = 1e-5) -> None:
+    """Every gradient of `model` equals `expected` (an oracle's, by parameter name) to atol, and is well above it."""
+    grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+    assert grads.keys() == expected.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected[name], atol=atol, rtol=0.0,
+                                   msg=lambda m, n=name: f"step {step} {n}: {m}")
+    assert max(g.abs().max() for g in grads.values()) > 1e-2  # gradients well above the tolerance
+
+
+def assert_step_equals(objective, model: torch.nn.Module, weights: dict[str, torch.Tensor], minibatch,
+                       expected_loss: float, expected_grads: dict[str, torch.Tensor], step: int):
+    """An online objective's loss on `minibatch` with `weights` loaded equals an oracle's loss and gradients (1e-5).
+    Returns (loss, metrics)."""
+    model.load_state_dict(weights)
+    model.zero_grad()
+    loss, metrics = objective.loss(model, minibatch)
+    assert abs(loss.item() - expected_loss) <= 1e-5, f"step {step}: loss {loss.item()} != {expected_loss}"
+    loss.backward()
+    assert_gradients_equal(model, expected_grads, step)
+    return loss, metrics

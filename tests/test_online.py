@@ -205,3 +205,47 @@ def test_the_iterative_dpo_config_file_validates_as_documented():
     config = build_config(build_parser().parse_args(["online-dpo", "--config", "configs/iterative-dpo.yaml"]))
     assert config.train.sync_ref_model and config.train.ref_model_mixup_alpha == 1.0
     assert config.rl.rollout_batch_size == 256 and config.rl.num_ppo_epochs == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["rloo", "online-dpo"])
+def test_resume_after_kill_9_equals_the_uninterrupted_run(tmp_path, tiny_model_dir, files, command):
+    """kill -9 at a seeded random step between checkpoints (PREFTUNE_KILL_SEED, as the DPO test), then --resume: the
+    same weights and the same logged rollouts as a run never killed."""
+    import os
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    steps, save_every = 12, 3
+    seed = int(os.environ.get("PREFTUNE_KILL_SEED", "20261202"))
+    target = random.Random(f"{seed}-{command}").randint(save_every + 1, steps - save_every - 1)
+    print(f"killing after logged step {target} (PREFTUNE_KILL_SEED={seed})")
+
+    def args(out: Path) -> list[str]:
+        return args_for(command, tiny_model_dir, files, out, "--max-steps", str(steps), "--save-steps",
+                        str(save_every), *LENGTH_REWARD)
+
+    uninterrupted = tmp_path / "uninterrupted"
+    assert main(args(uninterrupted)) == 0
+    out = tmp_path / "killed"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
+    process = subprocess.Popen([sys.executable, "-m", "preftune.cli", *args(out)], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        metrics = out / "metrics.jsonl"
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= target:
+            process.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.002)
+    assert process.wait(timeout=300) == -signal.SIGKILL, "the run finished before it could be killed"
+    assert main([*args(out), "--resume"]) == 0
+    expected, resumed = load_file(uninterrupted / "model.safetensors"), load_file(out / "model.safetensors")
+    assert all(torch.equal(expected[name], resumed[name]) for name in expected)
+    train = [r for r in rows_of(out) if "objective/scores" in r]
+    assert [r["step"] for r in train] == list(range(1, steps + 1))  # each rollout logged once
+    assert [r["objective/scores"] for r in train] == [r["objective/scores"] for r in rows_of(uninterrupted)
+                                                      if "objective/scores" in r]

@@ -28,6 +28,7 @@ from preftune.config import Config, loss_params
 from preftune.recipes.online import Rollout
 from preftune.recipes.online_dpo import OnlineDPOObjective, pair_logps, ranked_pairs
 from preftune.rollout import Sample, completion_mask, token_logps
+from tests.conftest import assert_step_equals
 
 PROMPTS = ["The movie was", "The cast was", "My verdict is", "The plot was"]  # 3 tokens each (SmolLM2 tokenizer)
 BETA = 0.1
@@ -132,16 +133,7 @@ def test_online_dpo_equals_trls_online_dpo_trainer(tmp_path, monkeypatch, tiny_m
         first_is_chosen, decided = ranked_pairs(rollout.scores)
         assert decided.all() and 0 < first_is_chosen.sum() < len(PROMPTS)  # both orders occur
 
-        policy.load_state_dict(weights)
-        policy.zero_grad()
-        loss, metrics = objective.loss(policy, rollout)
-        assert loss.item() == pytest.approx(trl_loss, abs=1e-5), f"step {step}"
-        loss.backward()
-        grads = {name: p.grad for name, p in policy.named_parameters() if p.grad is not None}
-        assert grads.keys() == trl_grads.keys()
-        for name, grad in grads.items():
-            torch.testing.assert_close(grad, trl_grads[name], **TOL, msg=lambda m, n=name, s=step: f"step {s} {n}: {m}")
-        assert max(g.abs().max() for g in grads.values()) > 1e-2  # gradients well above the tolerance
+        loss, _ = assert_step_equals(objective, policy, weights, rollout, trl_loss, trl_grads, step)
         losses.append(loss.item())
     assert abs(losses[1] - losses[0]) > 1e-3  # the steps differ: not a comparison of constants
 

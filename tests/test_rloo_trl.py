@@ -36,6 +36,7 @@ from preftune.config import Config
 from preftune.recipes.online import Rollout
 from preftune.recipes.rloo import RLOOObjective, sequence_rewards
 from preftune.rollout import Sample, completion_mask, token_logps
+from tests.conftest import assert_step_equals
 
 PROMPTS = ["The movie was", "The cast was", "My verdict is"]  # 3 tokens each with the SmolLM2 tokenizer
 K = 4  # num_generations
@@ -199,16 +200,7 @@ def test_rloo_equals_trls_rloo_trainer(tmp_path, monkeypatch, tiny_model_dir, ti
     clipfracs = []
     for step, ((weights, inputs, trl_loss), trl_grads) in enumerate(zip(capture.losses, capture.grads), start=1):
         assert rows(inputs) == rows(generation)
-        policy.load_state_dict(weights)
-        policy.zero_grad()
-        loss, metrics = objective.loss(policy, rollout)
-        assert loss.item() == pytest.approx(trl_loss, abs=1e-5), f"step {step}"
-        loss.backward()
-        grads = {name: p.grad for name, p in policy.named_parameters() if p.grad is not None}
-        assert grads.keys() == trl_grads.keys()
-        for name, grad in grads.items():
-            torch.testing.assert_close(grad, trl_grads[name], **TOL, msg=lambda m, n=name, s=step: f"step {s} {n}: {m}")
-        assert max(g.abs().max() for g in grads.values()) > 0.1  # gradients well above the tolerance
+        _, metrics = assert_step_equals(objective, policy, weights, rollout, trl_loss, trl_grads, step)
         clipfracs.append(metrics["policy/clipfrac"].item())
     assert clipfracs[0] == 0 and 0 < clipfracs[1] < 1  # the second step's ratios are partly clipped
     assert abs(capture.losses[1][2] - capture.losses[0][2]) > 1e-3  # the steps differ: not a comparison of constants
