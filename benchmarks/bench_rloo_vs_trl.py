@@ -51,7 +51,6 @@ import argparse
 import json
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -59,6 +58,7 @@ from datetime import date
 from pathlib import Path
 
 import torch
+from worker_process import peak_rss_kb, run_side
 
 SIDES = ("trl", "preftune")
 LEARNING_RATE = 1e-5
@@ -97,15 +97,7 @@ def run_worker(side: str, args: argparse.Namespace, folder: Path) -> dict:
                "--work-dir", str(folder)]
     if args.cache_dir:
         command += ["--cache-dir", args.cache_dir]
-    started = time.time()
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL if not args.verbose else None,
-                               stderr=subprocess.PIPE, text=True)
-    _, stderr = process.communicate()
-    if process.returncode:
-        sys.exit(f"{side} failed:\n{stderr[-4000:]}")
-    result = json.loads(result_file.read_text())
-    result["wall_seconds"] = round(time.time() - started, 1)
-    return result
+    return run_side(command, side, result_file, args.verbose)
 
 
 def summarise(side: dict, warmup: int) -> dict:
@@ -207,11 +199,6 @@ def main() -> None:
 
 
 # ---- the workers: one training run each, timings per rollout step ------------------------------------------
-def peak_rss_kb() -> int:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-
 
 def synchronize() -> None:
     if torch.cuda.is_available():

@@ -29,7 +29,6 @@ import argparse
 import json
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,6 +36,7 @@ from datetime import date
 from pathlib import Path
 
 import torch
+from worker_process import peak_rss_kb, run_side
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_DATA = HERE.parent.parent / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
@@ -97,14 +97,7 @@ def run_worker(side: str, mode: str, args: argparse.Namespace, pairs_file: Path,
                "--model", args.model, "--steps", str(args.steps), "--batch-size", str(args.batch_size),
                "--max-length", str(args.max_length), "--result", str(result_file), "--work-dir", str(folder),
                "--layout", args.layout, "--checkpointing" if args.checkpointing else "--no-checkpointing"]
-    started = time.time()
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL if not args.verbose else None,
-                               stderr=subprocess.PIPE, text=True)
-    _, stderr = process.communicate()
-    if process.returncode:
-        sys.exit(f"{side} ({mode}) failed:\n{stderr[-4000:]}")
-    result = json.loads(result_file.read_text())
-    result["wall_seconds"] = round(time.time() - started, 1)
+    result = run_side(command, f"{side} ({mode})", result_file, args.verbose)
     result["peak_rss_gb"] = round(result.pop("peak_rss_kb") / 1024**2, 2)
     return result
 
@@ -260,11 +253,6 @@ def scaling(args: argparse.Namespace, folder: Path) -> list[dict]:
 
 
 # ---- the workers: one training run each, timings per optimizer step ----------------------------------------
-def peak_rss_kb() -> int:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-
 
 def worker_trl(args: argparse.Namespace) -> None:
     from datasets import Dataset
