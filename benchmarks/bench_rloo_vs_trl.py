@@ -302,10 +302,11 @@ def worker_preftune(args: argparse.Namespace) -> None:
     try:
         run.model.train()
         while run.state.step < run.total_steps:  # online.train's step, without logging, evaluation, checkpoints
-            prompts = online.step_prompts(run)
+            positions = online.step_positions(run)
+            prompts = [run.train_prompts[i] for i in positions]
             synchronize()
             began = time.perf_counter()
-            rollout = online.collect(run, prompts)
+            rollout = online.collect(run, positions)
             run.objective.score(run, rollout)
             means, _, _ = online.optimise(run, rollout)
             run.scheduler.step()

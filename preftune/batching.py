@@ -10,6 +10,8 @@ Three layouts, one `Batch`:
 - `packed` (the default): as shared_prefix, with several pairs side by side in a row (each pair's segment sees
   only itself, positions restarting per segment), rows as wide as attention's quadratic cost makes worth it
   (`cheapest_packing`); so little padding is computed. Same 4D mask.
+The shared layouts are built from `Segment`s (a prompt and the completions that continue it): a pair is a segment of
+two, a rollout's k samples of one prompt a segment of k (rollout.sample_rows).
 A Batch also says where every scored (completion) token is: its row, the column whose logits predict it, its id,
 its sequence and its place in its completion. Everything after the layout (log-probs, losses, the loop) reads
 only that, so a layout is one function here.
@@ -120,46 +122,73 @@ def pack_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
     return rows
 
 
-def prefix_sharing_batch(pairs: Sequence[TokenizedPair], rows_of_pairs: Sequence[Sequence[int]],
-                         pad_token_id: int) -> Batch:
-    """Each pair as one segment prompt | chosen | rejected, the segments of a row side by side, rows
-    right-padded. Positions restart at each segment, and again for the rejected completion after the prompt; a
-    token attends to the earlier tokens of its own segment only, the rejected ones not to the chosen ones."""
-    length = [segment_length(p) for p in pairs]
-    width = max(sum(length[i] for i in row) for row in rows_of_pairs)
-    count = len(pairs)
-    input_ids = torch.full((len(rows_of_pairs), width), pad_token_id, dtype=torch.long)
-    position_ids = torch.zeros((len(rows_of_pairs), width), dtype=torch.long)
+@dataclass
+class Segment:
+    """A prompt and the completions that continue it, laid out in one stretch of a row as prompt | completion 1 |
+    completion 2 | ...: the prompt is computed once; each completion attends to the prompt and to itself only, its
+    positions starting where the prompt ends, so it sees exactly what it sees alone. A DPO pair is a segment of
+    two completions (chosen, rejected); a rollout's k samples of one prompt are one of k."""
+
+    prompt_ids: Sequence[int]
+    completions: Sequence[Sequence[int]]
+    sequences: Sequence[int]  # each completion's sequence number in the Batch
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids) + sum(len(c) for c in self.completions)
+
+
+def segments_batch(segments: Sequence[Segment], rows_of_segments: Sequence[Sequence[int]], pad_token_id: int,
+                   pair_indices: list[int]) -> Batch:
+    """The segments of each row side by side, rows right-padded; a token attends to the earlier tokens of its own
+    segment only, and not to the segment's other completions."""
+    length = [len(segment) for segment in segments]
+    width = max(sum(length[i] for i in row) for row in rows_of_segments)
+    input_ids = torch.full((len(rows_of_segments), width), pad_token_id, dtype=torch.long)
+    position_ids = torch.zeros((len(rows_of_segments), width), dtype=torch.long)
     # pad queries attend to themselves only: a fully masked row would give NaN, which 0-weight attention
     # to it would still spread (0 * NaN)
-    mask = torch.eye(width, dtype=torch.bool).repeat(len(rows_of_pairs), 1, 1)
+    mask = torch.eye(width, dtype=torch.bool).repeat(len(rows_of_segments), 1, 1)
     causal = torch.ones((width, width), dtype=torch.bool).tril()
     tokens: list[list[int]] = [[], [], [], [], []]  # rows, predictors, labels, sequences, ranks
-    for row, members in enumerate(rows_of_pairs):
+    for row, members in enumerate(rows_of_segments):
         start = 0
         for i in members:
-            pair = pairs[i]
-            p, c, end = len(pair.prompt_ids), len(pair.chosen_ids), start + length[i]
-            input_ids[row, start:end] = torch.tensor(pair.prompt_ids + pair.chosen_ids + pair.rejected_ids)
-            position_ids[row, start:end] = torch.cat([torch.arange(p + c), torch.arange(p, length[i] - c)])
+            segment = segments[i]
+            p, end = len(segment.prompt_ids), start + length[i]
+            stretch = [*segment.prompt_ids, *(token for completion in segment.completions for token in completion)]
+            input_ids[row, start:end] = torch.tensor(stretch, dtype=torch.long)
+            position_ids[row, start : start + p] = torch.arange(p)
             mask[row, start:end, start:end] = causal[: length[i], : length[i]]
-            mask[row, start + p + c : end, start + p : start + p + c] = False  # rejected does not see chosen
-            chosen_predictors = range(start + p - 1, start + p + c - 1)
-            rejected_predictors = [start + p - 1, *range(start + p + c, end - 1)]
-            for sequence, predictors, labels in ((i, chosen_predictors, pair.chosen_ids),
-                                                 (count + i, rejected_predictors, pair.rejected_ids)):
-                for rank, (predictor, label) in enumerate(zip(predictors, labels)):
+            offset = start + p
+            for completion, sequence in zip(segment.completions, segment.sequences):
+                n = len(completion)
+                position_ids[row, offset : offset + n] = torch.arange(p, p + n)
+                mask[row, offset : offset + n, start + p : offset] = False  # not the segment's earlier completions
+                predictors = [start + p - 1, *range(offset, offset + n - 1)]  # the first from the prompt's last
+                for rank, (predictor, label) in enumerate(zip(predictors, completion)):
                     tokens[0].append(row)
                     tokens[1].append(predictor)
                     tokens[2].append(label)
                     tokens[3].append(sequence)
                     tokens[4].append(rank)
+                offset += n
             start = end
-    # row-major order of the predicting positions (chosen's and rejected's first tokens share one)
+    # row-major order of the predicting positions (the completions' first tokens share one)
     order = sorted(range(len(tokens[0])), key=lambda t: (tokens[0][t], tokens[1][t], tokens[3][t]))
-    rows, predictors, labels, sequences, ranks = (torch.tensor([column[t] for t in order]) for column in tokens)
+    rows, predictors, labels, sequences, ranks = (torch.tensor([column[t] for t in order], dtype=torch.long)
+                                                  for column in tokens)
     return Batch(input_ids, mask.unsqueeze(1), position_ids, rows, predictors, labels, sequences, ranks,
-                 [p.index for p in pairs])
+                 pair_indices)
+
+
+def prefix_sharing_batch(pairs: Sequence[TokenizedPair], rows_of_pairs: Sequence[Sequence[int]],
+                         pad_token_id: int) -> Batch:
+    """Each pair as one segment prompt | chosen | rejected (chosen is sequence i, rejected B + i), the segments of
+    a row side by side."""
+    count = len(pairs)
+    segments = [Segment(pair.prompt_ids, (pair.chosen_ids, pair.rejected_ids), (i, count + i))
+                for i, pair in enumerate(pairs)]
+    return segments_batch(segments, rows_of_pairs, pad_token_id, [p.index for p in pairs])
 
 
 def collate_shared_prefix(pairs: Sequence[TokenizedPair], pad_token_id: int) -> Batch:

@@ -51,7 +51,7 @@ RL_OPTIONS = {
     **{f"{section}.{f.name}": None for section, f in iter_fields()
        if section in ("model", "data", "train", "rl")
        and f"{section}.{f.name}" not in {"data.max_length", "data.truncation_mode", "train.batch_size",
-                                          "train.grad_accum", "train.eval_batch_size", "train.batch_layout",
+                                          "train.grad_accum", "train.eval_batch_size",
                                           "train.sync_ref_model", "train.ref_model_mixup_alpha",
                                           "train.ref_model_sync_steps", "train.precompute_ref_log_probs",
                                           "model.load_in_4bit"}},

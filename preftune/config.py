@@ -181,7 +181,9 @@ class TrainConfig:
         "computed once; the rejected tokens do not see the chosen ones and their positions restart after the "
         "prompt (exact, arXiv:2410.20305). packed: as shared_prefix with several pairs side by side in a row "
         "(each sees only itself; rows as long as pays against attention's quadratic cost), so little padding is "
-        "computed. shared_prefix and packed need sdpa or eager attention (a 4D mask).",
+        "computed. shared_prefix and packed need sdpa or eager attention (a 4D mask). In ppo, rloo and online-dpo: "
+        "the same for the sampled completions, a prompt's samples sharing its segment (prompt | sample 1 | sample 2 "
+        "...).",
         "packed",
     )
     shuffle: bool = doc("Shuffle the training pairs each epoch (off: file order, as in exact comparisons).", True)
@@ -581,8 +583,8 @@ def _check_training(config: Config, command: str, need: Check, unused: Unused) -
          f"--batch-layout {t.batch_layout} needs a 4D attention mask, which sdpa and eager attention take; "
          f"with --attn-implementation {m.attn_implementation} use --batch-layout padded")
     need(t.num_processes >= 1, f"--num-processes must be >= 1, got {t.num_processes}")
-    need(t.num_processes == 1 or d.data is not None,
-         "--num-processes > 1 needs --data: the default job runs in one process")
+    need(t.num_processes == 1 or d.data is not None or config.sample.prompts is not None,
+         "--num-processes > 1 needs --data (or --prompts): the default job runs in one process")
     need(t.save_steps >= 0, f"--save-steps must be >= 0, got {t.save_steps}")
     need(t.save_total_limit >= 0, f"--save-total-limit must be >= 0, got {t.save_total_limit}")
     need(t.max_bad_steps >= 1, f"--max-bad-steps must be >= 1, got {t.max_bad_steps}")
@@ -767,6 +769,7 @@ def reference_markdown() -> str:
         for f in dataclasses.fields(getattr(defaults, section)):
             default = getattr(getattr(defaults, section), f.name)
             flag = "--" + f.name.replace("_", "-")
-            lines.append(f"| `{flag}` / `{section}.{f.name}` | `{default}` | {f.metadata['doc']} |")
+            meaning = f.metadata["doc"].replace("|", "\\|")  # a literal bar, not a column
+            lines.append(f"| `{flag}` / `{section}.{f.name}` | `{default}` | {meaning} |")
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"

@@ -10,9 +10,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from transformers import PreTrainedTokenizerBase
+from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedTokenizerBase
 
-from preftune.batching import Batch, pad_rows, padded_batch
+from preftune.batching import Batch, Segment, cheapest_packing, pad_rows, padded_batch, segments_batch
 from preftune.logprobs import completion_logps, scored_token_logps
 from preftune.runtime.accelerator import sharded_model
 
@@ -23,6 +23,25 @@ class Sample:
     prompt_ids: list[int]
     completion_ids: list[int]  # as sampled, ending at the first EOS (kept) or at max_new_tokens
     text: str  # the completion decoded without special tokens
+    # log pi(y_t | x, y_<t) of each completion token from the sampling forward's own logits (temperature 1, before
+    # any warping), (len(completion_ids),); only when sample(..., with_logps=True)
+    token_logps: torch.Tensor | None = None
+
+
+class SeededRows(LogitsProcessor):
+    """Sampling as an argmax, with one random stream per row: argmax_v(z_v / T + g_v), g_v ~ Gumbel(0, 1) i.i.d., is
+    a sample of softmax(z / T) (the Gumbel-max trick), and each row draws its g from its own seed, so what a row
+    samples does not depend on the rows batched with it, nor on how many processes share the prompts. Each row
+    draws once per generated token, so its t-th token uses its t-th draw whenever the batch ends."""
+
+    def __init__(self, seeds: Sequence[int], temperature: float) -> None:
+        self.generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+        self.temperature = temperature
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        uniform = torch.stack([torch.rand(scores.shape[-1], generator=g) for g in self.generators])
+        gumbel = -torch.log(-torch.log(uniform))  # u = 0 gives -inf: that token is not drawn (probability 2**-24)
+        return scores.float() / self.temperature + gumbel.to(scores.device)
 
 
 def sample(
@@ -36,10 +55,17 @@ def sample(
     top_p: float = 1.0,
     batch_size: int = 32,
     seed: int = 0,
+    with_logps: bool = False,
+    row_seeds: Sequence[int] | None = None,
 ) -> list[Sample]:
     """Sample `num_samples` completions per prompt, in prompt order. With the defaults (temperature 1, no top-k,
     top-p 1) the samples follow the model's own distribution, as a KL estimate needs. Deterministic for a given
-    seed and batch size."""
+    seed and batch size. `with_logps`: also each token's log-prob from the logits the sampling computed (what
+    `token_logps` computes again with a forward pass, to float rounding), in `Sample.token_logps`. `row_seeds`: one
+    seed per sample (prompt-major, `num_samples` per prompt; `SeededRows`, no top-p), so that each sample depends on
+    its own seed only, not on `seed` or the batch."""
+    if row_seeds is not None and (len(row_seeds) != len(prompt_ids) * num_samples or top_p < 1.0):
+        raise ValueError("row_seeds: one seed per sample, and top_p 1")
     was_training = model.training
     model.eval()
     generator_state = torch.random.get_rng_state()
@@ -62,6 +88,12 @@ def sample(
         for row, (_, ids) in enumerate(chunk):
             input_ids[row, width - len(ids) :] = torch.tensor(ids)
             attention_mask[row, width - len(ids) :] = 1
+        if row_seeds is None:
+            drawing = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": top_p}
+        else:  # the draw is in the scores; generate takes their argmax
+            seeded = SeededRows(row_seeds[start : start + batch_size], temperature)
+            drawing = {"do_sample": False, "logits_processor": LogitsProcessorList([seeded]), "temperature": None,
+                       "top_k": None, "top_p": None}
         with torch.no_grad():
             output = model.generate(
                 input_ids=input_ids.to(device),
@@ -69,20 +101,25 @@ def sample(
                 # sharded weights (FSDP): every forward is a collective, so a process whose samples all ended
                 # keeps running forwards until every process's have
                 synced_gpus=sharded,
-                do_sample=True,
-                temperature=temperature,
-                top_k=0,
-                top_p=top_p,
+                **drawing,
                 max_new_tokens=max_new_tokens,
                 pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=eos,
+                output_logits=with_logps,
+                return_dict_in_generate=True,
             )
+        sequences = output.sequences[:, width:]
+        logps = None
+        if with_logps:  # one (rows, vocabulary) step at a time: the whole (rows, steps, vocabulary) is never held
+            logps = torch.stack([torch.log_softmax(step.float(), dim=-1).gather(1, sequences[:, t : t + 1])[:, 0]
+                                 for t, step in enumerate(output.logits)], dim=1).cpu()
         for row, (prompt_index, ids) in enumerate(chunk):
-            completion = output[row, width:].tolist()
+            completion = sequences[row].tolist()
             if eos in completion:
                 completion = completion[: completion.index(eos) + 1]
             text = tokenizer.decode(completion, skip_special_tokens=True)
-            samples.append(Sample(prompt_index, ids, completion, text))
+            token_logps = None if logps is None else logps[row, : len(completion)].clone()
+            samples.append(Sample(prompt_index, ids, completion, text, token_logps))
     torch.random.set_rng_state(generator_state)
     if sharded:
         model.reshard()
@@ -110,25 +147,47 @@ def completion_mask(samples: Sequence[Sample], width: int) -> torch.Tensor:
     return torch.arange(width).unsqueeze(0) < lengths.unsqueeze(1)
 
 
-def sample_rows(samples: Sequence[Sample], pad_token_id: int, device: torch.device | str) -> Batch:
-    """The samples as a right-padded Batch, one prompt + completion row each (no padding between them, so positions
-    are those the samples were generated at)."""
-    rows = pad_rows([s.prompt_ids for s in samples], [s.completion_ids for s in samples], pad_token_id)
-    return padded_batch(*rows, pair_indices=[]).to(device)
+def sample_rows(samples: Sequence[Sample], pad_token_id: int, device: torch.device | str,
+                layout: str = "padded") -> Batch:
+    """The samples as a Batch, sequence i being samples[i], in a `train.batch_layout`: padded, one right-padded
+    prompt + completion row each (positions as sampled); shared_prefix, the samples of one prompt as one segment
+    (prompt | completion 1 | completion 2 ..., the prompt computed once), a row each; packed, those segments
+    several to a row. The same log-probs in each, to float rounding."""
+    if layout == "padded":
+        rows = pad_rows([s.prompt_ids for s in samples], [s.completion_ids for s in samples], pad_token_id)
+        return padded_batch(*rows, pair_indices=[]).to(device)
+    of_prompt: dict[int, list[int]] = {}
+    for i, s in enumerate(samples):
+        of_prompt.setdefault(s.prompt_index, []).append(i)
+    segments = [Segment(samples[members[0]].prompt_ids, [samples[i].completion_ids for i in members], members)
+                for members in of_prompt.values()]
+    rows = ([[i] for i in range(len(segments))] if layout == "shared_prefix"
+            else cheapest_packing([len(segment) for segment in segments]))
+    return segments_batch(segments, rows, pad_token_id, pair_indices=[]).to(device)
 
 
 def per_token(values: torch.Tensor, batch: Batch, rows: int, width: int) -> torch.Tensor:
-    """(T,) values of a Batch's scored tokens -> (rows, width), token t of row r at [r, t], 0 elsewhere."""
+    """(T,) values of a Batch's scored tokens -> (rows, width): token t of sequence r at [r, t], 0 elsewhere."""
     placed = values.new_zeros(rows, width)
-    placed[batch.token_rows, batch.token_ranks] = values
+    placed[batch.token_sequences, batch.token_ranks] = values
     return placed
 
 
 def token_logps(
-    model: torch.nn.Module, samples: Sequence[Sample], pad_token_id: int, width: int, device: torch.device | str
+    model: torch.nn.Module, samples: Sequence[Sample], pad_token_id: int, width: int, device: torch.device | str,
+    layout: str = "padded",
 ) -> torch.Tensor:
     """log pi(y_t | x, y_<t) of every completion token, (B, width), 0 past a completion's end; with gradients
-    unless called under no_grad. Through logprobs.py's forward (the output head only at completion positions)."""
-    batch = sample_rows(samples, pad_token_id, device)
+    unless called under no_grad. Through logprobs.py's forward (the output head only at completion positions),
+    the samples laid out as `sample_rows` does."""
+    batch = sample_rows(samples, pad_token_id, device, layout)
     values, _ = scored_token_logps(model, batch)
     return per_token(values, batch, len(samples), width)
+
+
+def sampled_token_logps(samples: Sequence[Sample], width: int, device: torch.device | str) -> torch.Tensor:
+    """The samples' `token_logps` (from sampling) as token_logps lays them out, (B, width)."""
+    placed = torch.zeros(len(samples), width)
+    for row, s in enumerate(samples):
+        placed[row, : len(s.completion_ids)] = s.token_logps
+    return placed.to(device)

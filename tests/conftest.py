@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,25 @@ from preftune.models import default_gguf_path
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 HH_RLHF = SHARED_DATA / "hh-rlhf-harmless-base-test.jsonl.gz"
+
+# The test modules that take longest, started first so that pytest-xdist's workers finish together.
+LONGEST_FIRST = ("tests/test_default_job.py", "tests/test_benchmarks.py", "tests/test_distributed.py")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers:  # each pytest-xdist worker takes its share of the cores: torch threads beyond it only fight each other
+        threads = max(1, len(os.sched_getaffinity(0)) // int(workers))
+        torch.set_num_threads(threads)
+        os.environ["OMP_NUM_THREADS"] = str(threads)  # the processes a test starts (CLI, torchrun) inherit it
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        path = item.nodeid.split("::")[0]
+        return LONGEST_FIRST.index(path) if path in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: the order inside and between the other modules is kept
 
 
 @pytest.fixture(scope="session")

@@ -245,3 +245,15 @@ def test_beside_a_loss_that_takes_it_an_option_is_an_error_iff_the_row_has_no_va
         assert bool(message) == invalid.get(option, False), (option, partner, message)
         assert not message or f"{flag(option)} {value} has no valid form for {name}" in message or (
             f"{flag(option)} has no per-pair meaning for {name}" in message)
+
+
+def test_several_processes_need_prompts_or_pairs_of_the_users():
+    config = Config()
+    set_option(config, "train.num_processes", 2, "test")
+    with pytest.raises(ConfigError, match="--num-processes > 1 needs --data \\(or --prompts\\)"):
+        validate(config)
+    for key in ("data.data", "sample.prompts"):
+        given = Config()
+        set_option(given, "train.num_processes", 2, "test")
+        set_option(given, key, "prompts.jsonl", "test")
+        validate(given, "rloo" if key == "sample.prompts" else "train")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
+import zlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,7 +31,7 @@ from preftune.measure import ModelPair, measure, summarize
 from preftune.policy_gradient import adaptive_kl_coef
 from preftune.prompts import Prompt, distinct_prompts, prompt_sources
 from preftune.rewards import RewardFunction
-from preftune.rollout import Sample, completion_mask, sample, token_logps
+from preftune.rollout import Sample, completion_mask, sample, sampled_token_logps, token_logps
 from preftune.runtime.checkpoint import restore_run_checkpoint, write_run_checkpoint
 from preftune.runtime.logging import MetricLogger
 from preftune.runtime.processes import ProcessGroup, full_value
@@ -160,33 +161,51 @@ def start(session: Session, *, tokenizer: PreTrainedTokenizerBase, model_source:
 
 
 # ---- one rollout -------------------------------------------------------------------------------------------------
-def step_prompts(run: OnlineRun) -> list[Prompt]:
-    """This process's prompts for the current step (epoch after epoch, reshuffled per epoch)."""
+def step_positions(run: OnlineRun) -> list[int]:
+    """This process's prompts for the current step, as positions in `run.train_prompts` (epoch after epoch,
+    reshuffled per epoch; the processes' shares of one global batch)."""
     t = run.config.train
     epoch, offset = divmod(run.state.step, run.batches_per_epoch)
-    positions = process_batches(len(run.train_prompts), run.config.rl.rollout_batch_size, run.group.world_size,
-                                run.group.rank, t.shuffle, t.seed, epoch)[offset]
-    return [run.train_prompts[i] for i in positions]
+    return process_batches(len(run.train_prompts), run.config.rl.rollout_batch_size, run.group.world_size,
+                           run.group.rank, t.shuffle, t.seed, epoch)[offset]
 
 
 def rollout_seed(run: OnlineRun) -> int:
-    """Each step's (and process's) sampling seed: a resumed run samples what the uninterrupted one would have."""
+    """Each step's (and process's) seed for the minibatch order: a resumed run does what the uninterrupted one
+    would have."""
     return run.config.train.seed + 1_000_003 * (run.state.step + 1) + 7919 * run.group.rank
 
 
-def collect(run: OnlineRun, prompts: list[Prompt]) -> Rollout:
-    """Sample `num_generations` completions per prompt from the policy (batched, KV-cached), their per-token
-    log-probs under the policy and the reference, and their reward."""
+def sample_seeds(run: OnlineRun, positions: list[int]) -> list[int]:
+    """One sampling seed per sample, from (seed, step, the prompt's position, which of its samples) alone: the
+    same completions whichever process samples them and whatever shares its batch, and again on resume."""
+    k, base = run.config.rl.num_generations, run.config.train.seed * 1_000_003 + run.state.step
+    return [zlib.crc32(f"{base}/{position}/{j}".encode()) for position in positions for j in range(k)]
+
+
+def collect(run: OnlineRun, positions: list[int]) -> Rollout:
+    """Sample `num_generations` completions of each prompt (by position in `run.train_prompts`) from the policy
+    (batched, KV-cached, each sample from its own seed), their per-token log-probs under the policy and the
+    reference, and their reward."""
     r, models, pad = run.config.rl, run.models, run.tokenizer.pad_token_id
+    prompts = [run.train_prompts[i] for i in positions]
+    layout, device = run.config.train.batch_layout, run.group.device
+    # In fp32 the sampling forward's own logits give log pi_old (equal to a separate forward's to ~1e-6), which
+    # saves a forward pass per rollout; under bf16/fp16 the cached and the full forward round differently, so
+    # log pi_old comes from the same forward the loss uses, as the ratio of the first minibatch must be 1.
+    from_sampling = run.group.accelerator.mixed_precision == "no"
     with run.group.accelerator.autocast():
         samples = sample(models.policy, run.tokenizer, [p.ids for p in prompts], num_samples=r.num_generations,
                          max_new_tokens=run.config.sample.max_new_tokens, batch_size=len(prompts) * r.num_generations,
-                         seed=rollout_seed(run))
+                         with_logps=from_sampling, row_seeds=sample_seeds(run, positions))
         width = max(len(s.completion_ids) for s in samples)
         with torch.no_grad():
-            logps = token_logps(models.policy, samples, pad, width, run.group.device)
+            if from_sampling:
+                logps = sampled_token_logps(samples, width, device)
+            else:
+                logps = token_logps(models.policy, samples, pad, width, device, layout)
             with models.reference_model() as reference:
-                ref_logps = token_logps(reference, samples, pad, width, run.group.device)
+                ref_logps = token_logps(reference, samples, pad, width, device, layout)
     raw = torch.tensor(run.reward([prompts[s.prompt_index].text for s in samples], [s.text for s in samples]),
                        dtype=torch.float32, device=run.group.device)
     scores = raw.clone()
@@ -194,7 +213,7 @@ def collect(run: OnlineRun, prompts: list[Prompt]) -> Rollout:
         ended = torch.tensor([s.completion_ids[-1] == run.tokenizer.eos_token_id for s in samples],
                              device=raw.device)
         scores = torch.where(ended, scores, scores - r.missing_eos_penalty)
-    mask = completion_mask(samples, width).to(run.group.device)
+    mask = completion_mask(samples, width).to(device)
     return Rollout(samples, mask, logps.float(), ref_logps.float(), scores, raw)
 
 
@@ -253,7 +272,7 @@ def train(run: OnlineRun, on_evaluate: Callable[[OnlineRun, dict], None] | None 
     run.model.train()
     with stop_on_signals() as signal_received:
         while state.step < run.total_steps:
-            rollout = collect(run, step_prompts(run))
+            rollout = collect(run, step_positions(run))
             scored = run.objective.score(run, rollout)
             means, grad_norm, skipped = optimise(run, rollout)
             learning_rate = run.scheduler.get_last_lr()[0]

@@ -76,8 +76,8 @@ class OnlineDPOObjective:
         """The DPO-family loss of the minibatch's decided pairs (rows 2i, 2i + 1 are one prompt's)."""
         mask = minibatch.mask
         tokens = mask.sum(1)
-        logps = (token_logps(model, minibatch.samples, self.pad_token_id, minibatch.width, mask.device)
-                 * mask).sum(1)
+        logps = (token_logps(model, minibatch.samples, self.pad_token_id, minibatch.width, mask.device,
+                             self.config.train.batch_layout) * mask).sum(1)
         first_is_chosen = minibatch.extras["first_is_chosen"][0::2]
         policy = pair_logps(logps, tokens, first_is_chosen)
         reference = pair_logps((minibatch.ref_logps * mask).sum(1), tokens, first_is_chosen)

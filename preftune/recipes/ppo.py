@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from preftune.config import Config
-from preftune.logprobs import unwrapped
+from preftune.logprobs import attention_mask_for, unwrapped
 from preftune.models import load_reward_base
 from preftune.policy_gradient import (
     clipped_policy_loss,
@@ -33,14 +33,19 @@ PPO_METRICS = ("loss/policy", "loss/value", "policy/approxkl", "policy/clipfrac"
                "val/error", "val/clipfrac")
 
 
-def token_values(critic: torch.nn.Module, samples: list[Sample], pad_token_id: int, width: int) -> torch.Tensor:
+def token_values(critic: torch.nn.Module, samples: list[Sample], pad_token_id: int, width: int,
+                 layout: str = "padded") -> torch.Tensor:
     """The critic's V(s_t) before each completion token, (B, width): its sequence-classification head applied at
-    every position that predicts a completion token (the backbone once, the head only there)."""
+    every position that predicts a completion token (the backbone once, the head only there), the samples laid
+    out as `sample_rows` does."""
     device = next(critic.parameters()).device
-    batch = sample_rows(samples, pad_token_id, device)
+    batch = sample_rows(samples, pad_token_id, device, layout)
     model = unwrapped(critic)  # under peft the LoRA layers are in place inside it, and `score` is the trained copy
     backbone = getattr(model, model.base_model_prefix)
-    hidden = backbone(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).last_hidden_state
+    inputs = {"input_ids": batch.input_ids, "attention_mask": attention_mask_for(model, batch.attention_mask)}
+    if batch.position_ids is not None:
+        inputs["position_ids"] = batch.position_ids
+    hidden = backbone(**inputs, use_cache=False).last_hidden_state
     values = model.score(hidden[batch.token_rows, batch.token_predictors]).squeeze(-1).float()
     return per_token(values, batch, len(samples), width)
 
@@ -49,14 +54,15 @@ class PolicyAndValue(torch.nn.Module):
     """The actor and the critic as one module: one optimizer, one accelerate prepare (DDP averages both), one
     checkpoint. Its forward gives both per-token outputs of a minibatch."""
 
-    def __init__(self, policy: torch.nn.Module, critic: torch.nn.Module, pad_token_id: int) -> None:
+    def __init__(self, policy: torch.nn.Module, critic: torch.nn.Module, pad_token_id: int,
+                 layout: str = "padded") -> None:
         super().__init__()
-        self.policy, self.critic, self.pad_token_id = policy, critic, pad_token_id
+        self.policy, self.critic, self.pad_token_id, self.layout = policy, critic, pad_token_id, layout
 
     def forward(self, samples: list[Sample], width: int) -> tuple[torch.Tensor, torch.Tensor]:
         device = next(self.policy.parameters()).device
-        logps = token_logps(self.policy, samples, self.pad_token_id, width, device)
-        return logps, token_values(self.critic, samples, self.pad_token_id, width)
+        logps = token_logps(self.policy, samples, self.pad_token_id, width, device, self.layout)
+        return logps, token_values(self.critic, samples, self.pad_token_id, width, self.layout)
 
 
 @dataclass
@@ -78,7 +84,8 @@ class PPOObjective:
         r = self.config.rl
         critic = run.group.unwrap(run.model).critic
         with torch.no_grad(), run.group.accelerator.autocast():
-            values = token_values(critic, rollout.samples, run.tokenizer.pad_token_id, rollout.width) * rollout.mask
+            values = token_values(critic, rollout.samples, run.tokenizer.pad_token_id, rollout.width,
+                                  self.config.train.batch_layout) * rollout.mask
         rewards, _ = shaped_rewards(rollout.logps, rollout.ref_logps, rollout.scores, rollout.mask, run.state.kl_coef)
         if r.whiten_rewards:
             rewards = whiten(rewards, rollout.mask, shift_mean=False)
@@ -110,7 +117,8 @@ def load_critic(config: Config, tokenizer) -> torch.nn.Module:
 
 def setup(config: Config) -> OnlineRun:
     def with_critic(policy: torch.nn.Module, tokenizer) -> PolicyAndValue:
-        return PolicyAndValue(policy, load_critic(config, tokenizer), tokenizer.pad_token_id)
+        return PolicyAndValue(policy, load_critic(config, tokenizer), tokenizer.pad_token_id,
+                              config.train.batch_layout)
 
     return online.setup(config, PPOObjective(config), build_model=with_critic)
 

@@ -53,8 +53,8 @@ class RLOOObjective:
 
     def loss(self, model: torch.nn.Module, minibatch: Rollout) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         device = minibatch.mask.device
-        logps = (token_logps(model, minibatch.samples, self.pad_token_id, minibatch.width, device)
-                 * minibatch.mask).sum(1)
+        logps = (token_logps(model, minibatch.samples, self.pad_token_id, minibatch.width, device,
+                             self.config.train.batch_layout) * minibatch.mask).sum(1)
         every = torch.ones_like(logps, dtype=torch.bool)
         policy = clipped_policy_loss(logps, minibatch.extras["old_sequence_logps"], minibatch.extras["advantages"],
                                      every, self.config.rl.cliprange)
