@@ -81,19 +81,8 @@ def sample(
     samples: list[Sample] = []
     for start in range(0, len(jobs), batch_size):
         chunk = jobs[start : start + batch_size]
-        width = max(len(ids) for _, ids in chunk)
-        # left padding: every prompt ends at the same column, where generation starts
-        input_ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, (_, ids) in enumerate(chunk):
-            input_ids[row, width - len(ids) :] = torch.tensor(ids)
-            attention_mask[row, width - len(ids) :] = 1
-        if row_seeds is None:
-            drawing = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": top_p}
-        else:  # the draw is in the scores; generate takes their argmax
-            seeded = SeededRows(row_seeds[start : start + batch_size], temperature)
-            drawing = {"do_sample": False, "logits_processor": LogitsProcessorList([seeded]), "temperature": None,
-                       "top_k": None, "top_p": None}
+        input_ids, attention_mask = left_padded([ids for _, ids in chunk], tokenizer.pad_token_id)
+        seeds = None if row_seeds is None else row_seeds[start : start + batch_size]
         with torch.no_grad():
             output = model.generate(
                 input_ids=input_ids.to(device),
@@ -101,20 +90,17 @@ def sample(
                 # sharded weights (FSDP): every forward is a collective, so a process whose samples all ended
                 # keeps running forwards until every process's have
                 synced_gpus=sharded,
-                **drawing,
+                **draw_options(temperature, top_p, seeds),
                 max_new_tokens=max_new_tokens,
                 pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=eos,
                 output_logits=with_logps,
                 return_dict_in_generate=True,
             )
-        sequences = output.sequences[:, width:]
-        logps = None
-        if with_logps:  # one (rows, vocabulary) step at a time: the whole (rows, steps, vocabulary) is never held
-            logps = torch.stack([torch.log_softmax(step.float(), dim=-1).gather(1, sequences[:, t : t + 1])[:, 0]
-                                 for t, step in enumerate(output.logits)], dim=1).cpu()
+        generated = output.sequences[:, input_ids.shape[1] :]
+        logps = logps_of_generated(output.logits, generated) if with_logps else None
         for row, (prompt_index, ids) in enumerate(chunk):
-            completion = sequences[row].tolist()
+            completion = generated[row].tolist()
             if eos in completion:
                 completion = completion[: completion.index(eos) + 1]
             text = tokenizer.decode(completion, skip_special_tokens=True)
@@ -125,6 +111,35 @@ def sample(
         model.reshard()
     model.train(was_training)
     return samples
+
+
+def left_padded(prompts: Sequence[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask), (N, longest): left padding, so every prompt ends at the column where
+    generation starts."""
+    width = max(len(ids) for ids in prompts)
+    input_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, ids in enumerate(prompts):
+        input_ids[row, width - len(ids) :] = torch.tensor(ids)
+        attention_mask[row, width - len(ids) :] = 1
+    return input_ids, attention_mask
+
+
+def draw_options(temperature: float, top_p: float, seeds: Sequence[int] | None) -> dict:
+    """generate's options for drawing each token: its own sampling from the global generator, or with one seed per
+    row, SeededRows' draw in the scores and generate's argmax of them."""
+    if seeds is None:
+        return {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": top_p}
+    return {"do_sample": False, "logits_processor": LogitsProcessorList([SeededRows(seeds, temperature)]),
+            "temperature": None, "top_k": None, "top_p": None}
+
+
+def logps_of_generated(logits: Sequence[torch.Tensor], tokens: torch.Tensor) -> torch.Tensor:
+    """log-softmax of each generation step's raw logits (rows, vocabulary) at the token drawn, (rows, steps). generate
+    keeps every step's logits until it returns (the size of the loss's completion logits); each step is reduced
+    here to one number per row."""
+    return torch.stack([torch.log_softmax(step.float(), dim=-1).gather(1, tokens[:, t : t + 1])[:, 0]
+                        for t, step in enumerate(logits)], dim=1).cpu()
 
 
 def sequence_logps_of_samples(
