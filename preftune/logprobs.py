@@ -194,9 +194,7 @@ def scored_token_logps(
     keep[batch.token_rows, batch.token_predictors] = True
     # where each token's predicting position lands among the kept ones (row-major; two tokens may share one)
     slot = keep.flatten().cumsum(0).sub_(1)[batch.token_rows * columns + batch.token_predictors]
-    inputs = {"input_ids": batch.input_ids, "attention_mask": attention_mask_for(model, batch.attention_mask)}
-    if batch.position_ids is not None:
-        inputs["position_ids"] = batch.position_ids
+    inputs = model_inputs(model, batch)
     head = plain_output_head(model)
     if head is not None and len(slot) * head.weight.shape[0] > HEAD_CHUNK_ELEMENTS:
         # the head applied here, in chunks: the (K, V) logits are never held whole (not needed for one chunk's
@@ -218,6 +216,15 @@ def scored_token_logps(
         with torch.no_grad():
             sum_sq = (torch.logsumexp(2 * logits, dim=-1) - 2 * normaliser)[slot]
     return per_token, sum_sq
+
+
+def model_inputs(model: torch.nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
+    """A Batch as `model`'s forward takes it: ids, the mask in the form its attention wants, and positions when the
+    layout restarts them."""
+    inputs = {"input_ids": batch.input_ids, "attention_mask": attention_mask_for(model, batch.attention_mask)}
+    if batch.position_ids is not None:
+        inputs["position_ids"] = batch.position_ids
+    return inputs
 
 
 def attention_mask_for(model: torch.nn.Module, mask: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from preftune.config import Config
-from preftune.logprobs import attention_mask_for, unwrapped
+from preftune.logprobs import model_inputs, unwrapped
 from preftune.models import load_reward_base
 from preftune.policy_gradient import (
     clipped_policy_loss,
@@ -42,10 +42,7 @@ def token_values(critic: torch.nn.Module, samples: list[Sample], pad_token_id: i
     batch = sample_rows(samples, pad_token_id, device, layout)
     model = unwrapped(critic)  # under peft the LoRA layers are in place inside it, and `score` is the trained copy
     backbone = getattr(model, model.base_model_prefix)
-    inputs = {"input_ids": batch.input_ids, "attention_mask": attention_mask_for(model, batch.attention_mask)}
-    if batch.position_ids is not None:
-        inputs["position_ids"] = batch.position_ids
-    hidden = backbone(**inputs, use_cache=False).last_hidden_state
+    hidden = backbone(**model_inputs(model, batch), use_cache=False).last_hidden_state
     values = model.score(hidden[batch.token_rows, batch.token_predictors]).squeeze(-1).float()
     return per_token(values, batch, len(samples), width)
 
