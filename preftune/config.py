@@ -610,7 +610,9 @@ def _check_command_scope(config: Config, command: str, need: Check, unused: Unus
     d = config.data
     if d.eval_data is None:
         unused("data", ["eval_split"], "without --eval-data")
-        unused("train", ["eval_steps"], "without --eval-data")
+        # the default job (no --data, no --prompts) measures on its own held-out pairs and prompts
+        if d.data is not None or config.sample.prompts is not None or command not in DEFAULT_JOB_COMMANDS:
+            unused("train", ["eval_steps"], "without --eval-data")
     if d.data is None:
         unused("data", ["split", "skip_invalid"], "without --data (the default job builds its own pairs)")
     else:
@@ -653,6 +655,8 @@ def _check_sampling(config: Config, command: str, need: Check, unused: Unused) -
 
 
 RL_COMMANDS = ("ppo", "rloo", "online-dpo")
+# the commands that run on the default job's pairs or prompts when given no --data
+DEFAULT_JOB_COMMANDS = ("train", "reward-model", *RL_COMMANDS)
 
 
 def _check_rl(config: Config, command: str, need: Check, unused: Unused) -> None:

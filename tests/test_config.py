@@ -52,7 +52,7 @@ def test_wrong_type_names_the_option():
         (["--lora-r", "8"], "--lora-r has no effect without --lora"),
         (["--merge"], "--merge has no effect without --lora"),
         (["--data", "x.jsonl", "--num-prompts", "10"], "--num-prompts has no effect with --data"),
-        (["--eval-steps", "5"], "--eval-steps has no effect without --eval-data"),
+        (["--data", "x.jsonl", "--eval-steps", "5"], "--eval-steps has no effect without --eval-data"),
         (["--truncation-mode", "middle"], "--truncation-mode must be keep_start or keep_end"),
         (["--batch-layout", "packing"], "--batch-layout must be one of padded, shared_prefix, packed"),
         (["--batch-layout", "shared_prefix", "--attn-implementation", "flash_attention_2"],
@@ -64,6 +64,14 @@ def test_wrong_type_names_the_option():
 def test_cross_field_checks(argv, message):
     with pytest.raises(ConfigError, match=message):
         parse(["train", *argv])
+
+
+@pytest.mark.parametrize("command", ["train", "reward-model", "ppo", "rloo", "online-dpo"])
+def test_eval_steps_in_the_default_job_measures_on_its_held_out_set(command):
+    parse([command, "--eval-steps", "5"])  # no --data: the default job's held-out pairs / prompts
+    with pytest.raises(ConfigError, match="--eval-steps has no effect without --eval-data"):
+        parse([command, "--prompts", "p.jsonl", "--eval-steps", "5"] if command in ("ppo", "rloo", "online-dpo")
+              else [command, "--data", "x.jsonl", "--eval-steps", "5"])
 
 
 def test_validate_accepts_defaults():
