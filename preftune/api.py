@@ -26,6 +26,8 @@ from preftune.errors import UserError
 
 if TYPE_CHECKING:  # the recipe imports torch: `import preftune` (and the CLI's --help) stays quick
     from preftune.recipes.dpo import TrainResult
+    from preftune.recipes.online import OnlineRun
+    from preftune.recipes.pairs import PairRun
 
 ConfigLike = Config | Mapping[str, Any] | str | os.PathLike | None
 
@@ -128,6 +130,64 @@ def score(
     objects = pair_objects(resolved, model, ref_model, data)
     validate(resolved, "score")
     return run_score(resolved, tokenizer=tokenizer, **objects)
+
+
+def reward_model(
+    config: ConfigLike = None, *, model: Any = None, tokenizer: Any = None, train_data: Any = None,
+    eval_data: Any = None, **options: Any,
+) -> PairRun:
+    """A Bradley-Terry reward model on `train_data`, as `preftune reward-model` trains it (without train_data: the
+    default job's pairs). Returns the finished run: `.folder` holds a plain sequence-classification model that
+    the online recipes' `reward` (and `--reward` everywhere) accepts; `.final_eval` the held-out accuracy."""
+    from preftune.recipes import reward_model as recipe
+
+    resolved = build_config(config, options, "reward_model")
+    inputs = {"model": take(resolved, "model.model", model, "model"), "tokenizer": tokenizer,
+              "train_data": take(resolved, "data.data", train_data, "train_data"),
+              "eval_data": take(resolved, "data.eval_data", eval_data, "eval_data")}
+    validate(resolved, "reward-model")
+    if resolved.data.data is None:  # the default job's pairs, built (or read from the cache) first
+        from preftune.sentiment import prepare_default_job
+
+        _, train_file, eval_file = prepare_default_job(resolved)
+        resolved.data.data, resolved.data.eval_data = str(train_file), str(eval_file)
+    return recipe.run(resolved, **inputs)
+
+
+def ppo(config: ConfigLike = None, *, reward: Any = None, **options: Any) -> OnlineRun:
+    """RLHF with PPO (`preftune ppo`): samples from the policy on the prompts (`prompts` or `data` options, else the
+    default job's), scored by `reward`, and a critic. `reward`: a callable (prompt texts, completion texts) -> one
+    float per completion (the form of TRL's reward functions), or what `--reward` takes ('sentiment',
+    'module:function', a reward-model folder). Returns the finished run (`.folder`, `.final_eval`)."""
+    return online_recipe("ppo", config, reward, options)
+
+
+def rloo(config: ConfigLike = None, *, reward: Any = None, **options: Any) -> OnlineRun:
+    """REINFORCE leave-one-out (`preftune rloo`) on the prompts, against `reward` (as in `ppo`)."""
+    return online_recipe("rloo", config, reward, options)
+
+
+def online_dpo(config: ConfigLike = None, *, reward: Any = None, **options: Any) -> OnlineRun:
+    """Online DPO (`preftune online-dpo`): pairs of the policy's own samples ranked by `reward` (as in `ppo`)."""
+    return online_recipe("online-dpo", config, reward, options)
+
+
+def online_recipe(command: str, config: ConfigLike, reward: Any, options: Mapping[str, Any]) -> OnlineRun:
+    from preftune.recipes import online_dpo as online_dpo_recipe
+    from preftune.recipes import ppo as ppo_recipe
+    from preftune.recipes import rloo as rloo_recipe
+
+    resolved = build_config(config, options, command.replace("-", "_"))
+    in_memory = None
+    if callable(reward):
+        in_memory = reward
+        name = getattr(reward, "__qualname__", type(reward).__name__)
+        set_option(resolved, "sample.reward", f"<in-memory reward: {name}>", "preftune API")
+    elif reward is not None:
+        set_option(resolved, "sample.reward", os.fspath(reward), "preftune API")
+    validate(resolved, command)
+    recipe = {"ppo": ppo_recipe, "rloo": rloo_recipe, "online-dpo": online_dpo_recipe}[command]
+    return recipe.run(resolved, reward=in_memory)
 
 
 def pair_objects(config: Config, model: Any, ref_model: Any, data: Any) -> dict[str, Any]:

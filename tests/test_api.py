@@ -86,3 +86,42 @@ def test_readme_python_example_runs_as_written(tmp_path, tiny_model_dir, monkeyp
     exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - the README's own example
     assert (tmp_path / "runs" / "notebook" / "model.safetensors").is_file()
     assert namespace["metrics"]["num_pairs"] == 4
+
+
+def test_reward_model_from_a_dataset_equals_the_cli(tmp_path, tiny_model_dir):
+    cli_run = tmp_path / "cli"
+    data = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
+    assert main(["reward-model", "--model", str(tiny_model_dir), "--data", str(data), "--eval-data", str(data),
+                 "--output-dir", str(cli_run), *[f"--{k.replace('_', '-')}={v}" for k, v in SETTINGS.items()]]) == 0
+    finished = preftune.reward_model(SETTINGS, model=str(tiny_model_dir), train_data=Dataset.from_list(PAIRS),
+                                     eval_data=PAIRS, output_dir=tmp_path / "api")
+    assert losses(finished.folder) == losses(cli_run)
+    assert finished.final_eval == json.loads((cli_run / "eval_results.json").read_text())
+
+
+def length_reward(prompts: list[str], completions: list[str]) -> list[float]:
+    """A batched reward (TRL's reward-function form) the policy can reach, without ties."""
+    return [len(c) + 1e-3 * sum(map(ord, c)) for c in completions]
+
+
+@pytest.mark.parametrize("command", ["ppo", "rloo", "online-dpo"])
+def test_online_recipes_take_an_in_memory_reward_and_equal_the_cli(tmp_path, tiny_model_dir, monkeypatch, command):
+    (tmp_path / "text_reward.py").write_text("def length(prompt, completion):\n"
+                                             "    return len(completion) + 1e-3 * sum(map(ord, completion))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p["prompt"]} for p in PAIRS])
+    settings = {"model": str(tiny_model_dir), "prompts": str(prompts), "rollout_batch_size": 2, "max_new_tokens": 6,
+                "max_steps": 2, "learning_rate": 1e-3, "report_to": "none"}
+    cli_run = tmp_path / "cli"
+    assert main([command, "--reward", "text_reward:length", "--output-dir", str(cli_run),
+                 *[f"--{k.replace('_', '-')}={v}" for k, v in settings.items()]]) == 0
+    function = {"ppo": preftune.ppo, "rloo": preftune.rloo, "online-dpo": preftune.online_dpo}[command]
+    finished = function(settings, reward=length_reward, output_dir=tmp_path / "api")
+
+    def trained(folder: Path) -> list[float]:
+        rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+        return [row[name] for row in rows if "objective/scores" in row for name in ("objective/scores", "objective/kl")]
+
+    assert len(trained(cli_run)) == 4  # two rollouts
+    assert trained(finished.folder) == pytest.approx(trained(cli_run), abs=1e-6)
+    assert "<in-memory reward: length_reward>" in (finished.folder / "preftune_config.yaml").read_text()

@@ -383,9 +383,11 @@ def cleanup(run: OnlineRun) -> None:
 ModelBuilder = Callable[[torch.nn.Module, PreTrainedTokenizerBase], torch.nn.Module]
 
 
-def setup(config: Config, objective: Any, build_model: ModelBuilder | None = None) -> OnlineRun:
+def setup(config: Config, objective: Any, build_model: ModelBuilder | None = None,
+          reward: RewardFunction | None = None) -> OnlineRun:
     """Check the prompts and the reward, open the run, load the policy and its reference, build the trained module
-    (`build_model`: the policy with whatever the recipe trains beside it; unset: the policy alone)."""
+    (`build_model`: the policy with whatever the recipe trains beside it; unset: the policy alone). `reward`: a
+    callable given in memory (the Python API) in place of --reward."""
     from preftune.measure import reference_pair
     from preftune.models import load_policy_and_reference
     from preftune.rewards import load_reward
@@ -398,7 +400,8 @@ def setup(config: Config, objective: Any, build_model: ModelBuilder | None = Non
     if group.sharded:  # the held-out measurement and report sample on the main process alone
         raise UserError(f"preftune {objective.command} under FSDP is not supported yet: use data parallelism "
                         "(configs/accelerate/ddp.yaml or --num-processes)")
-    reward = load_reward(c.sample.reward, group.device)  # a bad --reward fails before the policy loads
+    if reward is None:
+        reward = load_reward(c.sample.reward, group.device)  # a bad --reward fails before the policy loads
     eval_reward = reward
     if c.sample.eval_reward not in (None, c.sample.reward):
         eval_reward = load_reward(c.sample.eval_reward, group.device)

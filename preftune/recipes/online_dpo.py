@@ -23,6 +23,7 @@ from preftune.losses import LossParams, compute_loss
 from preftune.recipes import online
 from preftune.recipes.online import OnlineRun, Rollout
 from preftune.reference import sync_reference_model
+from preftune.rewards import RewardFunction
 from preftune.rollout import token_logps
 
 ONLINE_DPO_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
@@ -96,9 +97,9 @@ class OnlineDPOObjective:
                       "logps/chosen": mean(policy.chosen.detach()), "logps/rejected": mean(policy.rejected.detach())}
 
 
-def setup(config: Config) -> OnlineRun:
+def setup(config: Config, reward: RewardFunction | None = None) -> OnlineRun:
     objective = OnlineDPOObjective(config, loss_params(config.loss))
-    run = online.setup(config, objective)
+    run = online.setup(config, objective, reward=reward)
     objective.pad_token_id = run.tokenizer.pad_token_id
     return run
 
@@ -110,6 +111,6 @@ def sync_reference(run: OnlineRun) -> None:
         sync_reference_model(run.models.policy, run.models.reference, t.ref_model_mixup_alpha)
 
 
-def run(config: Config) -> OnlineRun:
-    """setup -> train -> save, with cleanup whatever happens."""
-    return online.run(setup(config), after_step=sync_reference if config.train.sync_ref_model else None)
+def run(config: Config, reward: RewardFunction | None = None) -> OnlineRun:
+    """setup -> train -> save, with cleanup whatever happens (`reward`: in memory, in place of --reward)."""
+    return online.run(setup(config, reward), after_step=sync_reference if config.train.sync_ref_model else None)

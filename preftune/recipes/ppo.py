@@ -27,6 +27,7 @@ from preftune.policy_gradient import (
 )
 from preftune.recipes import online
 from preftune.recipes.online import OnlineRun, Rollout
+from preftune.rewards import RewardFunction
 from preftune.rollout import Sample, per_token, sample_rows, token_logps
 
 PPO_METRICS = ("loss/policy", "loss/value", "policy/approxkl", "policy/clipfrac", "policy/ratio", "val/vpred",
@@ -112,14 +113,14 @@ def load_critic(config: Config, tokenizer) -> torch.nn.Module:
     return critic
 
 
-def setup(config: Config) -> OnlineRun:
+def setup(config: Config, reward: RewardFunction | None = None) -> OnlineRun:
     def with_critic(policy: torch.nn.Module, tokenizer) -> PolicyAndValue:
         return PolicyAndValue(policy, load_critic(config, tokenizer), tokenizer.pad_token_id,
                               config.train.batch_layout)
 
-    return online.setup(config, PPOObjective(config), build_model=with_critic)
+    return online.setup(config, PPOObjective(config), build_model=with_critic, reward=reward)
 
 
-def run(config: Config) -> OnlineRun:
-    """setup -> train -> save, with cleanup whatever happens."""
-    return online.run(setup(config))
+def run(config: Config, reward: RewardFunction | None = None) -> OnlineRun:
+    """setup -> train -> save, with cleanup whatever happens (`reward`: in memory, in place of --reward)."""
+    return online.run(setup(config, reward))

@@ -18,6 +18,7 @@ from preftune.config import Config
 from preftune.policy_gradient import clipped_policy_loss, leave_one_out_advantages, normalized
 from preftune.recipes import online
 from preftune.recipes.online import OnlineRun, Rollout
+from preftune.rewards import RewardFunction
 from preftune.rollout import token_logps
 
 RLOO_METRICS = ("loss/policy", "policy/approxkl", "policy/clipfrac", "policy/ratio")
@@ -62,13 +63,13 @@ class RLOOObjective:
                              "policy/clipfrac": policy.clipfrac, "policy/ratio": policy.ratio}
 
 
-def setup(config: Config) -> OnlineRun:
+def setup(config: Config, reward: RewardFunction | None = None) -> OnlineRun:
     objective = RLOOObjective(config)
-    run = online.setup(config, objective)
+    run = online.setup(config, objective, reward=reward)
     objective.pad_token_id = run.tokenizer.pad_token_id
     return run
 
 
-def run(config: Config) -> OnlineRun:
-    """setup -> train -> save, with cleanup whatever happens."""
-    return online.run(setup(config))
+def run(config: Config, reward: RewardFunction | None = None) -> OnlineRun:
+    """setup -> train -> save, with cleanup whatever happens (`reward`: in memory, in place of --reward)."""
+    return online.run(setup(config, reward))
