@@ -180,7 +180,9 @@ def online_recipe(command: str, config: ConfigLike, reward: Any, options: Mappin
     resolved = build_config(config, options, command.replace("-", "_"))
     in_memory = None
     if callable(reward):
-        in_memory = reward
+        from preftune.rewards import on_texts
+
+        in_memory = on_texts(reward)  # called with (prompt texts, completion texts), chat prompts joined
         name = getattr(reward, "__qualname__", type(reward).__name__)
         set_option(resolved, "sample.reward", f"<in-memory reward: {name}>", "preftune API")
     elif reward is not None:

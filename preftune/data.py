@@ -60,6 +60,11 @@ from preftune.errors import DataError, UserError
 Message = dict[str, str]  # {"role": ..., "content": ...}
 Text = str | list[Message]
 
+
+def prompt_text(prompt: Text) -> str:
+    """A prompt as one text: a string as it is, chat messages their contents one per line."""
+    return prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in prompt)
+
 ROLES = ("system", "user", "assistant", "tool")
 EXPECTED_KEYS = "prompt, chosen, rejected, or chosen, rejected"
 # Anthropic HH-RLHF's turn marker: an implicit prompt ends right after the last one the two texts share.

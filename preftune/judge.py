@@ -15,7 +15,6 @@ from dataclasses import dataclass
 
 from preftune.data import PromptRecord
 from preftune.measure import ModelPair, measure
-from preftune.prompts import prompt_text
 from preftune.rewards import RewardFunction
 
 
@@ -48,7 +47,7 @@ def judge(
     per comparison."""
     measured = measure(models, tokenizer, prompt_ids, num_samples=num_samples, max_new_tokens=max_new_tokens,
                        seed=seed, batch_size=batch_size, reward=reward,
-                       prompt_texts=[prompt_text(p.prompt) for p in prompts])
+                       prompts=[p.prompt for p in prompts])
     policy_rewards, reference_rewards, kl = measured.policy_rewards, measured.reference_rewards, measured.kl
     result = win_rate(policy_rewards, reference_rewards)
     summary = {

@@ -19,6 +19,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from preftune.config import ModelConfig
+from preftune.data import Text
 from preftune.rewards import RewardFunction
 from preftune.rollout import Sample, sample, sequence_logps_of_samples
 
@@ -119,15 +120,15 @@ def measure(
     batch_size: int = 32,
     sample_reference: bool = True,
     reward: RewardFunction | None = None,
-    prompt_texts: Sequence[str] | None = None,
+    prompts: Sequence[Text] | None = None,
     beta: float | None = None,
 ) -> Measurement:
     """Sample `num_samples` completions per prompt from the policy (and, with `sample_reference`, from the
     reference, same seed), score them, and estimate KL(policy || reference) from the policy's samples.
 
     Samples follow the models' own distributions (temperature 1, no truncation), as the KL estimate needs.
-    `reward(prompt texts, completions)` is the ground truth (`prompt_texts`: one per prompt; unset: the decoded
-    prompt ids). With `beta`, also the implicit reward of each sample.
+    `reward(prompts, completions)` is the ground truth (`prompts`: one per prompt id list, as given, strings or chat
+    messages; unset: the decoded prompt ids). With `beta`, also the implicit reward of each sample.
     """
     settings = dict(num_samples=num_samples, max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size)
     pad = tokenizer.pad_token_id
@@ -149,11 +150,11 @@ def measure(
         result.policy_implicit = implicit_reward(policy_logps, reference_logps, beta)
         result.reference_implicit = reference_implicit
     if reward is not None:
-        texts = list(prompt_texts) if prompt_texts is not None else [
+        given = list(prompts) if prompts is not None else [
             tokenizer.decode(ids, skip_special_tokens=True) for ids in prompt_ids]
 
         def score(samples: list[Sample]) -> list[float]:
-            return reward([texts[s.prompt_index] for s in samples], [s.text for s in samples])
+            return reward([given[s.prompt_index] for s in samples], [s.text for s in samples])
 
         result.policy_rewards = score(policy_samples)
         if reference_samples is not None:

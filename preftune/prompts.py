@@ -10,18 +10,15 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 
 from preftune.config import Config
-from preftune.data import Text, load_and_report, load_prompts
+from preftune.data import Text, load_and_report, load_prompts, prompt_text
 from preftune.tokenize import prompt_ids
 
 
 @dataclass(frozen=True)
 class Prompt:
-    text: str  # what the reward reads as the prompt
+    text: str  # the prompt as text (shown in reports; what a text reward's prompt argument gets)
     ids: list[int]  # what the policy continues (chat template with the generation prompt, or plain text)
-
-
-def prompt_text(prompt: Text) -> str:
-    return prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in prompt)
+    given: Text  # as given, a string or chat messages: what the reward is called with (a reward model needs the form)
 
 
 # What the online recipes use on the default job's prompts unless the user sets it (the library defaults suit large
@@ -64,5 +61,5 @@ def distinct_prompts(texts: list[Text], tokenizer: PreTrainedTokenizerBase) -> l
     """Each distinct prompt once, in order, with the ids the policy continues."""
     seen: dict[str, Prompt] = {}
     for text in texts:
-        seen.setdefault(json.dumps(text), Prompt(prompt_text(text), prompt_ids(text, tokenizer)))
+        seen.setdefault(json.dumps(text), Prompt(prompt_text(text), prompt_ids(text, tokenizer), text))
     return list(seen.values())

@@ -69,7 +69,7 @@ def write_run_report(
     the main process writes)."""
     with autocast():
         measured = measure(models, tokenizer, [ids for _, ids in prompts], max_new_tokens=config.sample.max_new_tokens,
-                           seed=config.train.seed, reward=ground_truth, prompt_texts=[text for text, _ in prompts],
+                           seed=config.train.seed, reward=ground_truth, prompts=[text for text, _ in prompts],
                            beta=config.loss.beta)
     if not main_process:
         return None

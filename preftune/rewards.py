@@ -1,8 +1,10 @@
-"""Ground-truth rewards: `reward(prompt texts, completion texts) -> one float per completion`.
+"""Ground-truth rewards: `reward(prompts, completion texts) -> one float per completion`.
 
-Three kinds, named by `--reward`: 'sentiment' (VADER's compound score, the default job's ground truth),
-'module:function' (a Python callable taking (prompt, completion) texts, imported only because the user named it),
-or a sequence-classification reward model (a folder or hub id).
+The prompts come as given (a string, or chat messages), because a reward model must read prompt and completion in
+the form it was trained on (the chat template with its end of turn), as TRL's trainers format them for one. Three
+kinds, named by `--reward`: 'sentiment' (VADER's compound score, the default job's ground truth), 'module:function'
+(a Python callable taking (prompt, completion) texts, imported only because the user named it), or a
+sequence-classification reward model (a folder or hub id).
 """
 
 from __future__ import annotations
@@ -14,9 +16,16 @@ from pathlib import Path
 
 import torch
 
+from preftune.data import Text, prompt_text
 from preftune.errors import UserError
 
-RewardFunction = Callable[[Sequence[str], Sequence[str]], list[float]]
+RewardFunction = Callable[[Sequence[Text], Sequence[str]], list[float]]
+
+
+def on_texts(function: Callable[[list[str], list[str]], list[float]]) -> RewardFunction:
+    """A reward over (prompt texts, completion texts), taking prompts in any form."""
+    return lambda prompts, completions: [float(x) for x in function([prompt_text(p) for p in prompts],
+                                                                     list(completions))]
 
 
 class SentimentReward:
@@ -49,14 +58,20 @@ def load_reward(spec: str, device: torch.device | str = "cpu") -> RewardFunction
             raise UserError(f"--reward {spec}: cannot import {function_name} from {module_name} ({error})") from None
         finally:
             sys.path.pop(0)
-        return lambda prompts, completions: [float(function(p, c)) for p, c in zip(prompts, completions)]
+        return on_texts(lambda prompts, completions: [function(p, c) for p, c in zip(prompts, completions)])
     return reward_model(spec, device)
 
 
 def reward_model(name: str, device: torch.device | str) -> RewardFunction:
     """A sequence-classification reward model: its single logit, or with several labels the log-probability of
-    the last label (the 'positive' one by convention)."""
+    the last label (the 'positive' one by convention). Prompt and completion are tokenized as `preftune
+    reward-model` trained on them (`tokenize.tokenize_completion`: a chat prompt gets the completion as the
+    assistant's turn, with the template's end of turn; a text prompt the completion and EOS), so a reward model
+    scores a sample as it scored its training pairs."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from preftune.batching import pad_rows
+    from preftune.tokenize import tokenize_completion
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
@@ -68,13 +83,16 @@ def reward_model(name: str, device: torch.device | str) -> RewardFunction:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
 
-    def score(prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
+    def score(prompts: Sequence[Text], completions: Sequence[str]) -> list[float]:
         results: list[float] = []
         for start in range(0, len(prompts), 16):
-            batch = tokenizer([p + c for p, c in zip(prompts[start:start + 16], completions[start:start + 16])],
-                              return_tensors="pt", padding=True, truncation=True).to(device)
+            split = [tokenize_completion(p, c if isinstance(p, str) else [{"role": "assistant", "content": c}],
+                                         tokenizer)
+                     for p, c in zip(prompts[start:start + 16], completions[start:start + 16])]
+            input_ids, attention_mask, _ = pad_rows([s[0] for s in split], [s[1] for s in split],
+                                                    tokenizer.pad_token_id)
             with torch.no_grad():
-                logits = model(**batch).logits.float()
+                logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits.float()
             values = logits[:, 0] if logits.shape[-1] == 1 else torch.log_softmax(logits, -1)[:, -1]
             results += values.tolist()
         return results

@@ -71,7 +71,7 @@ def test_measure_equals_recomputing_each_part(tiny_model_dir, tiny_ref_dir, toke
         return [float(len(c)) for c in completions]
 
     measured = measure(ModelPair(policy, reference), tokenizer, prompt_ids, num_samples=2, max_new_tokens=5, seed=3,
-                       reward=reward, prompt_texts=["a", "b"], beta=0.5)
+                       reward=reward, prompts=["a", "b"], beta=0.5)
     pad = tokenizer.pad_token_id
     policy_samples = sample(policy, tokenizer, prompt_ids, num_samples=2, max_new_tokens=5, seed=3)
     reference_samples = sample(reference, tokenizer, prompt_ids, num_samples=2, max_new_tokens=5, seed=3)

@@ -157,3 +157,32 @@ def test_margins_must_be_numbers_on_every_pair_or_none(tmp_path, reward_base, ca
     assert main(reward_args(reward_base, mixed, tmp_path / "y")) == 2
     assert "line 2: no 'margin', while other pairs have one" in capsys.readouterr().err
     assert not (tmp_path / "y" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("conversational", [False, True])
+def test_a_reward_model_scores_a_sample_as_it_scored_its_training_pairs(reward_base, conversational):
+    """--reward FOLDER (ppo, rloo, online-dpo, judge) reads prompt and completion in the training form: the chat
+    template with its end of turn, or the text with EOS. (It once scored prompt text + completion text, no
+    template: a different input from the one the reward model learned on.)"""
+    from preftune.batching import collate_padded
+    from preftune.data import PreferencePair
+    from preftune.recipes.reward_model import sequence_rewards
+    from preftune.rewards import load_reward
+    from preftune.tokenize import tokenize_pair
+
+    def reply(text: str):
+        return [{"role": "assistant", "content": text}] if conversational else text
+
+    pairs = [PreferencePair([{"role": "user", "content": p["prompt"]}] if conversational else p["prompt"],
+                            reply(p["chosen"]), reply(p["rejected"]), "test", f"record {i}")
+             for i, p in enumerate(PAIRS)]
+    tokenizer = AutoTokenizer.from_pretrained(reward_base)
+    model = AutoModelForSequenceClassification.from_pretrained(reward_base).eval()
+    batch = collate_padded([tokenize_pair(pair, tokenizer, i) for i, pair in enumerate(pairs)], tokenizer.pad_token_id)
+    with torch.no_grad():
+        chosen, rejected = sequence_rewards(model, batch)
+
+    score = load_reward(str(reward_base))
+    prompts = [pair.prompt for pair in pairs]
+    assert score(prompts, [p["chosen"] for p in PAIRS]) == pytest.approx(chosen.tolist(), abs=1e-5)
+    assert score(prompts, [p["rejected"] for p in PAIRS]) == pytest.approx(rejected.tolist(), abs=1e-5)

@@ -206,7 +206,7 @@ def collect(run: OnlineRun, positions: list[int]) -> Rollout:
                 logps = token_logps(models.policy, samples, pad, width, device, layout)
             with models.reference_model() as reference:
                 ref_logps = token_logps(reference, samples, pad, width, device, layout)
-    raw = torch.tensor(run.reward([prompts[s.prompt_index].text for s in samples], [s.text for s in samples]),
+    raw = torch.tensor(run.reward([prompts[s.prompt_index].given for s in samples], [s.text for s in samples]),
                        dtype=torch.float32, device=run.group.device)
     scores = raw.clone()
     if r.missing_eos_penalty is not None:  # a completion cut off at max_new_tokens
@@ -321,7 +321,7 @@ def evaluate(run: OnlineRun, on_evaluate: Callable[[OnlineRun, dict], None] | No
         measured = measure(run.models, run.tokenizer, [p.ids for p in run.eval_prompts],
                            num_samples=c.default_job.samples_per_eval_prompt, max_new_tokens=c.sample.max_new_tokens,
                            seed=c.train.seed + 7, sample_reference=False, reward=run.eval_reward,
-                           prompt_texts=[p.text for p in run.eval_prompts])
+                           prompts=[p.given for p in run.eval_prompts])
     rewards = summarize(measured.policy_rewards)
     results = {"reward": rewards["mean"], "reward_stderr": rewards["stderr"], "kl": measured.kl.mean,
                "kl_stderr": measured.kl.stderr, "num_samples": measured.kl.num_samples}
@@ -340,7 +340,7 @@ def held_out_report(run: OnlineRun) -> dict[str, Any]:
         measured = measure(run.models, run.tokenizer, [p.ids for p in run.eval_prompts],
                            num_samples=c.default_job.samples_per_eval_prompt, max_new_tokens=c.sample.max_new_tokens,
                            seed=c.train.seed + 7, reward=run.eval_reward,
-                           prompt_texts=[p.text for p in run.eval_prompts])
+                           prompts=[p.given for p in run.eval_prompts])
     policy, reference = summarize(measured.policy_rewards), summarize(measured.reference_rewards)
     return {
         "method": run.objective.command,
