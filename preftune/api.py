@@ -147,9 +147,10 @@ def reward_model(
               "eval_data": take(resolved, "data.eval_data", eval_data, "eval_data")}
     validate(resolved, "reward-model")
     if resolved.data.data is None:  # the default job's pairs, built (or read from the cache) first
+        from preftune.config import REWARD_MODEL_DEFAULT_JOB_OVERRIDES
         from preftune.sentiment import prepare_default_job
 
-        _, train_file, eval_file = prepare_default_job(resolved)
+        _, train_file, eval_file = prepare_default_job(resolved, REWARD_MODEL_DEFAULT_JOB_OVERRIDES)
         resolved.data.data, resolved.data.eval_data = str(train_file), str(eval_file)
     return recipe.run(resolved, **inputs)
 

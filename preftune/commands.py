@@ -31,9 +31,10 @@ def run_reward_model(config: Config) -> Path:
     from preftune.recipes import reward_model
 
     if config.data.data is None:
+        from preftune.config import REWARD_MODEL_DEFAULT_JOB_OVERRIDES
         from preftune.sentiment import prepare_default_job
 
-        _, train_file, eval_file = prepare_default_job(config)
+        _, train_file, eval_file = prepare_default_job(config, REWARD_MODEL_DEFAULT_JOB_OVERRIDES)
         config.data.data, config.data.eval_data = str(train_file), str(eval_file)
     finished = reward_model.run(config)
     held_out = finished.final_eval

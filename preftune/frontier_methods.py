@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from preftune.config import Config
+from preftune.config import REWARD_MODEL_DEFAULT_JOB_OVERRIDES, Config
 from preftune.measure import ModelPair, measure, stderr
 from preftune.rewards import sentiment_reward
 from preftune.rollout import sample
@@ -101,7 +101,8 @@ def method_specs(config: Config, keys: list[str]) -> list[MethodSpec]:
     ]
     chosen = [spec for spec in specs if spec.key in keys]
     if any(spec.uses_reward_model for spec in chosen):
-        chosen.insert(0, MethodSpec("reward-model", "reward model", "reward-model", {}, ("reward model",)))
+        chosen.insert(0, MethodSpec("reward-model", "reward model", "reward-model", REWARD_MODEL_DEFAULT_JOB_OVERRIDES,
+                                    ("reward model",)))
     return chosen
 
 

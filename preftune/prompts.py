@@ -9,7 +9,7 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from preftune.config import Config
+from preftune.config import Config, apply_unset
 from preftune.data import Text, load_and_report, load_prompts, prompt_text
 from preftune.tokenize import prompt_ids
 
@@ -45,10 +45,7 @@ def prompt_sources(config: Config) -> tuple[list[Text], list[Text]]:
     else:
         from preftune.sentiment import make_prompts
 
-        for key, value in DEFAULT_JOB_OVERRIDES.items():
-            if key not in c.explicitly_set:
-                section, name = key.split(".")
-                setattr(getattr(c, section), name, value)
+        apply_unset(c, DEFAULT_JOB_OVERRIDES)
         train = make_prompts(c.default_job.num_prompts, c.train.seed, held_out=False)
         held_out = make_prompts(c.default_job.num_eval_prompts, c.train.seed, held_out=True)
     if c.data.eval_data is not None:

@@ -18,10 +18,11 @@ import statistics
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from preftune.config import DEFAULT_JOB_OVERRIDES, Config
+from preftune.config import DEFAULT_JOB_OVERRIDES, Config, apply_unset
 from preftune.errors import UserError
 from preftune.measure import ModelPair, measure, summarize
 from preftune.models import cache_root, load_model, load_tokenizer, resolve_model
@@ -163,13 +164,10 @@ def sentiment_report(models: ModelPair, tokenizer, config: Config, final_eval: d
     }
 
 
-def prepare_default_job(config: Config) -> tuple[str, Path, Path]:
-    """Apply the default job's settings the user did not set; build (or reuse) its pairs. Returns the model's
-    source and the training and held-out pair files."""
-    for key, value in DEFAULT_JOB_OVERRIDES.items():
-        if key not in config.explicitly_set:
-            section, name = key.split(".")
-            setattr(getattr(config, section), name, value)
+def prepare_default_job(config: Config, overrides: dict[str, Any] | None = None) -> tuple[str, Path, Path]:
+    """Apply the default job's settings the user did not set (`overrides` on top: a command's own); build (or
+    reuse) its pairs. Returns the model's source and the training and held-out pair files."""
+    apply_unset(config, {**DEFAULT_JOB_OVERRIDES, **(overrides or {})})
     source = resolve_model(config.model.model, config.model.cache_dir)
     return source, *preference_files(config, source)
 

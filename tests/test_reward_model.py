@@ -186,3 +186,21 @@ def test_a_reward_model_scores_a_sample_as_it_scored_its_training_pairs(reward_b
     prompts = [pair.prompt for pair in pairs]
     assert score(prompts, [p["chosen"] for p in PAIRS]) == pytest.approx(chosen.tolist(), abs=1e-5)
     assert score(prompts, [p["rejected"] for p in PAIRS]) == pytest.approx(rejected.tolist(), abs=1e-5)
+
+
+def test_the_default_job_reward_model_fits_longer_unless_told(tmp_path, tiny_model_dir, monkeypatch):
+    """Without --data, `preftune reward-model` trains on the default job's pairs with its own settings (3 epochs at
+    5e-5, 4 pairs a step); what the user sets wins. The pairs are stood in for by a file (building them needs the
+    real model)."""
+    import yaml
+
+    import preftune.sentiment
+
+    data = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
+    monkeypatch.setattr(preftune.sentiment, "preference_files", lambda config, source: (data, data))
+    for extra, expected in (([], (3.0, 5e-5, 4)), (["--learning-rate", "1e-4", "--num-epochs", "1"], (1.0, 1e-4, 4))):
+        out = tmp_path / f"run{len(extra)}"
+        assert main(["reward-model", "--model", str(tiny_model_dir), "--output-dir", str(out), "--max-steps", "1",
+                     "--report-to", "none", *extra]) == 0
+        train = yaml.safe_load((out / "preftune_config.yaml").read_text())["train"]
+        assert (train["num_epochs"], train["learning_rate"], train["batch_size"]) == expected
