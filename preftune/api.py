@@ -139,20 +139,14 @@ def reward_model(
     """A Bradley-Terry reward model on `train_data`, as `preftune reward-model` trains it (without train_data: the
     default job's pairs). Returns the finished run: `.folder` holds a plain sequence-classification model that
     the online recipes' `reward` (and `--reward` everywhere) accepts; `.final_eval` the held-out accuracy."""
-    from preftune.recipes import reward_model as recipe
+    from preftune.commands import run_reward_model
 
     resolved = build_config(config, options, "reward_model")
     inputs = {"model": take(resolved, "model.model", model, "model"), "tokenizer": tokenizer,
               "train_data": take(resolved, "data.data", train_data, "train_data"),
               "eval_data": take(resolved, "data.eval_data", eval_data, "eval_data")}
     validate(resolved, "reward-model")
-    if resolved.data.data is None:  # the default job's pairs, built (or read from the cache) first
-        from preftune.config import REWARD_MODEL_DEFAULT_JOB_OVERRIDES
-        from preftune.sentiment import prepare_default_job
-
-        _, train_file, eval_file = prepare_default_job(resolved, REWARD_MODEL_DEFAULT_JOB_OVERRIDES)
-        resolved.data.data, resolved.data.eval_data = str(train_file), str(eval_file)
-    return recipe.run(resolved, **inputs)
+    return run_reward_model(resolved, **inputs)
 
 
 def ppo(config: ConfigLike = None, *, reward: Any = None, **options: Any) -> OnlineRun:

@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from preftune.config import Config, loss_params
 from preftune.data import load_and_report, load_prompts
 from preftune.errors import UserError
+
+if TYPE_CHECKING:
+    from preftune.recipes.pairs import PairRun
 
 
 def run_train(config: Config) -> Path:
@@ -25,9 +29,10 @@ def run_train(config: Config) -> Path:
     return dpo.run(config).output_dir
 
 
-def run_reward_model(config: Config) -> Path:
-    """`preftune reward-model`: a Bradley-Terry reward model on --data (without --data: the default job's pairs);
-    prints the held-out accuracy with its 95% interval."""
+def run_reward_model(config: Config, **inputs) -> PairRun:
+    """`preftune reward-model`: a Bradley-Terry reward model on --data (without --data: the default job's pairs,
+    with its reward-model settings); prints the held-out accuracy with its 95% interval. `inputs`: the Python API's
+    in-memory model, tokenizer and data. Returns the finished run."""
     from preftune.recipes import reward_model
 
     if config.data.data is None:
@@ -36,14 +41,14 @@ def run_reward_model(config: Config) -> Path:
 
         _, train_file, eval_file = prepare_default_job(config, REWARD_MODEL_DEFAULT_JOB_OVERRIDES)
         config.data.data, config.data.eval_data = str(train_file), str(eval_file)
-    finished = reward_model.run(config)
+    finished = reward_model.run(config, **inputs)
     held_out = finished.final_eval
     if held_out is not None and finished.group.is_main:
         half_width = 1.96 * held_out["accuracy_stderr"]
         print(f"held-out preference accuracy {held_out['accuracy']:.3f} (95% interval "
               f"{max(0.0, held_out['accuracy'] - half_width):.3f}-{min(1.0, held_out['accuracy'] + half_width):.3f},"
               f" {held_out['num_pairs']} pairs); reward model in {finished.folder}", flush=True)
-    return finished.folder
+    return finished
 
 
 def run_online(config: Config, command: str) -> Path:

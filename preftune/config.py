@@ -329,14 +329,6 @@ DEFAULT_JOB_OVERRIDES: dict[str, Any] = {
     "sample.max_new_tokens": 24,
 }
 
-def apply_unset(config: Config, settings: dict[str, Any]) -> None:
-    """Set each of `settings` (dotted keys) the user did not set: a job's own defaults."""
-    for key, value in settings.items():
-        if key not in config.explicitly_set:
-            section, name = key.split(".")
-            setattr(getattr(config, section), name, value)
-
-
 # What `preftune reward-model` (and the frontier's reward model) uses on the default job's pairs on top of those: a
 # new score head fit to ~240 pairs needs more than one pass at DPO's rate (TRL's RewardTrainer trains 3 epochs).
 # Measured on 243 held-out pairs: 1 epoch at 2e-5 (8 pairs a step) 0.556 held-out accuracy, these 0.671.
@@ -345,6 +337,14 @@ REWARD_MODEL_DEFAULT_JOB_OVERRIDES: dict[str, Any] = {
     "train.learning_rate": 5e-5,
     "train.batch_size": 4,
 }
+
+
+def apply_unset(config: Config, settings: dict[str, Any]) -> None:
+    """Set each of `settings` (dotted keys) the user did not set: a job's own defaults."""
+    for key, value in settings.items():
+        if key not in config.explicitly_set:
+            section, name = key.split(".")
+            setattr(getattr(config, section), name, value)
 
 
 @dataclass

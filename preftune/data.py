@@ -65,6 +65,7 @@ def prompt_text(prompt: Text) -> str:
     """A prompt as one text: a string as it is, chat messages their contents one per line."""
     return prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in prompt)
 
+
 ROLES = ("system", "user", "assistant", "tool")
 EXPECTED_KEYS = "prompt, chosen, rejected, or chosen, rejected"
 # Anthropic HH-RLHF's turn marker: an implicit prompt ends right after the last one the two texts share.

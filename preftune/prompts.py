@@ -16,9 +16,12 @@ from preftune.tokenize import prompt_ids
 
 @dataclass(frozen=True)
 class Prompt:
-    text: str  # the prompt as text (shown in reports; what a text reward's prompt argument gets)
-    ids: list[int]  # what the policy continues (chat template with the generation prompt, or plain text)
     given: Text  # as given, a string or chat messages: what the reward is called with (a reward model needs the form)
+    ids: list[int]  # what the policy continues (chat template with the generation prompt, or plain text)
+
+    @property
+    def text(self) -> str:  # shown in reports
+        return prompt_text(self.given)
 
 
 # What the online recipes use on the default job's prompts unless the user sets it (the library defaults suit large
@@ -58,5 +61,5 @@ def distinct_prompts(texts: list[Text], tokenizer: PreTrainedTokenizerBase) -> l
     """Each distinct prompt once, in order, with the ids the policy continues."""
     seen: dict[str, Prompt] = {}
     for text in texts:
-        seen.setdefault(json.dumps(text), Prompt(prompt_text(text), prompt_ids(text, tokenizer), text))
+        seen.setdefault(json.dumps(text), Prompt(text, prompt_ids(text, tokenizer)))
     return list(seen.values())
