@@ -2,7 +2,7 @@
 own process, one after the other; prints one JSON object.
 
 Both sides train the default job's RLOO: the embedded SmolLM2-135M-Instruct (or --model), the default job's training
-prompts (`preftune.sentiment.make_prompts`, chat messages, in the same order on both sides: TRL's
+prompts (`preftune.tasks.sentiment.make_prompts`, chat messages, in the same order on both sides: TRL's
 `shuffle_dataset=False`, preftune's `--no-shuffle`, so step s samples from the same prompts), k = --num-generations
 samples per prompt, --prompts-per-step prompts per step, one optimizer step per rollout on the whole rollout (TRL:
 per_device_train_batch_size = prompts x k, gradient_accumulation_steps=1, steps_per_generation=1, num_iterations=1;
@@ -12,7 +12,7 @@ clipping at 1.0, KL coefficient 0.05 (TRL's beta, preftune's --kl-coef) as a seq
 the clipped surrogate with epsilon 0.2, no advantage normalisation, fp32 weights and compute, dropout off, no
 activation checkpointing (TRL's default is on: turned off here, as preftune's), no evaluation, no checkpoints, no
 trackers. Reward: VADER's compound sentiment of the completion text (preftune's `--reward sentiment`; on the TRL
-side a reward function calling `preftune.rewards.sentiment_reward()` on the decoded completion).
+side a reward function calling `preftune.forward.rewards.sentiment_reward()` on the decoded completion).
 
 Per step each side does the same work: sample k completions per prompt (HF `generate`, one batch of prompts x k,
 KV-cached, left-padded prompts, stopping at EOS), a no-grad forward of the policy (the "old" log-probs: with
@@ -24,7 +24,7 @@ and scheduler steps. What differs:
 - Log-prob forwards: TRL runs the whole [left-padded prompt | right-padded completion] rows through the backbone
   and projects only the completion positions through the head in tiles (its fused LM head, `add_fused_lm_head`),
   and also computes the per-token entropy in the training forward (a metric); preftune right-pads whole rows (no
-  padding between prompt and completion) and applies the head at completion positions only (logprobs.py).
+  padding between prompt and completion) and applies the head at completion positions only (forward/logprobs.py).
 - TRL gathers, logs and buffers per-step metrics and the completions table (gather_object, nanstd, clip ratios);
   preftune's rollout metrics are a few reductions.
 - Sampling streams differ (TRL: the global RNG seeded once; preftune: a seed per step), so the completions, their
@@ -74,7 +74,7 @@ def smoke_model(folder: Path) -> str:
     GGUF file (as tests/conftest.py builds its tiny models)."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from preftune.models import default_gguf_path
+    from preftune.models.load import default_gguf_path
 
     gguf = default_gguf_path()
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
@@ -155,7 +155,7 @@ def main() -> None:
     import transformers
     import trl
 
-    from preftune.models import resolve_model
+    from preftune.models.load import resolve_model
 
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="bench-rloo-vs-trl-") as tmp:
@@ -213,9 +213,9 @@ def worker_trl(args: argparse.Namespace) -> None:
     from trl import RLOOConfig, RLOOTrainer
 
     from preftune.config import Config
-    from preftune.prompts import prompt_text
-    from preftune.rewards import sentiment_reward
-    from preftune.sentiment import make_prompts
+    from preftune.data.prompts import prompt_text
+    from preftune.forward.rewards import sentiment_reward
+    from preftune.tasks.sentiment import make_prompts
 
     setup_started = time.perf_counter()
     disable_progress_bars()

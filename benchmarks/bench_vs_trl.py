@@ -47,7 +47,7 @@ LORA = {"r": 16, "alpha": 32, "dropout": 0.0}  # preftune's defaults for alpha a
 # ---- the parent: data, runs, results ------------------------------------------------------------------------
 def write_pairs(source: Path, count: int, destination: Path) -> list:
     """The first `count` valid pairs of `source` as explicit-prompt JSONL (both sides parse it the same way)."""
-    from preftune.data import load_pairs
+    from preftune.data.read import load_pairs
 
     pairs = load_pairs(source, skip_invalid=True).pairs[:count]
     if len(pairs) < count:
@@ -191,8 +191,8 @@ def main() -> None:
         (worker_trl if args.worker == "trl" else worker_preftune)(args)
         return
 
-    from preftune.models import load_tokenizer, resolve_model
-    from preftune.tokenize import tokenize_pairs
+    from preftune.data.tokenize import tokenize_pairs
+    from preftune.models.load import load_tokenizer, resolve_model
 
     args.model = resolve_model(args.model)
     modes = [m for m in args.modes.split(",") if m]

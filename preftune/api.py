@@ -80,10 +80,10 @@ def train(
     config: ConfigLike = None, *, model: Any = None, ref_model: Any = None, tokenizer: Any = None,
     train_data: Any = None, eval_data: Any = None, **options: Any,
 ) -> TrainResult:
-    """Train with DPO (or any loss of `preftune.losses.LOSSES`) on `train_data`; returns the run folder, the final
-    held-out metrics (with `eval_data`) and the trained model. `model` is trained in place when it is an object,
-    as TRL's DPOTrainer does; the reference is then a frozen copy of it (or `ref_model`, or with LoRA the model
-    with its adapter off)."""
+    """Train with DPO (or any loss of `preftune.objectives.losses.LOSSES`) on `train_data`; returns the run folder,
+    the final held-out metrics (with `eval_data`) and the trained model. `model` is trained in place when it is an
+    object, as TRL's DPOTrainer does; the reference is then a frozen copy of it (or `ref_model`, or with LoRA the
+    model with its adapter off)."""
     from preftune.recipes import dpo
 
     resolved = build_config(config, options, "train")
@@ -175,7 +175,7 @@ def online_recipe(command: str, config: ConfigLike, reward: Any, options: Mappin
     resolved = build_config(config, options, command.replace("-", "_"))
     in_memory = None
     if callable(reward):
-        from preftune.rewards import on_texts
+        from preftune.forward.rewards import on_texts
 
         in_memory = on_texts(reward)  # called with (prompt texts, completion texts), chat prompts joined
         name = getattr(reward, "__qualname__", type(reward).__name__)

@@ -73,7 +73,7 @@ EVAL_OPTIONS = {
 
 
 def loss_help() -> str:
-    from preftune.losses import LOSSES
+    from preftune.objectives.losses import LOSSES
 
     return "; ".join(f"{name}: {spec.meaning}" for name, spec in LOSSES.items())
 
@@ -192,7 +192,7 @@ def build_config(args: argparse.Namespace) -> Config:
 
 
 def print_records(records: list[dict], config: Config) -> None:
-    from preftune.records import write_records
+    from preftune.data.records import write_records
 
     write_records(records, config.sample.output)
 
@@ -224,7 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "plot":
-            from preftune.plot import plot_run
+            from preftune.evaluation.plot import plot_run
 
             print(plot_run(args.run_dir, args.output))
             return 0

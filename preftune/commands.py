@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from preftune.config import Config, loss_params
-from preftune.data import load_and_report, load_prompts
+from preftune.data.read import load_and_report, load_prompts
 from preftune.errors import UserError
 
 if TYPE_CHECKING:
@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 def run_train(config: Config) -> Path:
     """`preftune train`: DPO on --data, or without --data the default sentiment job."""
     if config.data.data is None:
-        from preftune.sentiment import run_default_job
+        from preftune.tasks.sentiment import run_default_job
 
         return run_default_job(config)
     from preftune.recipes import dpo
@@ -37,7 +37,7 @@ def run_reward_model(config: Config, **inputs) -> PairRun:
 
     if config.data.data is None:
         from preftune.config import REWARD_MODEL_DEFAULT_JOB_OVERRIDES
-        from preftune.sentiment import prepare_default_job
+        from preftune.tasks.sentiment import prepare_default_job
 
         _, train_file, eval_file = prepare_default_job(config, REWARD_MODEL_DEFAULT_JOB_OVERRIDES)
         config.data.data, config.data.eval_data = str(train_file), str(eval_file)
@@ -70,8 +70,8 @@ def inference_models(config: Config, device, with_reference: bool = True, model=
                      tokenizer=None):
     """The frozen --model / --ref-model pair (default reference: the model itself) and the model's tokenizer.
     `model`, `ref_model`, `tokenizer`: already loaded objects (the Python API), used instead of loading."""
-    from preftune.measure import ModelPair
-    from preftune.models import frozen, load_model, load_tokenizer, resolve_model
+    from preftune.evaluation.measure import ModelPair
+    from preftune.models.load import frozen, load_model, load_tokenizer, resolve_model
 
     m = config.model
     if model is None:
@@ -99,7 +99,7 @@ def pair_data(config: Config, data=None):
 
 
 def tokenized(config: Config, loaded, tokenizer):
-    from preftune.tokenize import tokenize_for
+    from preftune.data.tokenize import tokenize_for
 
     d = config.data
     return tokenize_for(loaded.pairs, tokenizer, d.max_length or None, d.truncation_mode, None, log=stderr)
@@ -111,8 +111,8 @@ def stderr(message: str) -> None:
 
 def run_eval(config: Config, *, model=None, ref_model=None, tokenizer=None, data=None) -> dict[str, float]:
     """`preftune eval`: the preference metrics of --model against --ref-model (default: itself) on --data."""
-    from preftune.evaluation import evaluate_pairs
-    from preftune.reference import reference_source
+    from preftune.evaluation.pairs import evaluate_pairs
+    from preftune.forward.reference import reference_source
 
     if config.data.data is None and data is None:
         raise UserError("preftune eval needs --data (a file of preference pairs or a dataset name)")
@@ -130,7 +130,7 @@ def run_eval(config: Config, *, model=None, ref_model=None, tokenizer=None, data
 
 def run_score(config: Config, *, model=None, ref_model=None, tokenizer=None, data=None) -> list[dict]:
     """`preftune score`: implicit rewards of --data pairs, or of --prompts candidates with their ranks."""
-    from preftune.evaluation import score_candidates, score_pairs
+    from preftune.evaluation.pairs import score_candidates, score_pairs
 
     has_data = config.data.data is not None or data is not None
     if has_data == (config.sample.prompts is not None):
@@ -152,8 +152,8 @@ def run_score(config: Config, *, model=None, ref_model=None, tokenizer=None, dat
 
 def run_generate(config: Config) -> list[dict]:
     """`preftune generate`: samples from --model for every prompt of --prompts, as records."""
-    from preftune.rollout import sample
-    from preftune.tokenize import prompt_ids
+    from preftune.data.tokenize import prompt_ids
+    from preftune.forward.rollout import sample
 
     s = config.sample
     accelerator = accelerator_of(config)
@@ -169,9 +169,9 @@ def run_generate(config: Config) -> list[dict]:
 
 def run_judge(config: Config) -> tuple[dict, list[dict]]:
     """`preftune judge`: win rate of --model over --ref-model under --reward, and KL(policy || reference)."""
-    from preftune.judge import judge
-    from preftune.rewards import load_reward
-    from preftune.tokenize import prompt_ids
+    from preftune.data.tokenize import prompt_ids
+    from preftune.evaluation.judge import judge
+    from preftune.forward.rewards import load_reward
 
     s = config.sample
     if s.temperature != 1.0 or s.top_p != 1.0:
@@ -189,14 +189,14 @@ def run_judge(config: Config) -> tuple[dict, list[dict]]:
 
 def run_frontier(config: Config) -> Path:
     """`preftune frontier`: the reward-KL frontier of the default job."""
-    from preftune.frontier import run_frontier as frontier
+    from preftune.study.frontier import run_frontier as frontier
 
     return frontier(config, [name.strip() for name in config.default_job.frontier_methods.split(",")])
 
 
 def run_export(run_dir: str, output: str, outtype: str, force: bool) -> str:
     """`preftune export RUN_DIR --gguf OUT.gguf`: the run's model as one GGUF file; returns what to print."""
-    from preftune.export import export_gguf
+    from preftune.models.export import export_gguf
 
     path = export_gguf(run_dir, output, outtype, force)
     return f"wrote {path} ({outtype}, {path.stat().st_size / 2**20:.1f} MiB)"

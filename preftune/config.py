@@ -27,7 +27,7 @@ import yaml
 from preftune.errors import ConfigError
 
 if TYPE_CHECKING:
-    from preftune.losses import LossParams
+    from preftune.objectives.losses import LossParams
 
 
 def doc(text: str, default: Any = None, **kwargs: Any) -> Any:
@@ -100,7 +100,7 @@ class DataConfig:
 class LossConfig:
     loss_type: str = doc(
         "Preference loss, or several separated by commas (the loss is then their weighted sum, see "
-        "--loss-weights); the names are those of preftune.losses.LOSSES.",
+        "--loss-weights); the names are those of preftune.objectives.losses.LOSSES.",
         "sigmoid",
     )
     loss_weights: str | None = doc(
@@ -297,7 +297,7 @@ class RLConfig:
     )
 
 
-# `preftune frontier --methods`: the names of its methods (frontier_methods.py builds them)
+# `preftune frontier --methods`: the names of its methods (study/methods.py builds them)
 FRONTIER_METHODS = ("best-of-n", "dpo", "preferred-ft", "ppo", "ppo-gt", "rloo", "online-dpo")
 
 
@@ -468,7 +468,7 @@ def save_yaml(config: Config, path: str | Path) -> None:
 
 def loss_params(options: LossConfig) -> LossParams:
     """The loss section as the losses' plain values, for training and `preftune eval` alike (after `validate`)."""
-    from preftune.losses import LossParams
+    from preftune.objectives.losses import LossParams
 
     return LossParams.from_options(**dataclasses.asdict(options))
 
@@ -479,10 +479,10 @@ def check_loss_options(
     unused: Callable[[str, typing.Iterable[str], str], None],
 ) -> None:
     """`validate`'s checks of the loss section, reported through its `need` and `unused`: one pass over the rows
-    of preftune.losses.LOSSES, which say which options each loss reads. Unknown names, wrong weight counts and
-    out-of-range values are problems, and so is a changed option that none of the chosen losses reads or that one
-    of them has no valid form for."""
-    from preftune.losses import F_DIVERGENCES, LOSSES, parse_loss_list
+    of preftune.objectives.losses.LOSSES, which say which options each loss reads. Unknown names, wrong weight
+    counts and out-of-range values are problems, and so is a changed option that none of the chosen losses reads
+    or that one of them has no valid form for."""
+    from preftune.objectives.losses import F_DIVERGENCES, LOSSES, parse_loss_list
 
     try:
         names, weights = parse_loss_list(options.loss_type, options.loss_weights)
@@ -573,7 +573,7 @@ def _check_reference(config: Config, command: str, need: Check, unused: Unused) 
 
 def _check_training(config: Config, command: str, need: Check, unused: Unused) -> None:
     """Data shaping, the optimizer and schedule, evaluation, processes and checkpoints."""
-    from preftune.batching import LAYOUTS  # imported here: batching.py imports torch
+    from preftune.data.batching import LAYOUTS  # imported here: data/batching.py imports torch
 
     m, d, t = config.model, config.data, config.train
     need(d.max_length is None or d.max_length >= 0, f"--max-length must be >= 0, got {d.max_length}")

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from preftune.models import default_gguf_path
+from preftune.models.load import default_gguf_path
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 HH_RLHF = SHARED_DATA / "hh-rlhf-harmless-base-test.jsonl.gz"

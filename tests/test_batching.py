@@ -3,7 +3,7 @@ packed (several such segments per row), and where each says its scored tokens ar
 
 from __future__ import annotations
 
-from preftune.batching import (
+from preftune.data.batching import (
     batch_order,
     cheapest_packing,
     collate_packed,
@@ -11,7 +11,7 @@ from preftune.batching import (
     collate_shared_prefix,
     pack_rows,
 )
-from preftune.tokenize import TokenizedPair
+from preftune.data.tokenize import TokenizedPair
 
 PAIRS = [TokenizedPair([1, 2], [3, 4, 5], [6], index=7), TokenizedPair([8], [9], [10, 11], index=3)]
 

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 import preftune.recipes.dpo
 import preftune.runtime.checkpoint
 from preftune.cli import main
-from preftune.losses import LossOutput
+from preftune.objectives.losses import LossOutput
 from tests.conftest import PAIRS, write_jsonl
 
 STEPS = 30

@@ -9,7 +9,7 @@ import pytest
 from preftune.cli import build_config, build_parser
 from preftune.config import Config, LossConfig, apply_yaml, iter_fields, set_option, validate
 from preftune.errors import ConfigError
-from preftune.losses import LOSSES, LossSpec
+from preftune.objectives.losses import LOSSES, LossSpec
 
 
 def parse(argv: list[str]) -> Config:
@@ -160,7 +160,7 @@ def test_eval_takes_every_loss_option():
 
 
 def test_train_help_lists_every_loss_with_its_meaning(capsys):
-    from preftune.losses import LOSSES
+    from preftune.objectives.losses import LOSSES
 
     with pytest.raises(SystemExit):
         build_parser().parse_args(["train", "--help"])

@@ -1,4 +1,4 @@
-"""preftune.data: every source format, the three record forms, and a precise message for every bad record."""
+"""preftune.data.read: every source format, the three record forms, and a precise message for every bad record."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from preftune.data import (
+from preftune.data.read import (
     LoadResult,
     PreferencePair,
     common_prefix_length,

@@ -10,7 +10,7 @@ import pytest
 from transformers import AutoModelForCausalLM
 
 from preftune.cli import main
-from preftune.model_card import read_front_matter
+from preftune.recipes.model_card import read_front_matter
 
 
 @pytest.fixture(scope="module")

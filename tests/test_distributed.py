@@ -11,8 +11,8 @@ import pytest
 from safetensors.torch import load_file
 
 from benchmarks.bench_sharding import launch_environment
-from preftune.batching import process_batches
 from preftune.cli import main
+from preftune.data.batching import process_batches
 from tests.conftest import PAIRS, write_jsonl
 
 # the tests that launch several processes are slow: the full suite (CI, the README's command) runs them

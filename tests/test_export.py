@@ -30,10 +30,10 @@ from transformers import (
 )
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX as QWEN2_SPLIT
 
-from preftune import export
 from preftune.cli import main
 from preftune.config import ModelConfig
-from preftune.models import add_lora, save_model
+from preftune.models import export
+from preftune.models.load import add_lora, save_model
 
 CHAT_TEMPLATE = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
                  "'<|im_end|>\n' }}{% endfor %}"

@@ -6,8 +6,8 @@ from __future__ import annotations
 import math
 
 from preftune.config import Config
-from preftune.frontier import Point, plot_frontier, run_frontier, write_table
-from preftune.frontier_methods import Cost
+from preftune.study.frontier import Point, plot_frontier, run_frontier, write_table
+from preftune.study.methods import Cost
 
 
 def test_table_and_plot(tmp_path):
@@ -50,7 +50,7 @@ def fake_runner(calls: list[str]):
 
 
 def test_methods_are_cached_and_a_rerun_computes_only_what_is_missing(tmp_path, monkeypatch):
-    monkeypatch.setattr("preftune.sentiment.prepare_default_job", lambda config: None)
+    monkeypatch.setattr("preftune.tasks.sentiment.prepare_default_job", lambda config: None)
     config = Config()
     config.train.output_dir = str(tmp_path / "frontier")
     config.default_job.frontier_betas = "0.1"

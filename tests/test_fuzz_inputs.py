@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from preftune.cli import main
-from preftune.data import ROLES
+from preftune.data.read import ROLES
 from tests.conftest import PAIRS
 
 pytestmark = pytest.mark.slow  # dozens of generated files through the CLI each: the full suite runs them

@@ -12,9 +12,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from preftune.cli import main
-from preftune.judge import win_rate
-from preftune.measure import kl_from_samples
-from preftune.rollout import sample, sequence_logps_of_samples
+from preftune.evaluation.judge import win_rate
+from preftune.evaluation.measure import kl_from_samples
+from preftune.forward.rollout import sample, sequence_logps_of_samples
 from tests.conftest import PAIRS, write_jsonl
 
 PROMPTS = [{"prompt": "The movie was"}, {"prompt": [{"role": "user", "content": "Review a film."}]}]

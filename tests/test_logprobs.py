@@ -10,10 +10,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-import preftune.logprobs
-from preftune.batching import LAYOUTS, collate_padded
-from preftune.logprobs import keeps_positions, sequence_logps
-from preftune.tokenize import TokenizedPair
+import preftune.forward.logprobs
+from preftune.data.batching import LAYOUTS, collate_padded
+from preftune.data.tokenize import TokenizedPair
+from preftune.forward.logprobs import keeps_positions, sequence_logps
 
 
 @pytest.fixture(params=list(LAYOUTS))
@@ -29,7 +29,7 @@ def attention(request) -> str:
 @pytest.fixture(params=["head-on-completions", "full-logits"])
 def head_path(request, monkeypatch) -> str:
     if request.param == "full-logits":  # as for a model that cannot slice its logits
-        monkeypatch.setattr(preftune.logprobs, "keeps_positions", lambda model: False)
+        monkeypatch.setattr(preftune.forward.logprobs, "keeps_positions", lambda model: False)
     return request.param
 
 
@@ -81,7 +81,7 @@ def test_length_split_and_wpo_weights_match_brute_force(tiny_model_dir, head_pat
 
 
 def test_the_head_runs_on_completion_positions_only(tiny_model_dir, monkeypatch):
-    monkeypatch.setattr(preftune.logprobs, "plain_output_head", lambda model: None)  # the model's own head
+    monkeypatch.setattr(preftune.forward.logprobs, "plain_output_head", lambda model: None)  # the model's own head
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     pairs = [TokenizedPair([5, 6, 7, 8, 9], [10, 11], [12], 0), TokenizedPair([20], [21, 22, 23], [24, 25], 1)]
     batch = collate_padded(pairs, pad_token_id=2)
@@ -94,11 +94,11 @@ def test_the_head_runs_on_completion_positions_only(tiny_model_dir, monkeypatch)
     assert keeps_positions(model)
 
     full = copy.deepcopy(model)
-    preftune.logprobs.keeps_positions, saved = (lambda m: False), preftune.logprobs.keeps_positions
+    preftune.forward.logprobs.keeps_positions, saved = (lambda m: False), preftune.forward.logprobs.keeps_positions
     try:
         slow = sequence_logps(full, batch)
     finally:
-        preftune.logprobs.keeps_positions = saved
+        preftune.forward.logprobs.keeps_positions = saved
     slow_grads = torch.autograd.grad((slow.chosen - 0.5 * slow.rejected).sum(), list(full.parameters()))
     torch.testing.assert_close(fast.chosen, slow.chosen)
     torch.testing.assert_close(fast.rejected, slow.rejected)
@@ -126,13 +126,13 @@ def test_the_chunked_head_gives_the_models_values_and_gradients(tiny_model_dir, 
         head = model.get_output_embeddings()
         with monkeypatch.context() as patch:
             if path == "model":
-                patch.setattr(preftune.logprobs, "plain_output_head", lambda model: None)
+                patch.setattr(preftune.forward.logprobs, "plain_output_head", lambda model: None)
             else:
-                assert preftune.logprobs.plain_output_head(model) is head
-                patch.setattr(preftune.logprobs, "HEAD_CHUNK_ELEMENTS", chunk_rows * head.weight.shape[0])
+                assert preftune.forward.logprobs.plain_output_head(model) is head
+                patch.setattr(preftune.forward.logprobs, "HEAD_CHUNK_ELEMENTS", chunk_rows * head.weight.shape[0])
             calls = []
-            patch.setattr(preftune.logprobs.ChunkedHeadLogps, "apply",
-                          lambda *args, apply=preftune.logprobs.ChunkedHeadLogps.apply, calls=calls:
+            patch.setattr(preftune.forward.logprobs.ChunkedHeadLogps, "apply",
+                          lambda *args, apply=preftune.forward.logprobs.ChunkedHeadLogps.apply, calls=calls:
                           calls.append(1) or apply(*args))
             out = sequence_logps(model, batch, wpo_weights=True)
             assert len(calls) == (path == "chunked")
@@ -159,9 +159,9 @@ def test_the_chunked_head_under_bf16_autocast(tiny_model_dir, monkeypatch):
         model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
         with monkeypatch.context() as patch, torch.autocast("cpu", dtype=torch.bfloat16):
             if path == "model":
-                patch.setattr(preftune.logprobs, "plain_output_head", lambda model: None)
+                patch.setattr(preftune.forward.logprobs, "plain_output_head", lambda model: None)
             else:
-                patch.setattr(preftune.logprobs, "HEAD_CHUNK_ELEMENTS", 2 * model.lm_head.weight.shape[0])
+                patch.setattr(preftune.forward.logprobs, "HEAD_CHUNK_ELEMENTS", 2 * model.lm_head.weight.shape[0])
             out = sequence_logps(model, batch)
         out.chosen.sum().backward()
         results[path] = (out.chosen.detach(), model.lm_head.weight.grad)
@@ -172,13 +172,13 @@ def test_the_chunked_head_under_bf16_autocast(tiny_model_dir, monkeypatch):
 
 def test_the_chunked_head_is_used_only_where_the_logits_are_the_heads_alone(tiny_model_dir, monkeypatch):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    assert preftune.logprobs.plain_output_head(model) is model.lm_head
+    assert preftune.forward.logprobs.plain_output_head(model) is model.lm_head
     rows_seen = []  # one chunk's worth of logits: the model's own head runs (on the kept positions only)
     model.lm_head.register_forward_hook(lambda module, args, output: rows_seen.append(args[0].shape[0]))
     sequence_logps(model, LAYOUTS["packed"]([TokenizedPair([5, 6], [7, 8], [9], 0)], pad_token_id=2))
     assert rows_seen == [2]  # the predictors of 7 (shared with 9) and 8
     monkeypatch.setattr(model.config, "model_type", "gemma2")  # soft-caps its logits after the head
-    assert preftune.logprobs.plain_output_head(model) is None
+    assert preftune.forward.logprobs.plain_output_head(model) is None
 
 
 def test_fsdp_sharded_models_keep_their_class_facts_and_run_their_own_head(tiny_model_dir):
@@ -193,13 +193,13 @@ def test_fsdp_sharded_models_keep_their_class_facts_and_run_their_own_head(tiny_
         return module
 
     model = as_fsdp(AutoModelForCausalLM.from_pretrained(tiny_model_dir))
-    assert preftune.logprobs.model_class(model).__name__ == "LlamaForCausalLM"
+    assert preftune.forward.logprobs.model_class(model).__name__ == "LlamaForCausalLM"
     assert keeps_positions(model)
-    assert preftune.logprobs.plain_output_head(model) is None
+    assert preftune.forward.logprobs.plain_output_head(model) is None
     adapted = as_fsdp(get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
                                      LoraConfig(r=2, target_modules="all-linear")))
     assert keeps_positions(adapted)
-    assert preftune.logprobs.plain_output_head(adapted) is None
+    assert preftune.forward.logprobs.plain_output_head(adapted) is None
 
 
 def test_keeps_positions_sees_through_wrappers(tiny_model_dir):

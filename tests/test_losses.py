@@ -9,8 +9,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from preftune.logprobs import SequenceLogps
-from preftune.losses import LOSSES, LossParams, compute_loss, sigmoid_loss
+from preftune.forward.logprobs import SequenceLogps
+from preftune.objectives.losses import LOSSES, LossParams, compute_loss, sigmoid_loss
 
 
 def logps(chosen: list[float], rejected: list[float], dtype=torch.float64) -> SequenceLogps:

@@ -29,11 +29,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 from preftune.cli import build_config, build_parser, main
 from preftune.config import loss_params
-from preftune.data import load_pairs
-from preftune.evaluation import evaluate_pairs
-from preftune.losses import F_DIVERGENCE_LOSSES, LOSSES, NO_LD_ALPHA
-from preftune.reference import reference_source
-from preftune.tokenize import TokenizedPair, tokenize_pairs
+from preftune.data.read import load_pairs
+from preftune.data.tokenize import TokenizedPair, tokenize_pairs
+from preftune.evaluation.pairs import evaluate_pairs
+from preftune.forward.reference import reference_source
+from preftune.objectives.losses import F_DIVERGENCE_LOSSES, LOSSES, NO_LD_ALPHA
 from tests.conftest import PAIRS, write_jsonl
 
 SHARPEN = 30.0

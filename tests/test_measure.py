@@ -7,9 +7,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from preftune.config import ModelConfig
-from preftune.measure import ModelPair, kl_from_samples, measure, reference_pair
-from preftune.models import add_lora, frozen
-from preftune.rollout import sample, sequence_logps_of_samples
+from preftune.evaluation.measure import ModelPair, kl_from_samples, measure, reference_pair
+from preftune.forward.rollout import sample, sequence_logps_of_samples
+from preftune.models.load import add_lora, frozen
 
 
 def load(folder) -> torch.nn.Module:

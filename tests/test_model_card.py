@@ -15,9 +15,10 @@ import yaml
 
 from preftune.cli import main
 from preftune.config import Config
-from preftune.data import is_hub_dataset
-from preftune.losses import LOSSES
-from preftune.model_card import (
+from preftune.data.read import is_hub_dataset
+from preftune.evaluation.report import TrainingMeans, last_epoch_means
+from preftune.objectives.losses import LOSSES
+from preftune.recipes.model_card import (
     BaseModel,
     SavedModel,
     base_model_of,
@@ -26,7 +27,6 @@ from preftune.model_card import (
     model_card,
     read_front_matter,
 )
-from preftune.report import TrainingMeans, last_epoch_means
 from tests.conftest import PAIRS, write_jsonl
 
 HUB_DATA = "Anthropic/hh-rlhf"

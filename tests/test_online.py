@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from preftune.cli import main
-from preftune.model_card import read_front_matter
+from preftune.recipes.model_card import read_front_matter
 from tests.conftest import PAIRS, write_jsonl
 
 PROMPTS = [{"prompt": p["prompt"]} for p in PAIRS]
@@ -113,8 +113,8 @@ def test_one_update_moves_probability_towards_the_samples_with_positive_advantag
     """The direction of learning, on one rollout: after the update, sum_i A_i * (log pi_new(y_i) - log pi_old(y_i))
     > 0 (per token for PPO, per sequence for RLOO): the surrogate improved, not only the loss went down."""
     from preftune.cli import build_config, build_parser
+    from preftune.forward.rollout import token_logps
     from preftune.recipes import online, ppo, rloo
-    from preftune.rollout import token_logps
 
     argv = args_for(command, tiny_model_dir, files, tmp_path / "run", "--num-ppo-epochs", "1", "--max-steps", "1",
                     "--rollout-batch-size", "4", "--num-generations", "4", "--warmup-ratio", "0")
@@ -138,8 +138,8 @@ def test_online_dpo_step_raises_the_margin_of_its_pairs(tmp_path, tiny_model_dir
     """The direction of learning, on one rollout: after one online DPO update the policy's log-ratio margin
     (log pi(y_w) - log pi(y_l), the reference's cancels) grows on the rollout's decided pairs."""
     from preftune.cli import build_config, build_parser
+    from preftune.forward.rollout import token_logps
     from preftune.recipes import online, online_dpo
-    from preftune.rollout import token_logps
 
     argv = args_for("online-dpo", tiny_model_dir, files, tmp_path / "run", "--max-steps", "1",
                     "--rollout-batch-size", "4", "--warmup-ratio", "0", *LENGTH_REWARD)

@@ -25,9 +25,9 @@ import trl  # noqa: F401 - a hard test dependency (the dev extra)
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from preftune.config import Config, loss_params
+from preftune.forward.rollout import Sample, completion_mask, token_logps
 from preftune.recipes.online import Rollout
 from preftune.recipes.online_dpo import OnlineDPOObjective, pair_logps, ranked_pairs
-from preftune.rollout import Sample, completion_mask, token_logps
 from tests.conftest import assert_step_equals
 
 PROMPTS = ["The movie was", "The cast was", "My verdict is", "The plot was"]  # 3 tokens each (SmolLM2 tokenizer)

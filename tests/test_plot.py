@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from preftune.cli import main
-from preftune.plot import PANELS, draw
+from preftune.evaluation.plot import PANELS, draw
 
 
 def metrics_rows() -> list[dict]:

@@ -1,5 +1,6 @@
-"""policy_gradient.py (the math of PPO and RLOO) against hand-derived numbers (as torchtune's DPO loss tests and
-test_losses.py) and, where a closed form is clumsy, against brute-force references written out in plain Python.
+"""objectives/policy_gradient.py (the math of PPO and RLOO) against hand-derived numbers (as torchtune's DPO loss
+tests and test_losses.py) and, where a closed form is clumsy, against brute-force references written out in
+plain Python.
 
 GAE: Schulman et al. 2016 (arXiv:1506.02438, eq. 16); PPO's clipped surrogate: Schulman et al. 2017
 (arXiv:1707.06347, eq. 7); RLOO: Ahmadian et al. 2024 (arXiv:2402.14740, eq. 6); KL shaping and the adaptive KL
@@ -14,7 +15,7 @@ import math
 import pytest
 import torch
 
-from preftune.policy_gradient import (
+from preftune.objectives.policy_gradient import (
     adaptive_kl_coef,
     clipped_policy_loss,
     clipped_value_loss,

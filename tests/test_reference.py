@@ -12,11 +12,12 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import preftune.recipes.dpo
-from preftune.batching import collate_padded
 from preftune.cli import main
+from preftune.data.batching import collate_padded
+from preftune.data.tokenize import TokenizedPair
 from preftune.errors import UserError
-from preftune.logprobs import sequence_logps
-from preftune.reference import (
+from preftune.forward.logprobs import sequence_logps
+from preftune.forward.reference import (
     cache_key,
     cached_reference_table,
     check_syncable,
@@ -26,7 +27,6 @@ from preftune.reference import (
     table_source,
     weights_fingerprint,
 )
-from preftune.tokenize import TokenizedPair
 
 
 def read_rows(out) -> list[dict]:

@@ -164,11 +164,11 @@ def test_a_reward_model_scores_a_sample_as_it_scored_its_training_pairs(reward_b
     """--reward FOLDER (ppo, rloo, online-dpo, judge) reads prompt and completion in the training form: the chat
     template with its end of turn, or the text with EOS. (It once scored prompt text + completion text, no
     template: a different input from the one the reward model learned on.)"""
-    from preftune.batching import collate_padded
-    from preftune.data import PreferencePair
+    from preftune.data.batching import collate_padded
+    from preftune.data.read import PreferencePair
+    from preftune.data.tokenize import tokenize_pair
+    from preftune.forward.rewards import load_reward
     from preftune.recipes.reward_model import sequence_rewards
-    from preftune.rewards import load_reward
-    from preftune.tokenize import tokenize_pair
 
     def reply(text: str):
         return [{"role": "assistant", "content": text}] if conversational else text
@@ -194,10 +194,10 @@ def test_the_default_job_reward_model_fits_longer_unless_told(tmp_path, tiny_mod
     real model)."""
     import yaml
 
-    import preftune.sentiment
+    import preftune.tasks.sentiment
 
     data = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
-    monkeypatch.setattr(preftune.sentiment, "preference_files", lambda config, source: (data, data))
+    monkeypatch.setattr(preftune.tasks.sentiment, "preference_files", lambda config, source: (data, data))
     for extra, expected in (([], (3.0, 5e-5, 4)), (["--learning-rate", "1e-4", "--num-epochs", "1"], (1.0, 1e-4, 4))):
         out = tmp_path / f"run{len(extra)}"
         assert main(["reward-model", "--model", str(tiny_model_dir), "--output-dir", str(out), "--max-steps", "1",

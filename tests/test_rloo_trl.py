@@ -33,9 +33,9 @@ import trl  # noqa: F401 - a hard test dependency (the dev extra): without it th
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from preftune.config import Config
+from preftune.forward.rollout import Sample, completion_mask, token_logps
 from preftune.recipes.online import Rollout
 from preftune.recipes.rloo import RLOOObjective, sequence_rewards
-from preftune.rollout import Sample, completion_mask, token_logps
 from tests.conftest import assert_step_equals
 
 PROMPTS = ["The movie was", "The cast was", "My verdict is"]  # 3 tokens each with the SmolLM2 tokenizer

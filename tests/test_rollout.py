@@ -1,4 +1,4 @@
-"""rollout.py: sampling with the sampler's own log-probs, and the rollout layouts against one row per sample."""
+"""forward/rollout.py: sampling with the sampler's own log-probs, and the rollout layouts against one row per sample."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
 
+from preftune.forward.rollout import Sample, SeededRows, sample, sample_rows, sampled_token_logps, token_logps
 from preftune.recipes.ppo import token_values
-from preftune.rollout import Sample, SeededRows, sample, sample_rows, sampled_token_logps, token_logps
 from tests.conftest import PAIRS
 
 LAYOUTS = ("padded", "shared_prefix", "packed")

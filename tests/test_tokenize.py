@@ -9,9 +9,16 @@ import warnings
 import pytest
 from transformers import AutoTokenizer
 
-from preftune.data import PreferencePair, load_pairs
+from preftune.data.read import PreferencePair, load_pairs
+from preftune.data.tokenize import (
+    TokenizedPair,
+    tokenize_completion,
+    tokenize_for,
+    tokenize_pair,
+    tokenize_pairs,
+    truncate,
+)
 from preftune.errors import DataError, UserError
-from preftune.tokenize import TokenizedPair, tokenize_completion, tokenize_for, tokenize_pair, tokenize_pairs, truncate
 from tests.conftest import HH_RLHF
 
 STANDARD = [

@@ -17,26 +17,26 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from preftune.batching import Batch
 from preftune.config import Config, loss_params
-from preftune.evaluation import evaluate_totals
-from preftune.logprobs import sequence_logps
-from preftune.losses import LossParams, compute_loss
-from preftune.measure import ModelPair, reference_pair
-from preftune.metrics import METRIC_NAMES, pair_sums
-from preftune.model_card import write_model_cards
-from preftune.models import load_policy_and_reference, save_model
-from preftune.recipes import pairs
-from preftune.recipes.pairs import Hooks, PairRun, cleanup
-from preftune.reference import (
+from preftune.data.batching import Batch
+from preftune.evaluation.measure import ModelPair, reference_pair
+from preftune.evaluation.pairs import evaluate_totals
+from preftune.evaluation.report import example_prompts, write_run_report
+from preftune.forward.logprobs import sequence_logps
+from preftune.forward.reference import (
     ReferenceSource,
     check_syncable,
     precomputed_references,
     reference_source,
     sync_reference_model,
 )
-from preftune.report import example_prompts, write_run_report
-from preftune.rewards import RewardFunction
+from preftune.forward.rewards import RewardFunction
+from preftune.models.load import load_policy_and_reference, save_model
+from preftune.objectives.losses import LossParams, compute_loss
+from preftune.objectives.metrics import METRIC_NAMES, pair_sums
+from preftune.recipes import pairs
+from preftune.recipes.model_card import write_model_cards
+from preftune.recipes.pairs import Hooks, PairRun, cleanup
 from preftune.runtime.run_folder import save_config
 
 

@@ -4,7 +4,7 @@ A recipe plugs an `OnlineObjective` into it: what it adds to a rollout (`score`:
 minibatch of the rollout costs (`loss`). Everything else is here, once: the prompts (a prompts file, the prompts of
 preference pairs, or the default job's), the rollout itself (samples from the policy, their log-probs under the
 policy and the reference, the reward), the optimisation epochs and minibatches, logging, held-out measurement
-(reward and KL with their standard errors, through measure.py), checkpoints that resume exactly and signals.
+(reward and KL with their standard errors, through evaluation/measure.py), checkpoints that resume exactly and signals.
 The run folder, process group, trackers, optimizer and checkpoint files are runtime/'s, as for the offline recipes.
 """
 
@@ -24,14 +24,14 @@ import yaml
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from preftune.batching import process_batches
 from preftune.config import Config, resolved_num_ppo_epochs
+from preftune.data.batching import process_batches
+from preftune.data.prompts import Prompt, distinct_prompts, prompt_sources
 from preftune.errors import UserError
-from preftune.measure import ModelPair, measure, summarize
-from preftune.policy_gradient import adaptive_kl_coef
-from preftune.prompts import Prompt, distinct_prompts, prompt_sources
-from preftune.rewards import RewardFunction
-from preftune.rollout import Sample, completion_mask, sample, sampled_token_logps, token_logps
+from preftune.evaluation.measure import ModelPair, measure, summarize
+from preftune.forward.rewards import RewardFunction
+from preftune.forward.rollout import Sample, completion_mask, sample, sampled_token_logps, token_logps
+from preftune.objectives.policy_gradient import adaptive_kl_coef
 from preftune.runtime.checkpoint import restore_run_checkpoint, write_run_checkpoint
 from preftune.runtime.logging import MetricLogger
 from preftune.runtime.processes import ProcessGroup, full_value
@@ -388,9 +388,9 @@ def setup(config: Config, objective: Any, build_model: ModelBuilder | None = Non
     """Check the prompts and the reward, open the run, load the policy and its reference, build the trained module
     (`build_model`: the policy with whatever the recipe trains beside it; unset: the policy alone). `reward`: a
     callable given in memory (the Python API) in place of --reward."""
-    from preftune.measure import reference_pair
-    from preftune.models import load_policy_and_reference
-    from preftune.rewards import load_reward
+    from preftune.evaluation.measure import reference_pair
+    from preftune.forward.rewards import load_reward
+    from preftune.models.load import load_policy_and_reference
     from preftune.runtime.session import open_session, prepare_training
 
     c = config
@@ -422,9 +422,9 @@ def save(run: OnlineRun) -> None:
     """The trained policy (a plain transformers folder, or the LoRA adapter), the resolved config, the final
     held-out measurement (eval_results.json), rl_report.json (reference vs policy on the held-out prompts) and
     report.md."""
-    from preftune.model_card import write_model_cards
-    from preftune.models import save_model
-    from preftune.report import cell, write_report
+    from preftune.evaluation.report import cell, write_report
+    from preftune.models.load import save_model
+    from preftune.recipes.model_card import write_model_cards
     from preftune.runtime.run_folder import save_config
 
     group, c = run.group, run.config

@@ -18,13 +18,13 @@ from dataclasses import dataclass
 import torch
 
 from preftune.config import Config, loss_params
-from preftune.logprobs import SequenceLogps
-from preftune.losses import LossParams, compute_loss
+from preftune.forward.logprobs import SequenceLogps
+from preftune.forward.reference import sync_reference_model
+from preftune.forward.rewards import RewardFunction
+from preftune.forward.rollout import token_logps
+from preftune.objectives.losses import LossParams, compute_loss
 from preftune.recipes import online
 from preftune.recipes.online import OnlineRun, Rollout
-from preftune.reference import sync_reference_model
-from preftune.rewards import RewardFunction
-from preftune.rollout import token_logps
 
 ONLINE_DPO_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
                       "logps/chosen", "logps/rejected")

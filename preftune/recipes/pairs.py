@@ -22,11 +22,12 @@ import yaml
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from preftune.batching import LAYOUTS, Batch, process_batches
 from preftune.config import Config
-from preftune.data import LoadResult, load_and_report
+from preftune.data.batching import LAYOUTS, Batch, process_batches
+from preftune.data.read import LoadResult, load_and_report
+from preftune.data.tokenize import TokenizedPair, tokenize_for
 from preftune.errors import UserError
-from preftune.metrics import MetricTotals
+from preftune.objectives.metrics import MetricTotals
 from preftune.runtime.accelerator import reshard
 from preftune.runtime.checkpoint import restore_run_checkpoint, write_run_checkpoint
 from preftune.runtime.logging import MetricLogger, tracker_names
@@ -35,7 +36,6 @@ from preftune.runtime.run_folder import CONFIG_FILE
 from preftune.runtime.session import Session, evaluation_interval, open_session
 from preftune.runtime.session import prepare_training as prepare
 from preftune.runtime.signals import interruption, stop_on_signals
-from preftune.tokenize import TokenizedPair, tokenize_for
 
 
 class Objective(Protocol):

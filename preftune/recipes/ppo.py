@@ -4,7 +4,7 @@
 Per rollout (the loop is `online.train`, shared with RLOO): sample completions from the policy, score them with the
 reward, per-token reward r_t = -kl_coef (log pi - log pi_ref) with the score added at the last token, values from
 the critic, GAE advantages (whitened) and returns; then `num_ppo_epochs` passes of `num_mini_batches` minibatches
-of the clipped surrogate plus vf_coef times the clipped value loss. The math is in policy_gradient.py.
+of the clipped surrogate plus vf_coef times the clipped value loss. The math is in objectives/policy_gradient.py.
 """
 
 from __future__ import annotations
@@ -15,9 +15,11 @@ from dataclasses import dataclass
 import torch
 
 from preftune.config import Config
-from preftune.logprobs import model_inputs, unwrapped
-from preftune.models import load_reward_base
-from preftune.policy_gradient import (
+from preftune.forward.logprobs import model_inputs, unwrapped
+from preftune.forward.rewards import RewardFunction
+from preftune.forward.rollout import Sample, per_token, sample_rows, token_logps
+from preftune.models.load import load_reward_base
+from preftune.objectives.policy_gradient import (
     clipped_policy_loss,
     clipped_value_loss,
     generalized_advantages,
@@ -27,8 +29,6 @@ from preftune.policy_gradient import (
 )
 from preftune.recipes import online
 from preftune.recipes.online import OnlineRun, Rollout
-from preftune.rewards import RewardFunction
-from preftune.rollout import Sample, per_token, sample_rows, token_logps
 
 PPO_METRICS = ("loss/policy", "loss/value", "policy/approxkl", "policy/clipfrac", "policy/ratio", "val/vpred",
                "val/error", "val/clipfrac")

@@ -21,14 +21,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from preftune.batching import Batch
 from preftune.config import Config
-from preftune.data import LoadResult
+from preftune.data.batching import Batch
+from preftune.data.read import LoadResult
 from preftune.errors import UserError
-from preftune.evaluation import batch_totals
-from preftune.model_card import write_model_cards
-from preftune.models import load_reward_base, save_model
+from preftune.evaluation.pairs import batch_totals
+from preftune.models.load import load_reward_base, save_model
 from preftune.recipes import pairs
+from preftune.recipes.model_card import write_model_cards
 from preftune.recipes.pairs import Hooks, PairRun, cleanup
 from preftune.runtime.run_folder import save_config
 

@@ -5,7 +5,7 @@ Per rollout (the loop is `online.train`, shared with PPO): k = num_generations s
 reward is its score less kl_coef * sum_t (log pi - log pi_ref) (the KL as a sequence-level penalty, first-order
 estimate, as TRL 1.16's RLOOTrainer); its advantage is that reward less the mean reward of the other k - 1 samples
 of its prompt (optionally normalised over the batch); the loss is PPO's clipped surrogate on sequence log-probs.
-No critic. The math is in policy_gradient.py; per-step losses equal TRL 1.16's (tests/test_rloo_trl.py).
+No critic. The math is in objectives/policy_gradient.py; per-step losses equal TRL 1.16's (tests/test_rloo_trl.py).
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ from dataclasses import dataclass
 import torch
 
 from preftune.config import Config
-from preftune.policy_gradient import clipped_policy_loss, leave_one_out_advantages, normalized
+from preftune.forward.rewards import RewardFunction
+from preftune.forward.rollout import token_logps
+from preftune.objectives.policy_gradient import clipped_policy_loss, leave_one_out_advantages, normalized
 from preftune.recipes import online
 from preftune.recipes.online import OnlineRun, Rollout
-from preftune.rewards import RewardFunction
-from preftune.rollout import token_logps
 
 RLOO_METRICS = ("loss/policy", "policy/approxkl", "policy/clipfrac", "policy/ratio")
 

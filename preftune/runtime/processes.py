@@ -17,7 +17,7 @@ from accelerate.utils import broadcast_object_list
 from preftune.runtime.accelerator import sharded_engine
 
 if TYPE_CHECKING:
-    from preftune.metrics import MetricTotals
+    from preftune.objectives.metrics import MetricTotals
 
 
 @dataclass(frozen=True)

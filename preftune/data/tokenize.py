@@ -18,11 +18,11 @@ from typing import TYPE_CHECKING
 
 from transformers import PreTrainedTokenizerBase
 
-from preftune.data import common_prefix_length, print_flushed
+from preftune.data.read import common_prefix_length, print_flushed
 from preftune.errors import DataError, UserError
 
 if TYPE_CHECKING:
-    from preftune.data import PreferencePair, Text
+    from preftune.data.read import PreferencePair, Text
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ method gives points (KL(policy || reference), mean ground-truth reward) on the s
 Each method runs in a process of its own (its wall time and peak memory are its own) and is cached in
 `methods/<method>.json` with the settings it ran with: a re-run in the same folder computes only the methods that are
 missing or whose settings changed. Writes frontier.csv/.md/.png, costs.csv/.md and sample_efficiency.png
-(frontier_report.py); the methods themselves are in frontier_methods.py.
+(study/report.py); the methods themselves are in study/methods.py.
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from preftune.config import Config
-from preftune.frontier_methods import Cost, MethodSpec, Point, as_dict, from_dict, method_specs, run_method
-from preftune.frontier_report import plot_frontier, plot_sample_efficiency, write_costs, write_table
 from preftune.runtime.run_folder import prepare_output_dir
+from preftune.study.methods import Cost, MethodSpec, Point, as_dict, from_dict, method_specs, run_method
+from preftune.study.report import plot_frontier, plot_sample_efficiency, write_costs, write_table
 
 __all__ = ["Point", "plot_frontier", "run_frontier", "write_table"]
 
@@ -66,7 +66,7 @@ def frontier_folder(config: Config) -> Path:
 
 def run_frontier(config: Config, keys: list[str], runner: Runner = run_in_own_process) -> Path:
     """Run (or read from the cache) every selected method; write the tables and plots. Returns the folder."""
-    from preftune.sentiment import prepare_default_job
+    from preftune.tasks.sentiment import prepare_default_job
 
     started = time.time()
     prepare_default_job(config)  # builds the default job's pairs once, before the methods read them

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from preftune.data import Text, prompt_text
+from preftune.data.read import Text, prompt_text
 from preftune.errors import UserError
 
 RewardFunction = Callable[[Sequence[Text], Sequence[str]], list[float]]
@@ -70,8 +70,8 @@ def reward_model(name: str, device: torch.device | str) -> RewardFunction:
     scores a sample as it scored its training pairs."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from preftune.batching import pad_rows
-    from preftune.tokenize import tokenize_completion
+    from preftune.data.batching import pad_rows
+    from preftune.data.tokenize import tokenize_completion
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)

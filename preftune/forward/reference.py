@@ -19,11 +19,11 @@ from typing import TYPE_CHECKING
 import torch
 from safetensors.torch import load_file, save_file
 
-from preftune.batching import Batch, iterate_batches
+from preftune.data.batching import Batch, iterate_batches
+from preftune.data.tokenize import TokenizedPair
 from preftune.errors import UserError
-from preftune.logprobs import SequenceLogps, sequence_logps
+from preftune.forward.logprobs import SequenceLogps, sequence_logps
 from preftune.runtime.accelerator import reshard
-from preftune.tokenize import TokenizedPair
 
 if TYPE_CHECKING:
     from preftune.config import ModelConfig
@@ -177,7 +177,7 @@ def precomputed_references(
     pairs), read from the cache or computed now (every process computes what is not cached; the main process
     writes it). The reference is --ref-model, loaded only for this, or the starting policy itself (with LoRA: its
     adapter off); call it before a checkpoint is restored, while the policy is still the starting one."""
-    from preftune.models import cache_root, load_reference_model
+    from preftune.models.load import cache_root, load_reference_model
 
     separate = group.place_frozen(load_reference_model(model)) if model.ref_model else None
     live = reference_source(policy, separate if separate is not None else (None if model.lora else policy),

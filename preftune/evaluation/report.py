@@ -18,10 +18,10 @@ from pathlib import Path
 import yaml
 
 from preftune.config import Config
-from preftune.measure import Measurement, ModelPair, measure
-from preftune.metrics import METRIC_NAMES
-from preftune.plot import plot_run, read_metrics
-from preftune.rewards import RewardFunction
+from preftune.evaluation.measure import Measurement, ModelPair, measure
+from preftune.evaluation.plot import plot_run, read_metrics
+from preftune.forward.rewards import RewardFunction
+from preftune.objectives.metrics import METRIC_NAMES
 
 NUM_EXAMPLES = 5
 
@@ -33,7 +33,7 @@ def cell(text: str) -> str:
 
 def example_prompts(data, tokenizer, count: int = NUM_EXAMPLES) -> list[tuple[str, list[int]]]:
     """(text to show, ids to sample from) for the first `count` distinct prompts of a LoadResult."""
-    from preftune.tokenize import prompt_ids
+    from preftune.data.tokenize import prompt_ids
 
     chosen: list[tuple[str, list[int]]] = []
     for pair in data.pairs:

@@ -24,11 +24,11 @@ import torch
 
 from preftune.config import DEFAULT_JOB_OVERRIDES, Config, apply_unset
 from preftune.errors import UserError
-from preftune.measure import ModelPair, measure, summarize
-from preftune.models import cache_root, load_model, load_tokenizer, resolve_model
+from preftune.evaluation.measure import ModelPair, measure, summarize
+from preftune.forward.rewards import SentimentReward, sentiment_reward
+from preftune.forward.rollout import sample
+from preftune.models.load import cache_root, load_model, load_tokenizer, resolve_model
 from preftune.recipes import dpo
-from preftune.rewards import SentimentReward, sentiment_reward
-from preftune.rollout import sample
 
 # Bump when prompts, sampling or labelling change, so stale cached pairs are not reused.
 DATA_VERSION = 2

@@ -19,9 +19,9 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from preftune.config import ModelConfig
-from preftune.data import Text
-from preftune.rewards import RewardFunction
-from preftune.rollout import Sample, sample, sequence_logps_of_samples
+from preftune.data.read import Text
+from preftune.forward.rewards import RewardFunction
+from preftune.forward.rollout import Sample, sample, sequence_logps_of_samples
 
 
 @dataclass
@@ -87,7 +87,7 @@ def reference_pair(
 ) -> ModelPair:
     """The pair of a training run: `held` is the frozen reference the run keeps (None when it keeps none);
     `place` readies a loaded model for the run (device, or FSDP sharding)."""
-    from preftune.models import load_reference_model
+    from preftune.models.load import load_reference_model
 
     if held is not None:
         return ModelPair(policy, held)

@@ -1,6 +1,6 @@
 """The frontier's methods: what each one trains (or samples) on the default job, and how its points are measured.
 
-Every method runs in its own process (`frontier.py` starts it), so that its wall time and peak memory are its own.
+Every method runs in its own process (`study/frontier.py` starts it), so that its wall time and peak memory are its own.
 A method gives `Point`s, each the held-out reward and KL of one policy with the budgets spent to reach it, and one
 `Cost` row. The measurement is the same for all (`Measure`: the same held-out prompts, seed, sample count and KL
 estimator, against the same frozen reference).
@@ -20,10 +20,10 @@ from typing import Any
 import torch
 
 from preftune.config import REWARD_MODEL_DEFAULT_JOB_OVERRIDES, Config
-from preftune.measure import ModelPair, measure, stderr
-from preftune.rewards import sentiment_reward
-from preftune.rollout import sample
-from preftune.sentiment import make_prompts, prompt_token_ids
+from preftune.evaluation.measure import ModelPair, measure, stderr
+from preftune.forward.rewards import sentiment_reward
+from preftune.forward.rollout import sample
+from preftune.tasks.sentiment import make_prompts, prompt_token_ids
 
 BEST_OF = (1, 2, 4, 8, 16)
 REWARD_MODEL = "REWARD_MODEL"  # in a method's settings: the folder the reward-model method saved
@@ -164,8 +164,8 @@ def method_config(config: Config, spec: MethodSpec, folder: Path) -> Config:
 
 def run_method(spec: MethodSpec, config: Config, folder: Path) -> tuple[list[Point], Cost]:
     """Train (or sample) one method and measure its points; run in a process of its own."""
-    from preftune.models import frozen, load_model, load_tokenizer
-    from preftune.sentiment import prepare_default_job
+    from preftune.models.load import frozen, load_model, load_tokenizer
+    from preftune.tasks.sentiment import prepare_default_job
 
     started = time.perf_counter()
     source, train_file, eval_file = prepare_default_job(config)

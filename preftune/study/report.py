@@ -7,7 +7,7 @@ import csv
 import dataclasses
 from pathlib import Path
 
-from preftune.frontier_methods import Cost, Point
+from preftune.study.methods import Cost, Point
 
 # methods drawn with their own style; the others (the DPO betas) take solid lines with circles
 STYLES = {

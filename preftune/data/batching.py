@@ -25,7 +25,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from preftune.tokenize import TokenizedPair
+from preftune.data.tokenize import TokenizedPair
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """`preftune export RUN_DIR --gguf OUT.gguf`: a trained run's model as one GGUF file for llama.cpp and Ollama.
 
-The default model arrives as GGUF (models.py converts it); this sends the aligned model back the same way. A LoRA
+The default model arrives as GGUF (models/load.py converts it); this sends the aligned model back the same way. A LoRA
 run (an adapter folder) is merged into its base first. Weights are written with the `gguf` package's writer and
 its tensor-name table (`gguf.TensorNameMap`, the one llama.cpp's converter and transformers' GGUF loader use);
 what llama.cpp's own converter does beyond renaming is done here and named where it is done:
@@ -59,7 +59,7 @@ OUTTYPES: dict[str, tuple[LlamaFileType, GGMLQuantizationType]] = {
 
 def load_run_model(run_dir: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The run's trained model in fp32 (a LoRA adapter merged into its base) and its tokenizer."""
-    from preftune.models import load_model, load_tokenizer, resolve_model
+    from preftune.models.load import load_model, load_tokenizer, resolve_model
 
     if not run_dir.is_dir():
         raise UserError(f"{run_dir}: not a folder (expected a preftune run folder)")
@@ -185,7 +185,7 @@ def source_gguf_of(run_dir: Path) -> Path | None:
     """The GGUF file the run's model was converted from, if any: the embedded default or a --model file.gguf."""
     import yaml
 
-    from preftune.models import default_gguf_path
+    from preftune.models.load import default_gguf_path
 
     config_file = run_dir / "preftune_config.yaml"
     if not config_file.is_file():

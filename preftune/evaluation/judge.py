@@ -13,9 +13,9 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from preftune.data import PromptRecord
-from preftune.measure import ModelPair, measure
-from preftune.rewards import RewardFunction
+from preftune.data.read import PromptRecord
+from preftune.evaluation.measure import ModelPair, measure
+from preftune.forward.rewards import RewardFunction
 
 
 @dataclass

@@ -10,8 +10,8 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 
 from preftune.config import Config, apply_unset
-from preftune.data import Text, load_and_report, load_prompts, prompt_text
-from preftune.tokenize import prompt_ids
+from preftune.data.read import Text, load_and_report, load_prompts, prompt_text
+from preftune.data.tokenize import prompt_ids
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ def prompt_sources(config: Config) -> tuple[list[Text], list[Text]]:
         train = [pair.prompt for pair in load_and_report(c.data.data, split=c.data.split,
                                                           skip_invalid=c.data.skip_invalid, name="train_data").pairs]
     else:
-        from preftune.sentiment import make_prompts
+        from preftune.tasks.sentiment import make_prompts
 
         apply_unset(c, DEFAULT_JOB_OVERRIDES)
         train = make_prompts(c.default_job.num_prompts, c.train.seed, held_out=False)

@@ -21,12 +21,12 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from preftune.config import Config, resolved_num_ppo_epochs
-from preftune.data import is_hub_dataset
+from preftune.data.read import is_hub_dataset
 from preftune.errors import UserError
-from preftune.losses import LOSSES, parse_loss_list
-from preftune.models import DEFAULT_MODEL_GGUF, DEFAULT_MODEL_HUB_ID, DEFAULT_MODEL_LICENSE, DEFAULT_MODEL_NAME
-from preftune.plot import read_metrics
-from preftune.report import TrainingMeans, last_epoch_means
+from preftune.evaluation.plot import read_metrics
+from preftune.evaluation.report import TrainingMeans, last_epoch_means
+from preftune.models.load import DEFAULT_MODEL_GGUF, DEFAULT_MODEL_HUB_ID, DEFAULT_MODEL_LICENSE, DEFAULT_MODEL_NAME
+from preftune.objectives.losses import LOSSES, parse_loss_list
 
 if TYPE_CHECKING:
     import torch

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedTokenizerBase
 
-from preftune.batching import Batch, Segment, cheapest_packing, pad_rows, padded_batch, segments_batch
-from preftune.logprobs import completion_logps, scored_token_logps
+from preftune.data.batching import Batch, Segment, cheapest_packing, pad_rows, padded_batch, segments_batch
+from preftune.forward.logprobs import completion_logps, scored_token_logps
 from preftune.runtime.accelerator import sharded_model
 
 
@@ -193,7 +193,7 @@ def token_logps(
     layout: str = "padded",
 ) -> torch.Tensor:
     """log pi(y_t | x, y_<t) of every completion token, (B, width), 0 past a completion's end; with gradients
-    unless called under no_grad. Through logprobs.py's forward (the output head only at completion positions),
+    unless called under no_grad. Through forward/logprobs.py's forward (the output head only at completion positions),
     the samples laid out as `sample_rows` does."""
     batch = sample_rows(samples, pad_token_id, device, layout)
     values, _ = scored_token_logps(model, batch)

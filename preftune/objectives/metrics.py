@@ -10,8 +10,8 @@ from collections import defaultdict
 
 import torch
 
-from preftune.logprobs import SequenceLogps
-from preftune.losses import LossOutput
+from preftune.forward.logprobs import SequenceLogps
+from preftune.objectives.losses import LossOutput
 
 METRIC_NAMES = (
     "loss",

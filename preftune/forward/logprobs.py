@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from preftune.batching import Batch, padded_batch
+from preftune.data.batching import Batch, padded_batch
 from preftune.runtime.accelerator import sharded_model
 
 

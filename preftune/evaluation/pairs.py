@@ -11,14 +11,14 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from preftune.batching import Batch, collate_padded, iterate_batches, pad_rows
-from preftune.data import PreferencePair, PromptRecord
-from preftune.logprobs import completion_logps, sequence_logps
-from preftune.losses import LossParams, compute_loss
-from preftune.measure import implicit_reward
-from preftune.metrics import MetricTotals, pair_sums
-from preftune.reference import ReferenceSource
-from preftune.tokenize import TokenizedPair, tokenize_completion
+from preftune.data.batching import Batch, collate_padded, iterate_batches, pad_rows
+from preftune.data.read import PreferencePair, PromptRecord
+from preftune.data.tokenize import TokenizedPair, tokenize_completion
+from preftune.evaluation.measure import implicit_reward
+from preftune.forward.logprobs import completion_logps, sequence_logps
+from preftune.forward.reference import ReferenceSource
+from preftune.objectives.losses import LossParams, compute_loss
+from preftune.objectives.metrics import MetricTotals, pair_sums
 
 
 def batch_totals(
