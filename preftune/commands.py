@@ -6,7 +6,9 @@ the library modules, which take typed arguments. The Python API (api.py) calls t
 
 from __future__ import annotations
 
+import json
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,12 +23,45 @@ if TYPE_CHECKING:
 def run_train(config: Config) -> Path:
     """`preftune train`: DPO on --data, or without --data the default sentiment job."""
     if config.data.data is None:
-        from preftune.tasks.sentiment import run_default_job
-
         return run_default_job(config)
     from preftune.recipes import dpo
 
     return dpo.run(config).output_dir
+
+
+def run_default_job(config: Config) -> Path:
+    """The default job: build (or reuse) the sentiment task's pairs, train DPO on them, and write the before/after
+    report (tasks/sentiment.py)."""
+    from preftune.forward.rewards import sentiment_reward
+    from preftune.recipes import dpo
+    from preftune.tasks.sentiment import REPORT_FILE, prepare_default_job, sentiment_report
+
+    started = time.time()
+    source, train_file, eval_file = prepare_default_job(config)
+    config.data.data, config.data.eval_data = str(train_file), str(eval_file)
+
+    reports: list[dict] = []
+
+    def report_held_out(run: dpo.PairRun) -> None:  # after the model is saved: the run's models are still held
+        reports.append(sentiment_report(run.objective.models, run.tokenizer, config, run.final_eval))
+
+    # report.md shows the ground truth beside the implicit reward
+    result = dpo.run(config, hooks=dpo.Hooks(on_save=report_held_out), ground_truth=sentiment_reward())
+    report = reports[0]
+    report["total_seconds"] = round(time.time() - started, 1)
+    (result.output_dir / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    ref, pol, kl = report["reference_reward"], report["policy_reward"], report["kl_policy_reference"]
+    print(
+        "\nDefault job (controlled sentiment, held-out prompts):\n"
+        f"  reference reward  {ref['mean']:+.3f} (std {ref['std']:.3f}, positive {ref['positive_fraction']:.0%})\n"
+        f"  policy reward     {pol['mean']:+.3f} (std {pol['std']:.3f}, positive {pol['positive_fraction']:.0%})\n"
+        f"  reward gain       {report['reward_gain']:+.3f}\n"
+        f"  held-out preference accuracy {report['held_out_preference_accuracy']:.3f}\n"
+        f"  KL(policy || reference) {kl['mean']:.2f} +- {kl['stderr']:.2f} nats per completion\n"
+        f"  report: {result.output_dir / REPORT_FILE}  ({report['total_seconds']:.0f} s in all)",
+        flush=True,
+    )
+    return result.output_dir
 
 
 def run_reward_model(config: Config, **inputs) -> PairRun:

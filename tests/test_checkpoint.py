@@ -22,7 +22,7 @@ import preftune.recipes.dpo
 import preftune.runtime.checkpoint
 from preftune.cli import main
 from preftune.objectives.losses import LossOutput
-from tests.conftest import PAIRS, write_jsonl
+from tests.conftest import PAIRS, make_tiny_llama, write_jsonl
 
 STEPS = 30
 SAVE_EVERY = 5
@@ -204,3 +204,40 @@ def test_lora_checkpoint_resumes_the_adapter_exactly(tmp_path, tiny_model_dir, d
     assert main([*args, "--resume"]) == 0  # continues from step 3
     resumed = load_file(out / "adapter_model.safetensors")
     assert max((finished[k] - resumed[k]).abs().max().item() for k in finished) == 0.0
+
+
+# Checkpoints written before the package was cut into layers (commit 0e72190, the flat modules): a LoRA DPO run and
+# a LoRA RLOO run on the conftest's tiny model (seed 0), 4 steps with --save-steps 2, kept as a kill after step 2
+# leaves them (checkpoint-2, the run's config and metrics). Written from a folder holding `tiny/`, `pairs.jsonl`,
+# `prompts.jsonl` and `text_reward.py`, with the relative paths below, so that they resume from any folder laid out
+# the same way. Checkpoints hold tensors (safetensors, torch.load(weights_only=True)) and JSON, no pickled classes,
+# so a module's new place cannot break them; this test keeps it so.
+BEFORE_LAYERS = Path(__file__).parent / "fixtures" / "checkpoints-before-layers"
+BEFORE_LAYERS_RUNS = {
+    "dpo": ["train", "--data", "pairs.jsonl", "--batch-size", "2"],
+    "rloo": ["rloo", "--prompts", "prompts.jsonl", "--rollout-batch-size", "2", "--max-new-tokens", "6", "--reward",
+             "text_reward:length"],
+}
+
+
+@pytest.mark.parametrize("run", sorted(BEFORE_LAYERS_RUNS))
+def test_a_checkpoint_written_before_the_layers_resumes(tmp_path, tokenizer_dir, monkeypatch, run):
+
+
+    make_tiny_llama(tmp_path / "tiny", tokenizer_dir, seed=0)
+    write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
+    write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p["prompt"]} for p in PAIRS])
+    (tmp_path / "text_reward.py").write_text("def length(prompt, completion):\n"
+                                             "    return len(completion) + 1e-3 * sum(map(ord, completion))\n")
+    shutil.copytree(BEFORE_LAYERS / run, tmp_path / run)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    saved = load_file(tmp_path / run / "checkpoint-2" / "model.safetensors")
+    args = [*BEFORE_LAYERS_RUNS[run], "--model", "tiny", "--output-dir", run, "--max-steps", "4", "--save-steps", "2",
+            "--learning-rate", "1e-3", "--report-to", "none", "--lora", "--lora-r", "4", "--resume"]
+    assert main(args) == 0
+    rows = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r or "objective/kl" in r] == [1, 2, 3, 4]  # 1-2 before, 3-4 after
+    resumed = load_file(tmp_path / run / "checkpoint-4" / "model.safetensors")
+    assert resumed.keys() == saved.keys() and any(not torch.equal(saved[k], resumed[k]) for k in saved)
+    assert (tmp_path / run / "adapter_model.safetensors").is_file()

@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from preftune.forward.logprobs import SequenceLogps
+from preftune.objectives.logps import SequenceLogps
 from preftune.objectives.losses import LOSSES, LossParams, compute_loss, sigmoid_loss
 
 

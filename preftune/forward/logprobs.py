@@ -8,41 +8,16 @@ Training, `preftune eval` and the reward scores all go through `sequence_logps`,
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import inspect
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import torch
 
 from preftune.data.batching import Batch, padded_batch
+from preftune.objectives.logps import SequenceLogps
 from preftune.runtime.accelerator import sharded_model
-
-
-@dataclass
-class SequenceLogps:
-    """Per-pair summed log-probabilities of the chosen and rejected completions, and their token counts.
-
-    All tensors have shape (B,), B = pairs in the batch. The optional extras are computed only when a loss option
-    needs them (`sequence_logps(..., length_split=True, wpo_weights=True)`) and are None otherwise.
-    """
-
-    chosen: torch.Tensor
-    rejected: torch.Tensor
-    chosen_tokens: torch.Tensor
-    rejected_tokens: torch.Tensor
-    # LD-DPO: the part of `chosen` / `rejected` from the tokens past the pair's shared length min(|y_w|, |y_l|)
-    chosen_tail: torch.Tensor | None = None
-    rejected_tail: torch.Tensor | None = None
-    # WPO: exp(mean over the completion of log p(y_t) - log sum_v p(v)^2), the policy's weight of each sequence;
-    # detached (WPO treats the weights as constants)
-    chosen_weight: torch.Tensor | None = None
-    rejected_weight: torch.Tensor | None = None
-
-    def detach(self) -> SequenceLogps:
-        return SequenceLogps(*(None if t is None else t.detach() for t in dataclasses.astuple(self)))
 
 
 def unwrapped(model: torch.nn.Module) -> torch.nn.Module:

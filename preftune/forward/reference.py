@@ -22,7 +22,8 @@ from safetensors.torch import load_file, save_file
 from preftune.data.batching import Batch, iterate_batches
 from preftune.data.tokenize import TokenizedPair
 from preftune.errors import UserError
-from preftune.forward.logprobs import SequenceLogps, sequence_logps
+from preftune.forward.logprobs import sequence_logps
+from preftune.objectives.logps import SequenceLogps
 from preftune.runtime.accelerator import reshard
 
 if TYPE_CHECKING:

@@ -10,7 +10,7 @@ from collections import defaultdict
 
 import torch
 
-from preftune.forward.logprobs import SequenceLogps
+from preftune.objectives.logps import SequenceLogps
 from preftune.objectives.losses import LossOutput
 
 METRIC_NAMES = (

@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import yaml
 
@@ -30,9 +30,6 @@ from preftune.objectives.losses import LOSSES, parse_loss_list
 
 if TYPE_CHECKING:
     import torch
-
-    from preftune.recipes.online import OnlineRun
-    from preftune.recipes.pairs import PairRun
 
 CARD_FILE = "README.md"
 RECIPES = ("dpo", "reward-model", "ppo", "rloo", "online-dpo")
@@ -496,8 +493,22 @@ def model_card(config: Config, model: SavedModel, eval_results: dict[str, Any] |
     return "\n".join(lines)
 
 
+class FinishedRun(Protocol):
+    """What a card reads of a finished run (a PairRun or an OnlineRun, which this module does not import: the
+    recipes import it). Besides these: `train_pairs` / `eval_pairs` (pairs) or `train_prompts` / `eval_prompts`
+    (online)."""
+
+    config: Config
+    folder: Path
+    model_source: str
+    final_eval: dict[str, float] | None
+    objective: Any  # its metric_names
+    state: Any  # its step
+    group: Any  # its world_size
+
+
 # ---- writing them --------------------------------------------------------------------------------------------
-def write_model_cards(run: PairRun | OnlineRun, recipe: str, model: torch.nn.Module, merge: bool) -> list[Path]:
+def write_model_cards(run: FinishedRun, recipe: str, model: torch.nn.Module, merge: bool) -> list[Path]:
     """README.md in each folder the run saved (`model` and `merge` as `models.save_model` had them): the folder,
     and adapter/ beside a merged model. Main process only, after the model, config and eval_results are written."""
     from peft import PeftModel

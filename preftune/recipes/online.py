@@ -26,7 +26,7 @@ from transformers import PreTrainedTokenizerBase
 
 from preftune.config import Config, resolved_num_ppo_epochs
 from preftune.data.batching import process_batches
-from preftune.data.prompts import Prompt, distinct_prompts, prompt_sources
+from preftune.data.prompts import Prompt, distinct_prompts
 from preftune.errors import UserError
 from preftune.evaluation.measure import ModelPair, measure, summarize
 from preftune.forward.rewards import RewardFunction
@@ -38,6 +38,7 @@ from preftune.runtime.processes import ProcessGroup, full_value
 from preftune.runtime.run_folder import CONFIG_FILE
 from preftune.runtime.session import Session, evaluation_interval
 from preftune.runtime.signals import interruption, stop_on_signals
+from preftune.tasks.sources import prompt_sources
 
 REPORT_FILE = "rl_report.json"
 

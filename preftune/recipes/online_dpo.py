@@ -18,10 +18,10 @@ from dataclasses import dataclass
 import torch
 
 from preftune.config import Config, loss_params
-from preftune.forward.logprobs import SequenceLogps
 from preftune.forward.reference import sync_reference_model
 from preftune.forward.rewards import RewardFunction
 from preftune.forward.rollout import token_logps
+from preftune.objectives.logps import SequenceLogps
 from preftune.objectives.losses import LossParams, compute_loss
 from preftune.recipes import online
 from preftune.recipes.online import OnlineRun, Rollout

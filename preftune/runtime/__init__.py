@@ -1,4 +1,5 @@
-"""What every training loop shares, so that no loop copies it.
+"""Layer 4, runtime: what every training loop shares, so that no loop copies it. Imports `errors`, `config` and
+`objectives` (the metrics it reduces across processes) below it.
 
 - `accelerator`: the accelerate runtime (device, mixed precision, engines) and the multi-process launcher;
 - `processes`: the process group a run is in (reduce, any-process flags, broadcast, placing frozen models);

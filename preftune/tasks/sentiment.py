@@ -4,7 +4,8 @@
    (training and held-out prompts use disjoint titles).
 2. Pairs: two completions per prompt sampled from the reference model; the one with the higher ground-truth
    reward (VADER's compound sentiment score, from the `vaderSentiment` lexicon) is `chosen`. Cached.
-3. DPO on those pairs with the ordinary trainer.
+3. DPO on those pairs with the ordinary trainer (commands.run_default_job runs it: a task gives data and a
+   ground truth, running it is a command's job).
 4. Report: on held-out prompts, the ground-truth reward of reference vs policy samples (mean and spread),
    held-out preference accuracy, and KL(policy || reference) estimated from the policy's samples.
 """
@@ -28,7 +29,6 @@ from preftune.evaluation.measure import ModelPair, measure, summarize
 from preftune.forward.rewards import SentimentReward, sentiment_reward
 from preftune.forward.rollout import sample
 from preftune.models.load import cache_root, load_model, load_tokenizer, resolve_model
-from preftune.recipes import dpo
 
 # Bump when prompts, sampling or labelling change, so stale cached pairs are not reused.
 DATA_VERSION = 2
@@ -170,33 +170,3 @@ def prepare_default_job(config: Config, overrides: dict[str, Any] | None = None)
     apply_unset(config, {**DEFAULT_JOB_OVERRIDES, **(overrides or {})})
     source = resolve_model(config.model.model, config.model.cache_dir)
     return source, *preference_files(config, source)
-
-
-def run_default_job(config: Config) -> Path:
-    """Build (or reuse) the sentiment pairs, train DPO on them, and write the before/after report."""
-    started = time.time()
-    source, train_file, eval_file = prepare_default_job(config)
-    config.data.data, config.data.eval_data = str(train_file), str(eval_file)
-
-    reports: list[dict] = []
-
-    def report_held_out(run: dpo.PairRun) -> None:  # after the model is saved: the run's models are still held
-        reports.append(sentiment_report(run.objective.models, run.tokenizer, config, run.final_eval))
-
-    # report.md shows the ground truth beside the implicit reward
-    result = dpo.run(config, hooks=dpo.Hooks(on_save=report_held_out), ground_truth=sentiment_reward())
-    report = reports[0]
-    report["total_seconds"] = round(time.time() - started, 1)
-    (result.output_dir / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    ref, pol, kl = report["reference_reward"], report["policy_reward"], report["kl_policy_reference"]
-    print(
-        "\nDefault job (controlled sentiment, held-out prompts):\n"
-        f"  reference reward  {ref['mean']:+.3f} (std {ref['std']:.3f}, positive {ref['positive_fraction']:.0%})\n"
-        f"  policy reward     {pol['mean']:+.3f} (std {pol['std']:.3f}, positive {pol['positive_fraction']:.0%})\n"
-        f"  reward gain       {report['reward_gain']:+.3f}\n"
-        f"  held-out preference accuracy {report['held_out_preference_accuracy']:.3f}\n"
-        f"  KL(policy || reference) {kl['mean']:.2f} +- {kl['stderr']:.2f} nats per completion\n"
-        f"  report: {result.output_dir / REPORT_FILE}  ({report['total_seconds']:.0f} s in all)",
-        flush=True,
-    )
-    return result.output_dir
