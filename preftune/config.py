@@ -64,8 +64,9 @@ class ModelConfig:
     lora_r: int = doc("LoRA rank.", 16)
     lora_alpha: int = doc("LoRA scaling numerator (the update is scaled by lora_alpha / lora_r).", 32)
     lora_dropout: float = doc(
-        "Dropout on the LoRA input. train and reward-model only: ppo, rloo and online-dpo refuse it (it would make "
-        "their probability ratio, old log-probs and values noisy; TRL's PPO and RLOO switch dropout off).",
+        "Dropout on the LoRA input, for train and reward-model: ppo, rloo, online-dpo and the frontier's online "
+        "methods refuse it (it would make their probability ratio, old log-probs and values noisy; TRL's PPO and "
+        "RLOO switch dropout off).",
         0.0,
     )
     lora_target_modules: str = doc(
@@ -313,6 +314,7 @@ class RLConfig:
 
 # `preftune frontier --methods`: the names of its methods (frontier_methods.py builds them)
 FRONTIER_METHODS = ("best-of-n", "dpo", "preferred-ft", "ppo", "ppo-gt", "rloo", "online-dpo")
+FRONTIER_ONLINE_METHODS = ("ppo", "ppo-gt", "rloo", "online-dpo")  # those that run an online recipe
 
 
 @dataclass
@@ -708,9 +710,6 @@ def _check_rl(config: Config, command: str, need: Check, unused: Unused) -> None
     need(math.isfinite(r.kl_coef) and r.kl_coef >= 0, f"--kl-coef must be >= 0, got {r.kl_coef}")
     need(r.kl_target is None or r.kl_target > 0, f"--kl-target must be > 0, got {r.kl_target}")
     need(r.kl_horizon >= 1, f"--kl-horizon must be >= 1, got {r.kl_horizon}")
-    need(not config.model.lora or config.model.lora_dropout == 0,
-         f"--lora-dropout must be 0 in {command} (dropout would make the probability ratio, the old log-probs and "
-         f"the values noisy; TRL's PPO and RLOO switch it off), got {config.model.lora_dropout}")
     need(r.cliprange > 0, f"--cliprange must be > 0, got {r.cliprange}")
     need(r.cliprange_value > 0, f"--cliprange-value must be > 0, got {r.cliprange_value}")
     need(r.vf_coef >= 0, f"--vf-coef must be >= 0, got {r.vf_coef}")
@@ -733,6 +732,20 @@ def _check_rl(config: Config, command: str, need: Check, unused: Unused) -> None
         unused("default_job", ["num_prompts", "num_eval_prompts"], "with --prompts")
     need(not (config.sample.prompts is not None and config.data.data is not None),
          f"preftune {command} reads prompts from --prompts or from the pairs of --data, not both")
+
+
+def _check_lora_dropout(config: Config, command: str, need: Check, unused: Unused) -> None:
+    """Dropout on the LoRA input would make an online recipe's probability ratio, old log-probs and values noisy
+    (TRL's PPO and RLOO switch dropout off): refused where one runs, the frontier's online methods included."""
+    m = config.model
+    if command == "frontier":
+        online = [n.strip() for n in config.default_job.frontier_methods.split(",")
+                  if n.strip() in FRONTIER_ONLINE_METHODS]
+    else:
+        online = [command] if command in RL_COMMANDS else []
+    need(not (m.lora and m.lora_dropout != 0 and online),
+         f"--lora-dropout must be 0 in {', '.join(online)} (dropout would make the probability ratio, the old "
+         f"log-probs and the values noisy; TRL's PPO and RLOO switch it off), got {m.lora_dropout}")
 
 
 def _check_minibatches(config: Config, command: str, need: Check, unused: Unused) -> None:
@@ -794,7 +807,7 @@ def validate(config: Config, command: str = "train") -> None:
                 problems.append(f"--{name.replace('_', '-')} has no effect {reason}")
 
     for check in (_check_reference, _check_training, _check_model, _check_command_scope, _check_sampling, _check_rl,
-                  _check_minibatches, _check_kl_controller):
+                  _check_lora_dropout, _check_minibatches, _check_kl_controller):
         check(config, command, need, unused)
     if problems:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))

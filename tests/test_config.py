@@ -336,6 +336,14 @@ def test_the_online_recipes_refuse_lora_dropout(command):
     parse(["reward-model", "--lora", "--lora-dropout", "0.05"])
 
 
+def test_the_frontier_refuses_lora_dropout_when_it_runs_an_online_method(tmp_path):
+    settings = tmp_path / "lora.yaml"  # the frontier takes the model options from a YAML file
+    settings.write_text("model:\n  lora: true\n  lora_dropout: 0.1\n")
+    with pytest.raises(ConfigError, match=r"--lora-dropout must be 0 in ppo-gt, rloo \(dropout would make"):
+        parse(["frontier", "--config", str(settings), "--methods", "dpo,ppo-gt,rloo"])
+    parse(["frontier", "--config", str(settings), "--methods", "dpo,best-of-n"])
+
+
 @pytest.mark.parametrize("bad", [["--num-mini-batches", "5"], ["--kl-target", "1", "--kl-horizon", "3"],
                                  ["--lora", "--lora-dropout", "0.1"]])
 def test_the_cli_exits_2_naming_the_option_before_a_model_loads_and_writes_nothing(tmp_path, capsys, bad):
