@@ -85,8 +85,8 @@ def test_the_held_out_gain_is_paired_by_prompt(tmp_path, tiny_model_dir, files, 
     from text_reward import length
 
     out, k = tmp_path / "run", 3
-    assert main(args_for("rloo", tiny_model_dir, files, out, "--max-steps", "1", "--samples-per-eval-prompt", str(k),
-                         *LENGTH_REWARD)) == 0
+    assert main(args_for("rloo", tiny_model_dir, files, out, "--learning-rate", "1e-2", "--samples-per-eval-prompt",
+                         str(k), *LENGTH_REWARD)) == 0
     report = json.loads((out / "rl_report.json").read_text())
     policy, reference = (torch.tensor(report["rewards"][m], dtype=torch.float64) for m in ("policy", "reference"))
     n = report["held_out_prompts"]
@@ -96,6 +96,7 @@ def test_the_held_out_gain_is_paired_by_prompt(tmp_path, tiny_model_dir, files, 
         assert policy[i * k].item() == pytest.approx(length("", example["policy"]))
         assert reference[i * k].item() == pytest.approx(length("", example["reference"]))
     differences = policy.view(n, k).mean(dim=1) - reference.view(n, k).mean(dim=1)
+    assert differences.abs().max() > 0  # the policy moved (4 steps at 1e-2): its samples are not the reference's
     assert report["reward_gain"] == pytest.approx(differences.mean().item())
     assert report["reward_gain_stderr"] == pytest.approx((differences.std() / n**0.5).item())
     for name, rewards in (("policy_reward", policy), ("reference_reward", reference)):
