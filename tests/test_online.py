@@ -78,6 +78,37 @@ def test_a_run_logs_trl_names_measures_held_out_and_saves_a_loadable_policy(tmp_
         not torch.equal(a, b) for a, b in zip(policy.parameters(), start.parameters()))
 
 
+def test_the_held_out_gain_is_paired_by_prompt(tmp_path, tiny_model_dir, files, capsys):
+    """rl_report.json keeps the per-sample rewards (prompt-major) and reports the gain's standard error from the
+    per-prompt differences d_i = mean_j policy_ij - mean_j reference_ij, sd(d) / sqrt(n_prompts); each model's own
+    standard error from its per-prompt means; not the independent-samples hypot of the two."""
+    from text_reward import length
+
+    out, k = tmp_path / "run", 3
+    assert main(args_for("rloo", tiny_model_dir, files, out, "--learning-rate", "1e-2", "--samples-per-eval-prompt",
+                         str(k), *LENGTH_REWARD)) == 0
+    report = json.loads((out / "rl_report.json").read_text())
+    policy, reference = (torch.tensor(report["rewards"][m], dtype=torch.float64) for m in ("policy", "reference"))
+    n = report["held_out_prompts"]
+    assert report["samples_per_prompt"] == k and policy.numel() == reference.numel() == n * k
+    # the stored rewards are the measured samples' (the first sample of each prompt is the report's example)
+    for i, example in enumerate(report["examples"]):
+        assert policy[i * k].item() == pytest.approx(length("", example["policy"]))
+        assert reference[i * k].item() == pytest.approx(length("", example["reference"]))
+    differences = policy.view(n, k).mean(dim=1) - reference.view(n, k).mean(dim=1)
+    assert differences.abs().max() > 0  # the policy moved (4 steps at 1e-2): its samples are not the reference's
+    assert report["reward_gain"] == pytest.approx(differences.mean().item())
+    assert report["reward_gain_stderr"] == pytest.approx((differences.std() / n**0.5).item())
+    for name, rewards in (("policy_reward", policy), ("reference_reward", reference)):
+        assert report[name]["mean"] == pytest.approx(rewards.mean().item())
+        assert report[name]["stderr"] == pytest.approx((rewards.view(n, k).mean(dim=1).std() / n**0.5).item())
+    independent = (policy.var() / (n * k) + reference.var() / (n * k)).sqrt().item()
+    assert report["reward_gain_stderr"] != pytest.approx(independent)
+    printed = capsys.readouterr().out
+    assert f"gain {report['reward_gain']:+.3f} +- {report['reward_gain_stderr']:.3f}" in printed
+    assert f"gain {report['reward_gain']:+.3f} +- {report['reward_gain_stderr']:.3f}" in (out / "report.md").read_text()
+
+
 @pytest.mark.parametrize("command", ["ppo", "rloo", "online-dpo"])
 def test_resume_from_a_checkpoint_ends_on_the_same_weights(tmp_path, tiny_model_dir, files, command):
     out = tmp_path / "run"

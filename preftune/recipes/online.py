@@ -27,7 +27,7 @@ from transformers import PreTrainedTokenizerBase
 from preftune.batching import process_batches
 from preftune.config import Config, resolved_num_ppo_epochs
 from preftune.errors import UserError
-from preftune.measure import ModelPair, measure, summarize
+from preftune.measure import ModelPair, measure, paired_gain, summarize
 from preftune.policy_gradient import adaptive_kl_coef
 from preftune.prompts import Prompt, distinct_prompts, prompt_sources
 from preftune.rewards import RewardFunction
@@ -336,7 +336,7 @@ def evaluate(run: OnlineRun, on_evaluate: Callable[[OnlineRun, dict], None] | No
                            num_samples=c.default_job.samples_per_eval_prompt, max_new_tokens=c.sample.max_new_tokens,
                            seed=c.train.seed + 7, sample_reference=False, reward=run.eval_reward,
                            prompts=[p.given for p in run.eval_prompts])
-    rewards = summarize(measured.policy_rewards)
+    rewards = summarize(measured.policy_rewards, c.default_job.samples_per_eval_prompt)
     results = {"reward": rewards["mean"], "reward_stderr": rewards["stderr"], "kl": measured.kl.mean,
                "kl_stderr": measured.kl.stderr, "num_samples": measured.kl.num_samples}
     run.log({f"eval_{name}": value for name, value in results.items()})
@@ -348,31 +348,37 @@ def evaluate(run: OnlineRun, on_evaluate: Callable[[OnlineRun, dict], None] | No
 
 def held_out_report(run: OnlineRun) -> dict[str, Any]:
     """The reference's and the trained policy's held-out reward (same prompts, seed and sample count), the gain,
-    and KL(policy || reference) from the policy's samples; written to rl_report.json."""
+    and KL(policy || reference) from the policy's samples; written to rl_report.json. Standard errors take each
+    prompt's samples as one cluster, and the gain's pairs the two models by prompt (`measure.paired_gain`); the
+    per-sample rewards (prompt-major) are kept so that other statistics can be computed later."""
     c = run.config
+    per_prompt = c.default_job.samples_per_eval_prompt
     with run.group.accelerator.autocast():
         measured = measure(run.models, run.tokenizer, [p.ids for p in run.eval_prompts],
-                           num_samples=c.default_job.samples_per_eval_prompt, max_new_tokens=c.sample.max_new_tokens,
+                           num_samples=per_prompt, max_new_tokens=c.sample.max_new_tokens,
                            seed=c.train.seed + 7, reward=run.eval_reward,
                            prompts=[p.given for p in run.eval_prompts])
-    policy, reference = summarize(measured.policy_rewards), summarize(measured.reference_rewards)
+    policy = summarize(measured.policy_rewards, per_prompt)
+    reference = summarize(measured.reference_rewards, per_prompt)
+    gain = paired_gain(measured.policy_rewards, measured.reference_rewards, per_prompt)
     return {
         "method": run.objective.command,
         "reward": run.eval_reward_name,
         "trained_on_reward": run.reward_name,
         "held_out_prompts": len(run.eval_prompts),
-        "samples_per_prompt": c.default_job.samples_per_eval_prompt,
+        "samples_per_prompt": per_prompt,
         "reference_reward": reference,
         "policy_reward": policy,
-        "reward_gain": policy["mean"] - reference["mean"],
-        "reward_gain_stderr": math.hypot(policy["stderr"], reference["stderr"]),  # independent samples
+        "reward_gain": gain["mean"],
+        "reward_gain_stderr": gain["stderr"],  # paired by prompt, clustered by prompt
         "kl_policy_reference": {"mean": measured.kl.mean, "stderr": measured.kl.stderr,
                                 "num_samples": measured.kl.num_samples},
+        "rewards": {"policy": measured.policy_rewards, "reference": measured.reference_rewards},
         "steps": run.state.step,
         "completions_generated": completions_generated(run),
         "examples": [{"prompt": run.eval_prompts[i].text,
-                      "reference": measured.reference_samples[i * c.default_job.samples_per_eval_prompt].text,
-                      "policy": measured.policy_samples[i * c.default_job.samples_per_eval_prompt].text}
+                      "reference": measured.reference_samples[i * per_prompt].text,
+                      "policy": measured.policy_samples[i * per_prompt].text}
                      for i in range(min(5, len(run.eval_prompts)))],
     }
 
@@ -460,9 +466,11 @@ def save(run: OnlineRun) -> None:
         rows = [f"| {cell(e['prompt'])} | {cell(e['reference'])} | {cell(e['policy'])} |" for e in report["examples"]]
         summary = [f"Held-out reward ({run.eval_reward_name}, {report['held_out_prompts']} prompts x "
                    f"{report['samples_per_prompt']} samples): reference {ref['mean']:+.3f} +- {ref['stderr']:.3f}, "
-                   f"policy {pol['mean']:+.3f} +- {pol['stderr']:.3f}; KL(policy || reference) {kl['mean']:.2f} +- "
+                   f"policy {pol['mean']:+.3f} +- {pol['stderr']:.3f}, gain {report['reward_gain']:+.3f} +- "
+                   f"{report['reward_gain_stderr']:.3f}; KL(policy || reference) {kl['mean']:.2f} +- "
                    f"{kl['stderr']:.2f} nats per completion; {report['steps']} rollouts, "
-                   f"{report['completions_generated']} completions generated."]
+                   f"{report['completions_generated']} completions generated. Standard errors take each prompt's "
+                   "samples as one cluster; the gain's pairs policy and reference by prompt."]
         write_report(run.folder, c.to_dict(), summary, rows, f"preftune {run.objective.command} run {run.folder.name}")
     group.wait()
 
