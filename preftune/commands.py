@@ -55,7 +55,7 @@ def run_default_job(config: Config) -> Path:
         "\nDefault job (controlled sentiment, held-out prompts):\n"
         f"  reference reward  {ref['mean']:+.3f} (std {ref['std']:.3f}, positive {ref['positive_fraction']:.0%})\n"
         f"  policy reward     {pol['mean']:+.3f} (std {pol['std']:.3f}, positive {pol['positive_fraction']:.0%})\n"
-        f"  reward gain       {report['reward_gain']:+.3f}\n"
+        f"  reward gain       {report['reward_gain']:+.3f} +- {report['reward_gain_stderr']:.3f} (paired by prompt)\n"
         f"  held-out preference accuracy {report['held_out_preference_accuracy']:.3f}\n"
         f"  KL(policy || reference) {kl['mean']:.2f} +- {kl['stderr']:.2f} nats per completion\n"
         f"  report: {result.output_dir / REPORT_FILE}  ({report['total_seconds']:.0f} s in all)",
