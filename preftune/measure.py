@@ -20,7 +20,7 @@ from transformers import PreTrainedTokenizerBase
 
 from preftune.config import ModelConfig
 from preftune.data import Text
-from preftune.rewards import RewardFunction
+from preftune.rewards import RewardFunction, all_judged
 from preftune.rollout import Sample, sample, sequence_logps_of_samples
 
 
@@ -154,7 +154,8 @@ def measure(
             tokenizer.decode(ids, skip_special_tokens=True) for ids in prompt_ids]
 
         def score(samples: list[Sample]) -> list[float]:
-            return reward([given[s.prompt_index] for s in samples], [s.text for s in samples])
+            prompts, completions = [given[s.prompt_index] for s in samples], [s.text for s in samples]
+            return all_judged(reward(prompts, completions), reward, prompts, completions)
 
         result.policy_rewards = score(policy_samples)
         if reference_samples is not None:

@@ -28,11 +28,11 @@ from preftune.batching import process_batches
 from preftune.config import Config, resolved_num_ppo_epochs
 from preftune.errors import UserError
 from preftune.measure import ModelPair, measure, summarize
-from preftune.policy_gradient import adaptive_kl_coef
+from preftune.policy_gradient import adaptive_kl_coef, masked_mean
 from preftune.prompts import Prompt, distinct_prompts, prompt_sources
-from preftune.rewards import RewardFunction
+from preftune.rewards import RewardError, RewardFunction
 from preftune.rollout import Sample, completion_mask, sample, sampled_token_logps, token_logps
-from preftune.runtime.checkpoint import restore_run_checkpoint, write_run_checkpoint
+from preftune.runtime.checkpoint import latest_checkpoint, restore_run_checkpoint, write_run_checkpoint
 from preftune.runtime.logging import MetricLogger
 from preftune.runtime.processes import ProcessGroup, full_value
 from preftune.runtime.run_folder import CONFIG_FILE
@@ -52,13 +52,19 @@ class Rollout:
     logps: torch.Tensor  # log pi_old(y_t), the policy's at sampling time (no gradient)
     ref_logps: torch.Tensor
     scores: torch.Tensor  # (B,) the reward (less the missing-EOS penalty)
-    raw_scores: torch.Tensor  # (B,) the reward as the reward function gave it
+    raw_scores: torch.Tensor  # (B,) the reward as the reward function gave it (0 where it could not judge)
+    judged: torch.Tensor | None = None  # (B,) bool: the reward judged the sample (unset: all); a sample it could
+    # not judge (None) contributes no loss and no reward statistics
     extras: dict[str, torch.Tensor] = field(default_factory=dict)  # the objective's: values, advantages, returns
+
+    def __post_init__(self) -> None:
+        if self.judged is None:
+            self.judged = torch.ones(len(self.samples), dtype=torch.bool, device=self.scores.device)
 
     def rows(self, index: torch.Tensor) -> Rollout:
         picked = [self.samples[i] for i in index.tolist()]
         return Rollout(picked, self.mask[index], self.logps[index], self.ref_logps[index], self.scores[index],
-                       self.raw_scores[index], {k: v[index] for k, v in self.extras.items()})
+                       self.raw_scores[index], self.judged[index], {k: v[index] for k, v in self.extras.items()})
 
     @property
     def width(self) -> int:
@@ -206,29 +212,50 @@ def collect(run: OnlineRun, positions: list[int]) -> Rollout:
                 logps = token_logps(models.policy, samples, pad, width, device, layout)
             with models.reference_model() as reference:
                 ref_logps = token_logps(reference, samples, pad, width, device, layout)
-    raw = torch.tensor(run.reward([prompts[s.prompt_index].given for s in samples], [s.text for s in samples]),
-                       dtype=torch.float32, device=run.group.device)
+    raw, judged = judged_rewards(run, [prompts[s.prompt_index].given for s in samples], [s.text for s in samples])
     scores = raw.clone()
     if r.missing_eos_penalty is not None:  # a completion cut off at max_new_tokens
         ended = torch.tensor([s.completion_ids[-1] == run.tokenizer.eos_token_id for s in samples],
                              device=raw.device)
         scores = torch.where(ended, scores, scores - r.missing_eos_penalty)
     mask = completion_mask(samples, width).to(device)
-    return Rollout(samples, mask, logps.float(), ref_logps.float(), scores, raw)
+    return Rollout(samples, mask, logps.float(), ref_logps.float(), scores, raw, judged)
+
+
+def judged_rewards(run: OnlineRun, prompts: list, completions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reward of each completion (0 where the reward returned None, cannot judge) and which it judged, (B,)
+    each. A failing reward (`rewards.RewardError`) stops the run before this step's update, naming the last
+    checkpoint to resume from."""
+    try:
+        values = run.reward(prompts, completions)
+    except RewardError as error:
+        path = latest_checkpoint(run.folder, warn=False)
+        resume = ("No checkpoint was written yet: a new run starts from the beginning." if path is None else
+                  f"The last checkpoint is {path}; once the reward is fixed, resume with:\n  preftune "
+                  f"{run.objective.command} --config {run.folder / CONFIG_FILE} --resume")
+        raise RewardError(f"stopped at step {run.state.step} of {run.total_steps}, in step {run.state.step + 1}'s "
+                          f"rollout: {error}\n\n{resume}") from None
+    judged = torch.tensor([v is not None for v in values], device=run.group.device)
+    raw = torch.tensor([0.0 if v is None else v for v in values], dtype=torch.float32, device=run.group.device)
+    return raw, judged
 
 
 def rollout_metrics(rollout: Rollout, kl_coef: float) -> dict[str, float]:
     """The names TRL's PPO logs: objective/kl (sum over tokens of log pi - log pi_ref, mean over completions),
     objective/entropy (sum of -log pi of the sampled tokens), objective/non_score_reward, objective/rlhf_reward,
-    objective/scores (before the missing-EOS penalty); and the completions' mean length."""
+    objective/scores (before the missing-EOS penalty); and the completions' mean length. The reward's two are
+    means over the samples it judged (0 if none), objective/unjudged_fraction the share it returned None for; the
+    KL, entropy and length are over all samples."""
     kl = ((rollout.logps - rollout.ref_logps) * rollout.mask).sum(1)
     lengths = rollout.mask.sum(1).float()
+    judged = rollout.judged.float()  # the reward's statistics leave out the samples it could not judge
     return {
         "objective/kl": kl.mean().item(),
         "objective/entropy": (-(rollout.logps * rollout.mask).sum(1)).mean().item(),
         "objective/non_score_reward": (-kl_coef * kl).mean().item(),
-        "objective/rlhf_reward": (rollout.scores - kl_coef * kl).mean().item(),
-        "objective/scores": rollout.raw_scores.mean().item(),
+        "objective/rlhf_reward": masked_mean(rollout.scores - kl_coef * kl, judged).item(),
+        "objective/scores": masked_mean(rollout.raw_scores, judged).item(),
+        "objective/unjudged_fraction": 1.0 - judged.mean().item(),
         "completions/mean_length": lengths.mean().item(),
     }
 
@@ -390,7 +417,7 @@ def setup(config: Config, objective: Any, build_model: ModelBuilder | None = Non
     callable given in memory (the Python API) in place of --reward."""
     from preftune.measure import reference_pair
     from preftune.models import load_policy_and_reference
-    from preftune.rewards import load_reward
+    from preftune.rewards import checked, load_reward
     from preftune.runtime.session import open_session, prepare_training
 
     c = config
@@ -402,6 +429,7 @@ def setup(config: Config, objective: Any, build_model: ModelBuilder | None = Non
                         "(configs/accelerate/ddp.yaml or --num-processes)")
     if reward is None:
         reward = load_reward(c.sample.reward, group.device)  # a bad --reward fails before the policy loads
+    reward = checked(reward, c.sample.reward)
     eval_reward = reward
     if c.sample.eval_reward not in (None, c.sample.reward):
         eval_reward = load_reward(c.sample.eval_reward, group.device)

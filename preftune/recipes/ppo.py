@@ -63,6 +63,11 @@ class PolicyAndValue(torch.nn.Module):
         return logps, token_values(self.critic, samples, self.pad_token_id, width, self.layout)
 
 
+def trained_mask(rollout: Rollout) -> torch.Tensor:
+    """The completion tokens of the samples the reward judged, (B, T) bool (a None reward: a row of False)."""
+    return rollout.mask & rollout.judged[:, None]
+
+
 @dataclass
 class PPOObjective:
     config: Config
@@ -78,21 +83,23 @@ class PPOObjective:
         return model.policy
 
     def score(self, run: OnlineRun, rollout: Rollout) -> dict[str, float]:
-        """Values, KL-shaped rewards, GAE advantages (whitened) and returns of the rollout."""
+        """Values, KL-shaped rewards, GAE advantages (whitened) and returns of the rollout's judged samples (the
+        rows of a sample the reward could not judge are masked out: `trained_mask`)."""
         r = self.config.rl
         critic = run.group.unwrap(run.model).critic
+        mask = trained_mask(rollout)
         with torch.no_grad(), run.group.accelerator.autocast():
             values = token_values(critic, rollout.samples, run.tokenizer.pad_token_id, rollout.width,
-                                  self.config.train.batch_layout) * rollout.mask
-        rewards, _ = shaped_rewards(rollout.logps, rollout.ref_logps, rollout.scores, rollout.mask, run.state.kl_coef)
+                                  self.config.train.batch_layout) * mask
+        rewards, _ = shaped_rewards(rollout.logps, rollout.ref_logps, rollout.scores, mask, run.state.kl_coef)
         if r.whiten_rewards:
-            rewards = whiten(rewards, rollout.mask, shift_mean=False)
-        advantages, returns = generalized_advantages(rewards, values, rollout.mask, r.gamma, r.lam)
-        rollout.extras.update(values=values, advantages=whiten(advantages, rollout.mask), returns=returns)
-        return {"val/returns": masked_mean(returns, rollout.mask).item()}
+            rewards = whiten(rewards, mask, shift_mean=False)
+        advantages, returns = generalized_advantages(rewards, values, mask, r.gamma, r.lam)
+        rollout.extras.update(values=values, advantages=whiten(advantages, mask), returns=returns)
+        return {"val/returns": masked_mean(returns, mask).item()}
 
     def loss(self, model: torch.nn.Module, minibatch: Rollout) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        r, mask, extras = self.config.rl, minibatch.mask, minibatch.extras
+        r, mask, extras = self.config.rl, trained_mask(minibatch), minibatch.extras
         logps, values = model(minibatch.samples, minibatch.width)
         policy = clipped_policy_loss(logps, minibatch.logps, extras["advantages"], mask, r.cliprange)
         value_loss, value_clipfrac = clipped_value_loss(values, extras["values"], extras["returns"], mask,

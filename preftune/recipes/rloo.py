@@ -4,7 +4,8 @@ current RLHF loop: setup -> train -> save -> cleanup.
 Per rollout (the loop is `online.train`, shared with PPO): k = num_generations samples per prompt; each sample's
 reward is its score less kl_coef * sum_t (log pi - log pi_ref) (the KL as a sequence-level penalty, first-order
 estimate, as TRL 1.16's RLOOTrainer); its advantage is that reward less the mean reward of the other k - 1 samples
-of its prompt (optionally normalised over the batch); the loss is PPO's clipped surrogate on sequence log-probs.
+of its prompt (optionally normalised over the batch), a sample the reward could not judge (None) left out; the
+loss is PPO's clipped surrogate on sequence log-probs.
 No critic. The math is in policy_gradient.py; per-step losses equal TRL 1.16's (tests/test_rloo_trl.py).
 """
 
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from preftune.config import Config
-from preftune.policy_gradient import clipped_policy_loss, leave_one_out_advantages, normalized
+from preftune.policy_gradient import clipped_policy_loss, normalized
 from preftune.recipes import online
 from preftune.recipes.online import OnlineRun, Rollout
 from preftune.rewards import RewardFunction
@@ -27,6 +28,22 @@ RLOO_METRICS = ("loss/policy", "policy/approxkl", "policy/clipfrac", "policy/rat
 def sequence_rewards(rollout: Rollout, kl_coef: float) -> torch.Tensor:
     """score - kl_coef * sum_t (log pi_old(y_t) - log pi_ref(y_t)) of each sample, (B,)."""
     return rollout.scores - kl_coef * ((rollout.logps - rollout.ref_logps) * rollout.mask).sum(1)
+
+
+def judged_leave_one_out(rewards: torch.Tensor, judged: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """RLOO's advantages (Ahmadian et al. 2024, arXiv:2402.14740, eq. 6) over the samples the reward judged: each
+    judged sample of a prompt is baselined by the mean reward of the prompt's other judged ones,
+    A_i = r_i - (sum_{j judged} r_j - r_i) / (n - 1), n = the prompt's judged samples (with all k judged,
+    `policy_gradient.leave_one_out_advantages`). A prompt with fewer than 2 judged samples has no baseline and
+    trains on none. (P * k,) rewards and judged (bool), prompt by prompt -> (advantages (P * k,), 0 where not
+    trained; trained (P * k,) bool)."""
+    if k < 2:
+        raise ValueError("leave-one-out needs at least 2 samples per prompt")
+    grouped, mask = torch.where(judged, rewards, 0.0).view(-1, k), judged.view(-1, k)
+    count = mask.sum(1, keepdim=True)
+    trained = mask & (count >= 2)
+    baselines = (grouped.sum(1, keepdim=True) - grouped) / (count - 1).clamp(min=1)
+    return torch.where(trained, grouped - baselines, 0.0).view(-1), trained.view(-1)
 
 
 @dataclass
@@ -46,19 +63,20 @@ class RLOOObjective:
 
     def score(self, run: OnlineRun, rollout: Rollout) -> dict[str, float]:
         rewards = sequence_rewards(rollout, run.state.kl_coef)
-        advantages = leave_one_out_advantages(rewards, self.config.rl.num_generations)
+        advantages, trained = judged_leave_one_out(rewards, rollout.judged, self.config.rl.num_generations)
         if self.config.rl.normalize_advantages:
-            advantages = normalized(advantages)
-        rollout.extras.update(advantages=advantages, old_sequence_logps=(rollout.logps * rollout.mask).sum(1))
-        return {"objective/advantage_std": advantages.std().item() if len(advantages) > 1 else 0.0}
+            advantages = torch.zeros_like(advantages).masked_scatter(trained, normalized(advantages[trained]))
+        rollout.extras.update(advantages=advantages, trained=trained,
+                              old_sequence_logps=(rollout.logps * rollout.mask).sum(1))
+        used = advantages[trained]
+        return {"objective/advantage_std": used.std().item() if len(used) > 1 else 0.0}
 
     def loss(self, model: torch.nn.Module, minibatch: Rollout) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         device = minibatch.mask.device
         logps = (token_logps(model, minibatch.samples, self.pad_token_id, minibatch.width, device,
                              self.config.train.batch_layout) * minibatch.mask).sum(1)
-        every = torch.ones_like(logps, dtype=torch.bool)
         policy = clipped_policy_loss(logps, minibatch.extras["old_sequence_logps"], minibatch.extras["advantages"],
-                                     every, self.config.rl.cliprange)
+                                     minibatch.extras["trained"], self.config.rl.cliprange)
         return policy.loss, {"loss/policy": policy.loss.detach(), "policy/approxkl": policy.approxkl,
                              "policy/clipfrac": policy.clipfrac, "policy/ratio": policy.ratio}
 
