@@ -237,8 +237,9 @@ class SampleConfig:
     reward: str = doc(
         "Ground-truth reward for `judge`, and what `ppo` and `rloo` maximise: 'sentiment' (VADER), "
         "'module:function' (a Python callable taking "
-        "(prompt, completion) texts and returning a float; imported only when named here), or a folder / hub id of "
-        "a sequence-classification reward model.",
+        "(prompt, completion) texts and returning a float, or None where it cannot judge: skipped in training; "
+        "imported only when named here), or a folder / hub id of a sequence-classification reward model. A reward "
+        "that raises or returns anything else (a string, NaN, infinity) stops the command (exit 2).",
         "sentiment",
     )
     eval_reward: str | None = doc(

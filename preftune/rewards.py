@@ -79,6 +79,8 @@ class CheckedReward:
     name: str
 
     def __call__(self, prompts: Sequence[Text], completions: Sequence[str]) -> list[float | None]:
+        if not completions:
+            return []
         try:
             values = self.function(prompts, completions)
         except RewardError:
@@ -88,7 +90,7 @@ class CheckedReward:
                                "completions, the first:", prompts[0], completions[0], error) from None
         values = list(values) if isinstance(values, (list, tuple)) else values
         if not isinstance(values, list) or len(values) != len(completions):
-            count = f"{len(values)} values" if isinstance(values, list) else f"a {type(values).__name__}"
+            count = f"a list of {len(values)}" if isinstance(values, list) else f"a {type(values).__name__}"
             raise reward_error(self.name, f"returned {count} for {len(completions)} completions, the first:",
                                prompts[0], completions[0])
         return [reward_value(v, self.name, p, c) for v, p, c in zip(values, prompts, completions)]
@@ -108,7 +110,7 @@ def all_judged(values: Sequence[float | None], reward: Callable, prompts: Sequen
         if value is None:
             raise reward_error(getattr(reward, "name", "given"), "returned None (cannot judge) in a held-out "
                                "measurement, whose means must cover every sample; give --eval-reward a reward that "
-                               "judges every completion, or --num-eval-prompts 0. On:", prompt, completion)
+                               "judges every completion. On:", prompt, completion)
     return list(values)
 
 

@@ -371,7 +371,7 @@ def test_a_reward_giving_the_wrong_count_is_named():
     from preftune.rewards import checked
 
     reward = checked(lambda prompts, completions: [1.0], "<in-memory reward: one>")
-    with pytest.raises(UserError, match=r"(?s)the reward <in-memory reward: one> returned 1 values for 2 "
+    with pytest.raises(UserError, match=r"(?s)the reward <in-memory reward: one> returned a list of 1 for 2 "
                                         r"completions, the first:\n  prompt: 'a'\n  completion: ' b'"):
         reward(["a", "c"], [" b", " d"])
     assert reward(["a"], [" b"]) == [1.0]
