@@ -59,7 +59,7 @@ class Rollout:
 
     def __post_init__(self) -> None:
         if self.judged is None:
-            self.judged = torch.ones(len(self.samples), dtype=torch.bool, device=self.scores.device)
+            self.judged = torch.ones_like(self.scores, dtype=torch.bool)
 
     def rows(self, index: torch.Tensor) -> Rollout:
         picked = [self.samples[i] for i in index.tolist()]
