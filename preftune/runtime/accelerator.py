@@ -104,6 +104,15 @@ def reshard(model: torch.nn.Module) -> None:
             module.reshard()
 
 
+def weights_held(model: torch.nn.Module) -> tuple[int, int]:
+    """(elements of the weights this process holds, elements of the whole weights). Under FSDP each parameter is a
+    DTensor whose local part is this process's slice (the root's gathered weights are freed first); else both are
+    the whole count."""
+    reshard(model)
+    held = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in model.parameters())
+    return held, sum(p.numel() for p in model.parameters())
+
+
 def check_engine(engine: str, fsdp_version: int | None = None) -> None:
     """Refuse an engine preftune's loop does not handle (DeepSpeed, FSDP version 1) before any model loads."""
     from preftune.errors import UserError
