@@ -38,11 +38,13 @@ def test_bench_vs_trl_runs_both_sides_on_the_same_batches(tmp_path, tiny_model_d
         assert sides["ratios"]["pairs_per_second"] > 0
 
 
-def test_bench_sharding_trains_the_same_steps_under_ddp_and_fsdp(tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("recipe", ["train", "rloo"])
+def test_bench_sharding_trains_the_same_steps_under_ddp_and_fsdp(tmp_path, tiny_model_dir, recipe):
     data = write_jsonl(tmp_path / "pairs.jsonl", PAIRS * 2)
     result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "bench_sharding.py"), "--engines", "ddp", "fsdp", "--steps", "3",
-         "--max-length", "64", "--data", str(data), "--model", str(tiny_model_dir)],
+        [sys.executable, str(ROOT / "benchmarks" / "bench_sharding.py"), "--recipe", recipe, "--engines", "ddp",
+         "fsdp", "--steps", "3", "--max-length", "64", "--max-new-tokens", "6", "--data", str(data), "--model",
+         str(tiny_model_dir)],
         capture_output=True, text=True, timeout=600, cwd=ROOT,
     )
     assert result.returncode == 0, result.stderr[-3000:]
