@@ -3,9 +3,11 @@
 Each engine trains the embedded SmolLM2-135M-Instruct for a few steps in N processes (gloo), launched as
 `accelerate launch --config_file configs/accelerate/<config>.yaml` would launch them (its FSDP settings), and
 reports: median seconds per step after the first, the peak RSS of the largest process (the whole process tree's
-largest resident set, from getrusage), and the per-step losses, which must agree across engines. `--recipe`: DPO
-(`train`, on the pairs) or an online recipe (`rloo`, `online-dpo`: rollouts of the pairs' prompts, --batch-size
-prompts per process, --max-new-tokens each, scored by the default reward), one optimizer step per rollout.
+largest resident set, from getrusage), and a per-step metric that must agree across engines (the loss; for RLOO
+objective/kl, as its policy loss is 0 to rounding at ratio 1: leave-one-out advantages sum to 0 per prompt).
+`--recipe`: DPO (`train`, on the pairs) or an online recipe (`rloo`, `online-dpo`: rollouts of the pairs'
+prompts, --batch-size prompts per process, --max-new-tokens each, scored by the default reward), one optimizer
+step per rollout.
 What FSDP saves per process is the slice of weights, gradients and Adam moments it no longer holds: with N
 processes, (N - 1) / N of 16 bytes per policy parameter plus 4 per reference parameter, less what the gathered
 layers cost while they are in use.
@@ -33,7 +35,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
 ENGINES = ("ddp", "fsdp", "fsdp-shard-grad-op")
-LOSS = {"train": "loss", "rloo": "loss/policy", "online-dpo": "loss"}  # the loss each recipe logs per step
+COMPARED = {"train": "loss", "rloo": "objective/kl", "online-dpo": "loss"}  # the per-step metric engines must agree on
 
 # Runs `argv` and prints the largest resident set of any process it started (kB on Linux), as JSON.
 MEASURE = """
@@ -73,18 +75,18 @@ def run(engine: str, args: argparse.Namespace, folder: Path) -> dict:
         sys.exit(f"{engine} failed:\n{finished.stdout[-3000:]}\n{finished.stderr[-3000:]}")
     measured = json.loads(finished.stdout.strip().splitlines()[-1])
     rows = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in rows if LOSS[args.recipe] in r]
+    steps = [r for r in rows if COMPARED[args.recipe] in r]
     seconds = [b["time"] - a["time"] for a, b in zip(steps, steps[1:])]
     return {
         "seconds_per_step": round(statistics.median(seconds), 2),
         "peak_rss_gb_largest_process": round(measured["max_rss_kb"] / 1e6, 2),
-        "losses": [round(r[LOSS[args.recipe]], 6) for r in steps],
+        "per_step": [round(r[COMPARED[args.recipe]], 6) for r in steps],
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--recipe", choices=sorted(LOSS), default="train", help="what each engine runs")
+    parser.add_argument("--recipe", choices=sorted(COMPARED), default="train", help="what each engine runs")
     parser.add_argument("--engines", nargs="+", choices=ENGINES, default=list(ENGINES))
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--model", help="a model folder or hub id (default: the embedded SmolLM2-135M-Instruct)")
@@ -98,7 +100,7 @@ def main() -> None:
         sys.exit(f"no data at {args.data}; pass --data")
     with tempfile.TemporaryDirectory(prefix="bench-sharding-") as folder:
         results = {engine: run(engine, args, Path(folder)) for engine in args.engines}
-    losses = [r["losses"] for r in results.values()]
+    per_step = [r["per_step"] for r in results.values()]
     print(json.dumps({
         "date": date.today().isoformat(),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
@@ -106,8 +108,9 @@ def main() -> None:
         "recipe": args.recipe, "processes": args.processes, "batch_size_per_process": args.batch_size,
         **({"max_length": args.max_length} if args.recipe == "train" else {"max_new_tokens": args.max_new_tokens}),
         "steps": args.steps,
-        "max_loss_difference_between_engines": max(abs(a - b) for run in losses[1:] for a, b in zip(losses[0], run))
-        if len(losses) > 1 else 0.0,
+        "compared": COMPARED[args.recipe],
+        "max_difference_between_engines": max(abs(a - b) for run in per_step[1:] for a, b in zip(per_step[0], run))
+        if len(per_step) > 1 else 0.0,
         "engines": results,
     }, indent=1))
 
