@@ -268,11 +268,17 @@ def test_resume_after_kill_9_equals_the_uninterrupted_run(tmp_path, tiny_model_d
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
-@pytest.mark.parametrize(("command", "loss"), [("rloo", "loss/policy"), ("online-dpo", "loss")])
+@pytest.mark.parametrize(("command", "loss", "engine", "options"), [
+    ("rloo", "loss/policy", "ddp", ()),
+    ("online-dpo", "loss", "ddp", ()),
+    ("rloo", "loss/policy", "fsdp", ()),
+    ("online-dpo", "loss", "fsdp", ()),
+    # the reference: the sharded policy with its adapter off; the first forward is peft's generate, past the root
+    ("rloo", "loss/policy", "fsdp", ("--lora", "--merge", "--learning-rate", "1e-2")),
+], ids=["rloo-ddp", "online-dpo-ddp", "rloo-fsdp", "online-dpo-fsdp", "rloo-fsdp-lora-merged"])
 def test_two_processes_sample_and_train_as_one_process_with_twice_the_prompts(tmp_path, tiny_model_dir, files,
                                                                               monkeypatch, capfd, command, loss,
-                                                                              engine):
+                                                                              engine, options):
     """Rollouts sharded over 2 processes (2 prompts each) equal 1 process with 4 prompts: each sample comes from its
     own seed, so both sample the same completions, and DDP averages the two halves' gradients. Scores, KL and losses
     at every step, the held-out measurements and report, and the saved weights, equal to 1e-5. (PPO whitens its
@@ -288,7 +294,7 @@ def test_two_processes_sample_and_train_as_one_process_with_twice_the_prompts(tm
     common = [command, "--model", str(tiny_model_dir), "--prompts", str(files["prompts"]), "--max-new-tokens", "6",
               "--max-steps", "3", "--learning-rate", "1e-3", "--num-mini-batches", "1", "--report-to", "none",
               "--seed", "3", "--eval-data", str(files["pairs"]), "--samples-per-eval-prompt", "2", "--eval-steps", "2",
-              "--save-steps", "2", *LENGTH_REWARD]
+              "--save-steps", "2", *LENGTH_REWARD, *options]
     one, two = tmp_path / "one", tmp_path / "two"
     assert main([*common, "--output-dir", str(one), "--rollout-batch-size", "4"]) == 0
     for name, value in launch_environment(engine, processes=2).items():  # read by the processes torchrun starts

@@ -32,7 +32,7 @@ from preftune.policy_gradient import adaptive_kl_coef
 from preftune.prompts import Prompt, distinct_prompts, prompt_sources
 from preftune.rewards import RewardFunction
 from preftune.rollout import Sample, completion_mask, sample, sampled_token_logps, token_logps
-from preftune.runtime.accelerator import fsdp_requested, weights_held
+from preftune.runtime.accelerator import fsdp_requested, init_sharded_root, weights_held
 from preftune.runtime.checkpoint import restore_run_checkpoint, write_run_checkpoint
 from preftune.runtime.logging import MetricLogger
 from preftune.runtime.processes import ProcessGroup, full_value
@@ -155,6 +155,7 @@ def start(session: Session, *, tokenizer: PreTrainedTokenizerBase, model_source:
         logger=session.logger(state.step), state=state,
     )
     if group.sharded:
+        init_sharded_root(model)  # before the first rollout samples through peft's generate, past the root
         held, total = weights_held(model)
         group.print(f"FSDP: each process holds a slice of the weights ({held:,} of {total:,} on the main one), and "
                     "of their gradients and optimizer state; the reference is sharded too")
