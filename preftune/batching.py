@@ -232,17 +232,20 @@ def batch_order(num_pairs: int, batch_size: int, shuffle: bool, seed: int, epoch
 
 
 def process_batches(
-    num_pairs: int, batch_size: int, world_size: int, rank: int, shuffle: bool, seed: int, epoch: int
+    num_pairs: int, batch_size: int, world_size: int, rank: int, shuffle: bool, seed: int, epoch: int,
+    drop_last: bool = False,
 ) -> list[list[int]]:
     """This process's share of each global micro-batch of one epoch.
 
     A global micro-batch is `world_size * batch_size` pairs in `batch_order`; process `rank` takes the rank-th
     contiguous slice, so the processes see disjoint pairs that together cover the epoch, and N processes of
     batch b see what one process of batch N*b sees. A last global batch too small to give every process a pair
-    is dropped (only when world_size > 1).
+    is dropped (only when world_size > 1); with `drop_last` (TRL's online trainers), a last global batch short of
+    `world_size * batch_size` is, so every share holds exactly `batch_size`.
     """
     batches = batch_order(num_pairs, batch_size * world_size, shuffle, seed, epoch)
-    if world_size > 1 and len(batches[-1]) < world_size:
+    smallest = batch_size * world_size if drop_last else world_size
+    if batches and len(batches[-1]) < smallest:
         batches = batches[:-1]
     shares = []
     for positions in batches:

@@ -277,7 +277,12 @@ class RLConfig:
     num_generations: int = doc(
         "Completions sampled per prompt in each rollout (RLOO's k, at least 2: each is baselined by the others).", 2
     )
-    rollout_batch_size: int = doc("Prompts per rollout per process (each sampled --num-generations times).", 8)
+    rollout_batch_size: int = doc(
+        "Prompts per rollout per process (each sampled --num-generations times). Every rollout is a full one: the "
+        "prompts left over at the end of an epoch, fewer than --rollout-batch-size x processes, are skipped that "
+        "epoch (TRL's drop_last; with --shuffle another few each epoch).",
+        8,
+    )
     num_ppo_epochs: int | None = doc(
         "Optimisation passes over each rollout (TRL RLOO's num_iterations). Unset: 4 for ppo, 1 for rloo and "
         "online-dpo."
@@ -786,12 +791,23 @@ def _check_kl_controller(config: Config, command: str, need: Check, unused: Unus
         return
     need(r.kl_coef != 0, "--kl-target adapts --kl-coef by multiplying it: from 0 it would never move; set "
                          "--kl-coef > 0 (the starting value)")  # a negative one is refused by _check_rl
-    processes = config.train.num_processes
+    problem = kl_horizon_problem(config, config.train.num_processes)
+    need(problem is None, problem or "")
+
+
+def kl_horizon_problem(config: Config, processes: int) -> str | None:
+    """What is wrong with --kl-horizon for a rollout over `processes` processes, or None: with --kl-target the
+    controller multiplies kl_coef by down to 1 - 0.2 x completions / horizon, which must stay > 0. validate checks
+    it for --num-processes; the online recipes again for the real world size (an external torchrun or accelerate
+    launch)."""
+    r = config.rl
     completions = r.rollout_batch_size * r.num_generations * processes
-    need(r.kl_horizon < 1 or 5 * r.kl_horizon > completions,
-         f"--kl-horizon must be more than a fifth of a rollout's {completions} completions ({r.rollout_batch_size} "
-         f"prompts x {r.num_generations} samples x {processes} processes), got {r.kl_horizon}: below --kl-target "
-         f"the controller multiplies --kl-coef by 1 - 0.2 x {completions} / {r.kl_horizon}, which must stay > 0")
+    if r.kl_target is None or r.kl_horizon < 1 or 5 * r.kl_horizon > completions:
+        return None
+    return (f"--kl-horizon must be more than a fifth of a rollout's {completions} completions "
+            f"({r.rollout_batch_size} prompts x {r.num_generations} samples x {processes} processes), got "
+            f"{r.kl_horizon}: below --kl-target the controller multiplies --kl-coef by 1 - 0.2 x {completions} / "
+            f"{r.kl_horizon}, which must stay > 0")
 
 
 def resolved_num_ppo_epochs(config: Config, command: str) -> int:

@@ -57,9 +57,14 @@ def prompt_sources(config: Config) -> tuple[list[Text], list[Text]]:
     return train, held_out
 
 
+def distinct_texts(texts: list[Text]) -> list[Text]:
+    """Each distinct prompt once, in order (known before the tokenizer loads)."""
+    seen: dict[str, Text] = {}
+    for text in texts:
+        seen.setdefault(json.dumps(text), text)
+    return list(seen.values())
+
+
 def distinct_prompts(texts: list[Text], tokenizer: PreTrainedTokenizerBase) -> list[Prompt]:
     """Each distinct prompt once, in order, with the ids the policy continues."""
-    seen: dict[str, Prompt] = {}
-    for text in texts:
-        seen.setdefault(json.dumps(text), Prompt(text, prompt_ids(text, tokenizer)))
-    return list(seen.values())
+    return [Prompt(text, prompt_ids(text, tokenizer)) for text in distinct_texts(texts)]

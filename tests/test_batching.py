@@ -10,6 +10,7 @@ from preftune.batching import (
     collate_padded,
     collate_shared_prefix,
     pack_rows,
+    process_batches,
 )
 from preftune.tokenize import TokenizedPair
 
@@ -119,3 +120,13 @@ def test_batch_order_covers_every_pair_once_and_depends_on_seed_and_epoch():
     assert order == batch_order(10, 4, shuffle=True, seed=3, epoch=0)
     assert order != batch_order(10, 4, shuffle=True, seed=3, epoch=1)
     assert batch_order(5, 2, shuffle=False, seed=0, epoch=0) == [[0, 1], [2, 3], [4]]
+
+
+def test_process_batches_with_drop_last_gives_every_process_a_full_share_of_full_global_batches():
+    """7 items, 2 processes x 2: one global batch of 4 an epoch (the last 3 dropped); without drop_last the last
+    one splits 1 and 2, which in the online loops meant unequal minibatch steps per process."""
+    shares = [process_batches(7, 2, 2, rank, True, 3, 0, drop_last=True) for rank in range(2)]
+    assert [len(share) for share in shares[0]] == [len(share) for share in shares[1]] == [2]
+    assert process_batches(8, 2, 2, 1, True, 3, 0, drop_last=True) == process_batches(8, 2, 2, 1, True, 3, 0)
+    assert [len(s) for s in process_batches(7, 2, 2, 0, True, 3, 0)] == [2, 1]  # the micro-batches of DPO, as before
+    assert process_batches(3, 2, 2, 0, True, 3, 0, drop_last=True) == []

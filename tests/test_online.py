@@ -79,6 +79,37 @@ def test_a_run_logs_trl_names_measures_held_out_and_saves_a_loadable_policy(tmp_
         not torch.equal(a, b) for a, b in zip(policy.parameters(), start.parameters()))
 
 
+def test_the_held_out_gain_is_paired_by_prompt(tmp_path, tiny_model_dir, files, capsys):
+    """rl_report.json keeps the per-sample rewards (prompt-major) and reports the gain's standard error from the
+    per-prompt differences d_i = mean_j policy_ij - mean_j reference_ij, sd(d) / sqrt(n_prompts); each model's own
+    standard error from its per-prompt means; not the independent-samples hypot of the two."""
+    from text_reward import length
+
+    out, k = tmp_path / "run", 3
+    assert main(args_for("rloo", tiny_model_dir, files, out, "--learning-rate", "1e-2", "--samples-per-eval-prompt",
+                         str(k), *LENGTH_REWARD)) == 0
+    report = json.loads((out / "rl_report.json").read_text())
+    policy, reference = (torch.tensor(report["rewards"][m], dtype=torch.float64) for m in ("policy", "reference"))
+    n = report["held_out_prompts"]
+    assert report["samples_per_prompt"] == k and policy.numel() == reference.numel() == n * k
+    # the stored rewards are the measured samples' (the first sample of each prompt is the report's example)
+    for i, example in enumerate(report["examples"]):
+        assert policy[i * k].item() == pytest.approx(length("", example["policy"]))
+        assert reference[i * k].item() == pytest.approx(length("", example["reference"]))
+    differences = policy.view(n, k).mean(dim=1) - reference.view(n, k).mean(dim=1)
+    assert differences.abs().max() > 0  # the policy moved (4 steps at 1e-2): its samples are not the reference's
+    assert report["reward_gain"] == pytest.approx(differences.mean().item())
+    assert report["reward_gain_stderr"] == pytest.approx((differences.std() / n**0.5).item())
+    for name, rewards in (("policy_reward", policy), ("reference_reward", reference)):
+        assert report[name]["mean"] == pytest.approx(rewards.mean().item())
+        assert report[name]["stderr"] == pytest.approx((rewards.view(n, k).mean(dim=1).std() / n**0.5).item())
+    independent = (policy.var() / (n * k) + reference.var() / (n * k)).sqrt().item()
+    assert report["reward_gain_stderr"] != pytest.approx(independent)
+    printed = capsys.readouterr().out
+    assert f"gain {report['reward_gain']:+.3f} +- {report['reward_gain_stderr']:.3f}" in printed
+    assert f"gain {report['reward_gain']:+.3f} +- {report['reward_gain_stderr']:.3f}" in (out / "report.md").read_text()
+
+
 @pytest.mark.parametrize("command", ["ppo", "rloo", "online-dpo"])
 def test_resume_from_a_checkpoint_ends_on_the_same_weights(tmp_path, tiny_model_dir, files, command):
     out = tmp_path / "run"
@@ -416,3 +447,69 @@ def test_two_processes_sample_and_train_as_one_process_with_twice_the_prompts(tm
         resumed = load_file(two / "model.safetensors")
         assert all(torch.equal(weights_two[name], resumed[name]) for name in weights_two)
         assert [r["step"] for r in rows_of(two)] == [1, 2, 2, 3, 3]  # each step logged once
+
+
+SEVEN_PROMPTS = [{"prompt": p} for p in ["The movie was", "I think the ending", "Review:", "Honestly, this film",
+                                         "The plot", "My friend said it", "At the cinema"]]
+
+
+def test_prompts_that_leave_a_remainder_give_only_full_rollouts(tmp_path, tiny_model_dir, files, monkeypatch):
+    """7 prompts, 2 per rollout, 2 epochs: 3 full rollouts an epoch (the 7th prompt skipped, as TRL's drop_last),
+    each of 2 x 2 completions in --num-mini-batches 4 minibatches of 1. Before, each epoch ended on a rollout of 1
+    prompt, which torch.chunk split into 2 minibatches."""
+    from preftune.recipes import online
+
+    write_jsonl(files["prompts"], SEVEN_PROMPTS)
+    sizes, minibatches = [], []
+    collect, rows = online.collect, online.Rollout.rows
+    monkeypatch.setattr(online, "collect", lambda run, at: sizes.append(len(at)) or collect(run, at))
+    monkeypatch.setattr(online.Rollout, "rows", lambda self, index: minibatches.append(len(index)) or rows(self, index))
+    out = tmp_path / "run"
+    assert main(args_for("rloo", tiny_model_dir, files, out, "--max-steps", "-1", "--num-epochs", "2",
+                         "--num-mini-batches", "4", *LENGTH_REWARD)) == 0
+    train = [r for r in rows_of(out) if "objective/scores" in r]
+    assert [(r["step"], r["episode"]) for r in train] == [(s, 4 * s) for s in range(1, 7)]
+    assert sizes == [2] * 6 and minibatches == [1] * 24
+    assert json.loads((out / "rl_report.json").read_text())["completions_generated"] == 24
+
+
+def test_fewer_prompts_than_one_rollout_exit_2_before_anything_is_written(tmp_path, tiny_model_dir, files, capsys):
+    write_jsonl(files["prompts"], SEVEN_PROMPTS[:3])
+    out = tmp_path / "run"
+    assert main(args_for("rloo", tiny_model_dir, files, out, "--rollout-batch-size", "4", *LENGTH_REWARD)) == 2
+    err = capsys.readouterr().err
+    assert "3 distinct prompts are fewer than one rollout's 4" in err and "--rollout-batch-size" in err
+    assert "Traceback" not in err and not out.exists()
+
+
+@pytest.mark.slow
+def test_a_kl_horizon_too_short_for_an_external_launch_exit_2_before_any_model_loads(tmp_path, tiny_model_dir, files,
+                                                                                      monkeypatch, capfd):
+    """--kl-horizon 1 passes validation for 1 process (4 completions a rollout) but not for the 2 processes torchrun
+    starts without --num-processes (8): both stop with exit 2 naming --kl-horizon, before the run folder is made.
+    Before, the run failed with a traceback after its first rollout."""
+    from preftune.runtime.accelerator import launch_processes
+
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}:{Path(__file__).resolve().parents[1]}")  # the reward, for torchrun's
+    out = tmp_path / "run"
+    argv = args_for("rloo", tiny_model_dir, files, out, "--kl-target", "1", "--kl-horizon", "1", *LENGTH_REWARD)
+    assert launch_processes(2, argv) == 2
+    err = capfd.readouterr().err
+    assert "--kl-horizon must be more than a fifth of a rollout's 8 completions" in err and "x 2 processes" in err
+    assert "Traceback" not in err and not out.exists()
+
+
+@pytest.mark.slow
+def test_two_processes_drop_the_short_last_rollout_of_an_epoch_and_stay_in_step(tmp_path, tiny_model_dir, files,
+                                                                               monkeypatch):
+    """7 prompts, 2 processes x 2 prompts: each epoch is one full rollout of 4 prompts (the last 3 dropped, as TRL's
+    drop_last). Before, the short last one split 1 and 2 prompts between the processes, which then took 2 and 4
+    minibatch steps (--num-mini-batches 4) and fell out of step in DDP's gradient all-reduce."""
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}:{Path(__file__).resolve().parents[1]}")  # the reward, for torchrun's
+    write_jsonl(files["prompts"], SEVEN_PROMPTS)
+    out = tmp_path / "run"
+    assert main(["rloo", "--model", str(tiny_model_dir), "--prompts", str(files["prompts"]), "--max-new-tokens", "4",
+                 "--num-epochs", "2", "--rollout-batch-size", "2", "--num-processes", "2", "--num-mini-batches", "4",
+                 "--report-to", "none", "--output-dir", str(out), *LENGTH_REWARD]) == 0
+    train = [r for r in rows_of(out) if "objective/scores" in r]
+    assert [(r["step"], r["episode"]) for r in train] == [(1, 8), (2, 16)]

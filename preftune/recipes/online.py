@@ -25,11 +25,11 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from preftune.batching import process_batches
-from preftune.config import Config, resolved_num_ppo_epochs
+from preftune.config import Config, kl_horizon_problem, resolved_num_ppo_epochs
 from preftune.errors import UserError
-from preftune.measure import ModelPair, measure, summarize
+from preftune.measure import ModelPair, measure, paired_gain, summarize
 from preftune.policy_gradient import adaptive_kl_coef
-from preftune.prompts import Prompt, distinct_prompts, prompt_sources
+from preftune.prompts import Prompt, distinct_prompts, distinct_texts, prompt_sources
 from preftune.rewards import RewardFunction
 from preftune.rollout import Sample, completion_mask, sample, sampled_token_logps, token_logps
 from preftune.runtime.accelerator import fsdp_requested, init_sharded_root, weights_held
@@ -126,14 +126,35 @@ class OnlineRun:
         self.logger.log(values, self.state.step if step is None else step, self.state.step / self.batches_per_epoch)
 
 
-def count_rollout_steps(config: Config, num_prompts: int, world_size: int, rank: int) -> tuple[int, int]:
-    """(rollout batches per epoch for this process, rollout steps of the run)."""
+def count_rollout_steps(config: Config, num_prompts: int, world_size: int) -> tuple[int, int]:
+    """(rollouts per epoch, rollout steps of the run). Every rollout is a full one, --rollout-batch-size prompts in
+    each of `world_size` processes: the short last one of an epoch is dropped (TRL's drop_last), so every process
+    takes the same minibatch steps on the same number of samples. Too few prompts for one rollout: UserError."""
     t, r = config.train, config.rl
-    per_epoch = len(process_batches(num_prompts, r.rollout_batch_size, world_size, rank, t.shuffle, t.seed, 0))
+    per_epoch = len(epoch_shares(num_prompts, r.rollout_batch_size, world_size, 0, t.shuffle, t.seed, 0))
     if per_epoch == 0:
-        raise UserError(f"{num_prompts} prompts cannot give each of {world_size} processes a prompt")
+        processes = f" x {world_size} processes" if world_size > 1 else ""
+        raise UserError(f"{num_prompts} distinct prompts are fewer than one rollout's "
+                        f"{r.rollout_batch_size * world_size} ({r.rollout_batch_size} prompts (--rollout-batch-size)"
+                        f"{processes}): lower --rollout-batch-size or give more prompts")
     total = t.max_steps if t.max_steps > 0 else max(1, math.ceil(t.num_epochs * per_epoch))
     return per_epoch, total
+
+
+def epoch_shares(num_prompts: int, rollout_batch_size: int, world_size: int, rank: int, shuffle: bool, seed: int,
+                 epoch: int) -> list[list[int]]:
+    """This process's prompts (positions) in each full rollout of one epoch: `process_batches` with drop_last."""
+    return process_batches(num_prompts, rollout_batch_size, world_size, rank, shuffle, seed, epoch, drop_last=True)
+
+
+def check_world_size(config: Config, num_prompts: int, world_size: int) -> None:
+    """Refuse (UserError) what the real number of processes rules out, before any model loads: fewer prompts than
+    one rollout, and a --kl-horizon the adaptive KL controller cannot take (config.validate checks it only for
+    --num-processes; an external torchrun or accelerate launch may start more)."""
+    count_rollout_steps(config, num_prompts, world_size)
+    problem = kl_horizon_problem(config, world_size)
+    if problem is not None:
+        raise UserError(problem)
 
 
 def start(session: Session, *, tokenizer: PreTrainedTokenizerBase, model_source: str, model: torch.nn.Module,
@@ -141,7 +162,7 @@ def start(session: Session, *, tokenizer: PreTrainedTokenizerBase, model_source:
           eval_reward: RewardFunction, train_prompts: list[Prompt], eval_prompts: list[Prompt]) -> OnlineRun:
     """The run, restored from its checkpoint when resuming."""
     c, group = session.config, session.group
-    batches_per_epoch, total_steps = count_rollout_steps(c, len(train_prompts), group.world_size, group.rank)
+    batches_per_epoch, total_steps = count_rollout_steps(c, len(train_prompts), group.world_size)
     state = OnlineState(kl_coef=objective.kl_coef, world_size=group.world_size, sharded=group.sharded)
     if session.resume_from is not None:
         state = OnlineState(**restore_run_checkpoint(group, session.resume_from, session.folder, model, optimizer,
@@ -174,8 +195,8 @@ def step_positions(run: OnlineRun) -> list[int]:
     reshuffled per epoch; the processes' shares of one global batch)."""
     t = run.config.train
     epoch, offset = divmod(run.state.step, run.batches_per_epoch)
-    return process_batches(len(run.train_prompts), run.config.rl.rollout_batch_size, run.group.world_size,
-                           run.group.rank, t.shuffle, t.seed, epoch)[offset]
+    return epoch_shares(len(run.train_prompts), run.config.rl.rollout_batch_size, run.group.world_size,
+                        run.group.rank, t.shuffle, t.seed, epoch)[offset]
 
 
 def rollout_seed(run: OnlineRun) -> int:
@@ -342,7 +363,7 @@ def evaluate(run: OnlineRun, on_evaluate: Callable[[OnlineRun, dict], None] | No
                            num_samples=c.default_job.samples_per_eval_prompt, max_new_tokens=c.sample.max_new_tokens,
                            seed=c.train.seed + 7, sample_reference=False, reward=run.eval_reward,
                            prompts=[p.given for p in run.eval_prompts])
-    rewards = summarize(measured.policy_rewards)
+    rewards = summarize(measured.policy_rewards, c.default_job.samples_per_eval_prompt)
     results = {"reward": rewards["mean"], "reward_stderr": rewards["stderr"], "kl": measured.kl.mean,
                "kl_stderr": measured.kl.stderr, "num_samples": measured.kl.num_samples}
     run.log({f"eval_{name}": value for name, value in results.items()})
@@ -354,31 +375,37 @@ def evaluate(run: OnlineRun, on_evaluate: Callable[[OnlineRun, dict], None] | No
 
 def held_out_report(run: OnlineRun) -> dict[str, Any]:
     """The reference's and the trained policy's held-out reward (same prompts, seed and sample count), the gain,
-    and KL(policy || reference) from the policy's samples; written to rl_report.json."""
+    and KL(policy || reference) from the policy's samples; written to rl_report.json. Standard errors take each
+    prompt's samples as one cluster, and the gain's pairs the two models by prompt (`measure.paired_gain`); the
+    per-sample rewards (prompt-major) are kept so that other statistics can be computed later."""
     c = run.config
+    per_prompt = c.default_job.samples_per_eval_prompt
     with run.group.accelerator.autocast():
         measured = measure(run.models, run.tokenizer, [p.ids for p in run.eval_prompts],
-                           num_samples=c.default_job.samples_per_eval_prompt, max_new_tokens=c.sample.max_new_tokens,
+                           num_samples=per_prompt, max_new_tokens=c.sample.max_new_tokens,
                            seed=c.train.seed + 7, reward=run.eval_reward,
                            prompts=[p.given for p in run.eval_prompts])
-    policy, reference = summarize(measured.policy_rewards), summarize(measured.reference_rewards)
+    policy = summarize(measured.policy_rewards, per_prompt)
+    reference = summarize(measured.reference_rewards, per_prompt)
+    gain = paired_gain(measured.policy_rewards, measured.reference_rewards, per_prompt)
     return {
         "method": run.objective.command,
         "reward": run.eval_reward_name,
         "trained_on_reward": run.reward_name,
         "held_out_prompts": len(run.eval_prompts),
-        "samples_per_prompt": c.default_job.samples_per_eval_prompt,
+        "samples_per_prompt": per_prompt,
         "reference_reward": reference,
         "policy_reward": policy,
-        "reward_gain": policy["mean"] - reference["mean"],
-        "reward_gain_stderr": math.hypot(policy["stderr"], reference["stderr"]),  # independent samples
+        "reward_gain": gain["mean"],
+        "reward_gain_stderr": gain["stderr"],  # paired by prompt, clustered by prompt
         "kl_policy_reference": {"mean": measured.kl.mean, "stderr": measured.kl.stderr,
                                 "num_samples": measured.kl.num_samples},
+        "rewards": {"policy": measured.policy_rewards, "reference": measured.reference_rewards},
         "steps": run.state.step,
         "completions_generated": completions_generated(run),
         "examples": [{"prompt": run.eval_prompts[i].text,
-                      "reference": measured.reference_samples[i * c.default_job.samples_per_eval_prompt].text,
-                      "policy": measured.policy_samples[i * c.default_job.samples_per_eval_prompt].text}
+                      "reference": measured.reference_samples[i * per_prompt].text,
+                      "policy": measured.policy_samples[i * per_prompt].text}
                      for i in range(min(5, len(run.eval_prompts)))],
     }
 
@@ -411,6 +438,7 @@ def setup(config: Config, objective: Any, build_model: ModelBuilder | None = Non
     from preftune.measure import reference_pair
     from preftune.models import load_policy_and_reference
     from preftune.rewards import load_reward
+    from preftune.runtime.accelerator import process_state
     from preftune.runtime.session import open_session, prepare_training
 
     c = config
@@ -422,6 +450,7 @@ def setup(config: Config, objective: Any, build_model: ModelBuilder | None = Non
                         "sharded as one module, which sampling and the critic's values cannot run part of. Use data "
                         "parallelism (configs/accelerate/ddp.yaml or --num-processes); RLOO and online DPO run "
                         "under FSDP")
+    check_world_size(c, len(distinct_texts(train_texts)), process_state().num_processes)  # before anything is written
     session = open_session(c)
     group = session.group
     if reward is None:
@@ -431,7 +460,7 @@ def setup(config: Config, objective: Any, build_model: ModelBuilder | None = Non
         eval_reward = load_reward(c.sample.eval_reward, group.device)
     policy, reference, tokenizer, source = load_policy_and_reference(c.model)
     train_prompts, eval_prompts = distinct_prompts(train_texts, tokenizer), distinct_prompts(eval_texts, tokenizer)
-    _, total_steps = count_rollout_steps(c, len(train_prompts), group.world_size, group.rank)
+    _, total_steps = count_rollout_steps(c, len(train_prompts), group.world_size)
     trained = build_model(policy, tokenizer) if build_model is not None else policy
     prepared, optimizer, scheduler = prepare_training(session, trained, total_steps)
     if reference is not None:
@@ -475,9 +504,11 @@ def save(run: OnlineRun) -> None:
         rows = [f"| {cell(e['prompt'])} | {cell(e['reference'])} | {cell(e['policy'])} |" for e in report["examples"]]
         summary = [f"Held-out reward ({run.eval_reward_name}, {report['held_out_prompts']} prompts x "
                    f"{report['samples_per_prompt']} samples): reference {ref['mean']:+.3f} +- {ref['stderr']:.3f}, "
-                   f"policy {pol['mean']:+.3f} +- {pol['stderr']:.3f}; KL(policy || reference) {kl['mean']:.2f} +- "
+                   f"policy {pol['mean']:+.3f} +- {pol['stderr']:.3f}, gain {report['reward_gain']:+.3f} +- "
+                   f"{report['reward_gain_stderr']:.3f}; KL(policy || reference) {kl['mean']:.2f} +- "
                    f"{kl['stderr']:.2f} nats per completion; {report['steps']} rollouts, "
-                   f"{report['completions_generated']} completions generated."]
+                   f"{report['completions_generated']} completions generated. Standard errors take each prompt's "
+                   "samples as one cluster; the gain's pairs policy and reference by prompt."]
         write_report(run.folder, c.to_dict(), summary, rows, f"preftune {run.objective.command} run {run.folder.name}")
     group.wait()
 
