@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -230,6 +231,19 @@ def test_bad_options_exit_2_before_anything_is_written(tmp_path, tiny_model_dir,
     assert message in err and "Traceback" not in err
 
 
+def test_ppo_under_fsdp_is_refused_before_anything_is_written(tmp_path, tiny_model_dir, files, capsys, monkeypatch):
+    """PPO trains its policy and critic as one module, which FSDP would shard as one root: sampling and the critic's
+    values call each part alone, outside the root's forward that gathers its weights. Refused when the launcher asks
+    for FSDP (the variable `accelerate launch --config_file configs/accelerate/fsdp.yaml` sets), before the run
+    folder exists; RLOO and online DPO run under FSDP (the two-process test)."""
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    out = tmp_path / "run"
+    assert main(args_for("ppo", tiny_model_dir, files, out)) == 2
+    err = capsys.readouterr().err
+    assert "preftune ppo under FSDP is not supported: its policy and critic" in err and "Traceback" not in err
+    assert "configs/accelerate/ddp.yaml" in err and not out.exists()
+
+
 def test_a_bad_prompts_line_is_named(tmp_path, tiny_model_dir, files, capsys):
     files["prompts"].write_text('{"prompt": "fine"}\n{"text": "no prompt here"}\n')
     assert main(args_for("rloo", tiny_model_dir, files, tmp_path / "run")) == 2
@@ -371,35 +385,70 @@ def test_resume_after_kill_9_equals_the_uninterrupted_run(tmp_path, tiny_model_d
                                                       if "objective/scores" in r]
 
 
+NORMALIZED = ("--normalize-advantages",)  # RLOO normalises its advantages over both processes' (TRL gathers them)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize(("command", "loss", "extra"), [("rloo", "loss/policy", ["--normalize-advantages"]),
-                                                    ("online-dpo", "loss", [])])
+@pytest.mark.parametrize(("command", "loss", "engine", "options"), [
+    ("rloo", "loss/policy", "ddp", NORMALIZED),
+    ("online-dpo", "loss", "ddp", ()),
+    ("rloo", "loss/policy", "fsdp", NORMALIZED),
+    ("online-dpo", "loss", "fsdp", ()),
+    # the reference: the sharded policy with its adapter off; the first forward is peft's generate, past the root
+    ("rloo", "loss/policy", "fsdp", (*NORMALIZED, "--lora", "--merge", "--learning-rate", "1e-2")),
+], ids=["rloo-ddp", "online-dpo-ddp", "rloo-fsdp", "online-dpo-fsdp", "rloo-fsdp-lora-merged"])
 def test_two_processes_sample_and_train_as_one_process_with_twice_the_prompts(tmp_path, tiny_model_dir, files,
-                                                                              monkeypatch, command, loss, extra):
+                                                                              monkeypatch, capfd, command, loss,
+                                                                              engine, options):
     """Rollouts sharded over 2 processes (2 prompts each) equal 1 process with 4 prompts: each sample comes from its
     own seed, so both sample the same completions, and DDP averages the two halves' gradients; RLOO normalises its
-    advantages over both processes' (as TRL, after gathering them). Scores, KL and losses at every step, and the
-    saved weights, equal to 1e-5. (PPO whitens its advantages over each process's rollout and
-    averages its losses over each process's tokens, as TRL's PPOTrainer did, so there 2 x b equals 1 x 2b only in
-    expectation.)"""
+    advantages over both processes' (as TRL, after gathering them). Scores, KL and losses at every step, the
+    held-out measurements and report, and the saved weights, equal to 1e-5. (PPO whitens its advantages over each
+    process's rollout and averages its losses over each process's tokens, as TRL's PPOTrainer did, so there 2 x b
+    equals 1 x 2b only in expectation.)
+
+    FSDP2 (configs/accelerate/fsdp.yaml, as `accelerate launch` sets it up, on CPU processes over gloo): the policy
+    and the reference sharded, sampling with synced_gpus, every process in the held-out measurement, the saved
+    model gathered whole; and a resumed run ends on the same weights to the bit."""
+    from benchmarks.bench_sharding import launch_environment
+
     monkeypatch.setenv("PYTHONPATH", f"{tmp_path}:{Path(__file__).resolve().parents[1]}")  # the reward, for torchrun's
     common = [command, "--model", str(tiny_model_dir), "--prompts", str(files["prompts"]), "--max-new-tokens", "6",
               "--max-steps", "3", "--learning-rate", "1e-3", "--num-mini-batches", "1", "--report-to", "none",
-              "--seed", "3", *extra, *LENGTH_REWARD]
+              "--seed", "3", "--eval-data", str(files["pairs"]), "--samples-per-eval-prompt", "2", "--eval-steps", "2",
+              "--save-steps", "2", *LENGTH_REWARD, *options]
     one, two = tmp_path / "one", tmp_path / "two"
     assert main([*common, "--output-dir", str(one), "--rollout-batch-size", "4"]) == 0
-    assert main([*common, "--output-dir", str(two), "--rollout-batch-size", "2", "--num-processes", "2"]) == 0
+    for name, value in launch_environment(engine, processes=2).items():  # read by the processes torchrun starts
+        monkeypatch.setenv(name, value)
+    two_processes = [*common, "--output-dir", str(two), "--rollout-batch-size", "2", "--num-processes", "2"]
+    capfd.readouterr()
+    assert main(two_processes) == 0
+    if engine == "fsdp":
+        held, total = (int(n.replace(",", "")) for n in re.search(
+            r"FSDP: each process holds a slice of the weights \(([\d,]+) of ([\d,]+)", capfd.readouterr().out).groups())
+        assert held <= total // 2 + 64  # sharded: half of every weight, up to rounding of odd first dimensions
     one_rows, two_rows = rows_of(one), rows_of(two)
-    assert [r["step"] for r in one_rows] == [r["step"] for r in two_rows] == [1, 2, 3]
+    assert [r["step"] for r in one_rows] == [r["step"] for r in two_rows] == [1, 2, 2, 3, 3]  # eval at 2 and 3
     for a, b in zip(one_rows, two_rows, strict=True):
-        assert a["episode"] == b["episode"]
-        for name in ("objective/scores", "objective/kl", "objective/entropy", loss):
-            assert abs(a[name] - b[name]) <= 1e-5 * max(1.0, abs(a[name])), (a["step"], name, a[name], b[name])
+        assert a.get("episode") == b.get("episode")
+        for name in ("objective/scores", "objective/kl", "objective/entropy", loss, "eval_reward", "eval_kl"):
+            if name in a:
+                assert abs(a[name] - b[name]) <= 1e-5 * max(1.0, abs(a[name])), (a["step"], name, a[name], b[name])
+    reports = [json.loads((run / "rl_report.json").read_text()) for run in (one, two)]
+    assert reports[0]["examples"] == reports[1]["examples"]  # the same held-out samples
+    for name in ("policy_reward", "reference_reward", "kl_policy_reference"):
+        assert reports[1][name]["mean"] == pytest.approx(reports[0][name]["mean"], abs=1e-5), name
     weights_one, weights_two = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
     start = load_file(tiny_model_dir / "model.safetensors")
     assert max((weights_one[n] - start[n]).abs().max() for n in start) > 1e-4  # training moved the weights
     for name, tensor in weights_one.items():
         torch.testing.assert_close(weights_two[name], tensor, atol=1e-5, rtol=0.0)
+    if engine == "fsdp":  # step 3 again from checkpoint-2: its optimizer state gathered to the file and sliced back
+        assert main([*two_processes, "--resume"]) == 0
+        resumed = load_file(two / "model.safetensors")
+        assert all(torch.equal(weights_two[name], resumed[name]) for name in weights_two)
+        assert [r["step"] for r in rows_of(two)] == [1, 2, 2, 3, 3]  # each step logged once
 
 
 USER_REWARDS = '''import math

@@ -32,6 +32,7 @@ from preftune.policy_gradient import adaptive_kl_coef, masked_mean
 from preftune.prompts import Prompt, distinct_prompts, distinct_texts, prompt_sources
 from preftune.rewards import RewardError, RewardFunction
 from preftune.rollout import Sample, completion_mask, sample, sampled_token_logps, token_logps
+from preftune.runtime.accelerator import fsdp_requested, init_sharded_root, weights_held
 from preftune.runtime.checkpoint import latest_checkpoint, restore_run_checkpoint, write_run_checkpoint
 from preftune.runtime.logging import MetricLogger
 from preftune.runtime.processes import ProcessGroup, full_value
@@ -182,6 +183,11 @@ def start(session: Session, *, tokenizer: PreTrainedTokenizerBase, model_source:
         total_steps=total_steps, eval_every=evaluation_interval(c.train.eval_steps, total_steps),
         logger=session.logger(state.step), state=state,
     )
+    if group.sharded:
+        init_sharded_root(model)  # before the first rollout samples through peft's generate, past the root
+        held, total = weights_held(model)
+        group.print(f"FSDP: each process holds a slice of the weights ({held:,} of {total:,} on the main one), and "
+                    "of their gradients and optimizer state; the reference is sharded too")
     processes = f" in each of {group.world_size} processes" if group.world_size > 1 else ""
     group.print(f"{objective.command}: training {model_source} on {len(train_prompts)} prompts for {total_steps} "
                 f"rollouts ({c.rl.rollout_batch_size} prompts x {c.rl.num_generations} samples{processes}); "
@@ -463,12 +469,16 @@ def setup(config: Config, objective: Any, build_model: ModelBuilder | None = Non
 
     c = config
     train_texts, eval_texts = prompt_sources(c)
+    if build_model is not None and fsdp_requested():
+        # FSDP gathers a module's weights in its own forward: the policy and the critic would be sharded as one
+        # module, and sampling and the critic's values call each of them alone, outside that forward
+        raise UserError(f"preftune {objective.command} under FSDP is not supported: its policy and critic would be "
+                        "sharded as one module, which sampling and the critic's values cannot run part of. Use data "
+                        "parallelism (configs/accelerate/ddp.yaml or --num-processes); RLOO and online DPO run "
+                        "under FSDP")
     check_world_size(c, len(distinct_texts(train_texts)), process_state().num_processes)  # before anything is written
     session = open_session(c)
     group = session.group
-    if group.sharded:  # the held-out measurement and report sample on the main process alone
-        raise UserError(f"preftune {objective.command} under FSDP is not supported yet: use data parallelism "
-                        "(configs/accelerate/ddp.yaml or --num-processes)")
     if reward is None:
         reward = load_reward(c.sample.reward, group.device)  # a bad --reward fails before the policy loads
     reward = checked(reward, c.sample.reward)
@@ -498,15 +508,20 @@ def save(run: OnlineRun) -> None:
     from preftune.runtime.run_folder import save_config
 
     group, c = run.group, run.config
+    # under FSDP the whole weights, gathered onto the main process (every process takes part)
+    state_dict = group.accelerator.get_state_dict(run.model) if group.sharded else None
     if group.is_main:
-        save_model(run.models.policy, run.tokenizer, run.folder, merge=c.model.merge)
+        save_model(run.models.policy, run.tokenizer, run.folder, merge=c.model.merge, state_dict=state_dict)
         save_config(c, run.folder)
         if run.final_eval is not None:
             (run.folder / "eval_results.json").write_text(json.dumps(run.final_eval, indent=2) + "\n")
         write_model_cards(run, run.objective.command, run.models.policy, merge=c.model.merge)
         print(f"saved the trained model to {run.folder}", flush=True)
-    if run.eval_prompts and group.is_main:
-        report = held_out_report(run)
+    del state_dict
+    # sharded models sample only with every process taking part: each measures the same prompts with the same
+    # seeds (as `evaluate` does in every process), and the main process writes
+    report = held_out_report(run) if run.eval_prompts and (group.is_main or group.sharded) else None
+    if report is not None and group.is_main:
         (run.folder / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         ref, pol, kl = report["reference_reward"], report["policy_reward"], report["kl_policy_reference"]
         print(f"held-out reward ({run.eval_reward_name}): reference {ref['mean']:+.3f} +- {ref['stderr']:.3f}, policy "
