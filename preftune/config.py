@@ -272,6 +272,14 @@ class RLConfig:
         "online-dpo."
     )
     num_mini_batches: int = doc("Minibatches each pass splits the rollout into; one optimizer step each.", 1)
+    local_rollout_forward_batch_size: int = doc(
+        "Samples per forward in every phase of a rollout (sampling with its log-probs, the reference's log-probs, "
+        "PPO's critic, a reward model) and per forward/backward of the loss (a minibatch's micro-batches, their "
+        "gradients accumulated to the minibatch's exactly; online-dpo's losses that couple pairs, aot and sft, run "
+        "a minibatch whole): peak memory follows this size, not the rollout's (TRL's name; TRL micro-batches the "
+        "loss by per_device_train_batch_size).",
+        64,
+    )
     kl_coef: float = doc(
         "Weight of the KL penalty -kl_coef * (log pi - log pi_ref) in the reward (the starting value with "
         "--kl-target).",
@@ -694,6 +702,8 @@ def _check_rl(config: Config, command: str, need: Check, unused: Unused) -> None
     need(1 <= r.num_mini_batches <= r.rollout_batch_size * r.num_generations,
          f"--num-mini-batches must be between 1 and the completions of a rollout "
          f"({r.rollout_batch_size * r.num_generations}), got {r.num_mini_batches}")
+    need(r.local_rollout_forward_batch_size >= 1,
+         f"--local-rollout-forward-batch-size must be >= 1, got {r.local_rollout_forward_batch_size}")
     need(math.isfinite(r.kl_coef) and r.kl_coef >= 0, f"--kl-coef must be >= 0, got {r.kl_coef}")
     need(r.kl_target is None or r.kl_target > 0, f"--kl-target must be > 0, got {r.kl_target}")
     need(r.kl_horizon >= 1, f"--kl-horizon must be >= 1, got {r.kl_horizon}")

@@ -45,8 +45,9 @@ def sentiment_reward() -> RewardFunction:
     return lambda prompts, completions: [vader(c) for c in completions]
 
 
-def load_reward(spec: str, device: torch.device | str = "cpu") -> RewardFunction:
-    """'sentiment', 'module:function', or a reward model; a bad spec is a UserError saying which it tried."""
+def load_reward(spec: str, device: torch.device | str = "cpu", batch_size: int = 16) -> RewardFunction:
+    """'sentiment', 'module:function', or a reward model (scoring `batch_size` completions per forward); a bad spec
+    is a UserError saying which it tried."""
     if spec == "sentiment":
         return sentiment_reward()
     if ":" in spec and not Path(spec).exists():
@@ -59,15 +60,15 @@ def load_reward(spec: str, device: torch.device | str = "cpu") -> RewardFunction
         finally:
             sys.path.pop(0)
         return on_texts(lambda prompts, completions: [function(p, c) for p, c in zip(prompts, completions)])
-    return reward_model(spec, device)
+    return reward_model(spec, device, batch_size)
 
 
-def reward_model(name: str, device: torch.device | str) -> RewardFunction:
+def reward_model(name: str, device: torch.device | str, batch_size: int = 16) -> RewardFunction:
     """A sequence-classification reward model: its single logit, or with several labels the log-probability of
     the last label (the 'positive' one by convention). Prompt and completion are tokenized as `preftune
     reward-model` trained on them (`tokenize.tokenize_completion`: a chat prompt gets the completion as the
     assistant's turn, with the template's end of turn; a text prompt the completion and EOS), so a reward model
-    scores a sample as it scored its training pairs."""
+    scores a sample as it scored its training pairs. `batch_size` completions per forward."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from preftune.batching import pad_rows
@@ -85,10 +86,10 @@ def reward_model(name: str, device: torch.device | str) -> RewardFunction:
 
     def score(prompts: Sequence[Text], completions: Sequence[str]) -> list[float]:
         results: list[float] = []
-        for start in range(0, len(prompts), 16):
+        for start in range(0, len(prompts), batch_size):
             split = [tokenize_completion(p, c if isinstance(p, str) else [{"role": "assistant", "content": c}],
                                          tokenizer)
-                     for p, c in zip(prompts[start:start + 16], completions[start:start + 16])]
+                     for p, c in zip(prompts[start:start + batch_size], completions[start:start + batch_size])]
             input_ids, attention_mask, _ = pad_rows([s[0] for s in split], [s[1] for s in split],
                                                     tokenizer.pad_token_id)
             with torch.no_grad():

@@ -36,6 +36,7 @@ class RLOOObjective:
     command: str = "rloo"
     metric_names: tuple[str, ...] = RLOO_METRICS
     minibatch_unit: int = 1
+    splits_minibatch: bool = True  # the loss is a mean over samples
 
     @property
     def kl_coef(self) -> float:
@@ -61,6 +62,10 @@ class RLOOObjective:
                                      every, self.config.rl.cliprange)
         return policy.loss, {"loss/policy": policy.loss.detach(), "policy/approxkl": policy.approxkl,
                              "policy/clipfrac": policy.clipfrac, "policy/ratio": policy.ratio}
+
+
+    def loss_count(self, minibatch: Rollout) -> float:
+        return len(minibatch.samples)
 
 
 def setup(config: Config, reward: RewardFunction | None = None) -> OnlineRun:
