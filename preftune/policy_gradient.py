@@ -127,6 +127,15 @@ def normalized(values: torch.Tensor) -> torch.Tensor:
 def adaptive_kl_coef(kl_coef: float, current_kl: float, target: float, horizon: int, num_samples: int) -> float:
     """The KL coefficient that tracks a target KL (Ziegler et al. 2019, arXiv:1909.08593, sec. 2.2), after a
     rollout of `num_samples` completions whose mean KL was `current_kl`:
-    kl_coef * (1 + clip(current_kl / target - 1, -0.2, 0.2) * num_samples / horizon)."""
+    kl_coef * (1 + clip(current_kl / target - 1, -0.2, 0.2) * num_samples / horizon).
+    Refuses (ValueError, never clamps) a kl_coef <= 0, which a multiplicative controller cannot move (or which rewards
+    drift), and a horizon of at most num_samples / 5, where the factor can reach 0 or below; config.validate refuses
+    both before a run, this catches a launch with more processes than --num-processes counts."""
+    if kl_coef <= 0:
+        raise ValueError(f"the adaptive KL controller's kl_coef must be > 0, got {kl_coef}")
+    if 5 * horizon <= num_samples:
+        raise ValueError(f"the adaptive KL controller's horizon ({horizon}) must be more than a fifth of the "
+                         f"rollout's {num_samples} samples: 1 - 0.2 * {num_samples} / {horizon} <= 0 would make "
+                         "kl_coef 0 or negative (--kl-horizon)")
     error = min(max(current_kl / target - 1.0, -0.2), 0.2)
     return kl_coef * (1.0 + error * num_samples / horizon)

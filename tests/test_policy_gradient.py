@@ -449,3 +449,21 @@ def test_adaptive_kl_below_target_is_clipped_at_minus_0_2():
 
 def test_adaptive_kl_at_target_is_unchanged():
     assert adaptive_kl_coef(0.123, 6.0, 6.0, horizon=10000, num_samples=512) == 0.123
+
+
+def test_adaptive_kl_refuses_a_rollout_that_could_make_the_coefficient_0_or_negative():
+    # 0.2 * 16 / 3 > 1: far below the target the factor 1 - 1.07 would turn the penalty into a reward for drift
+    with pytest.raises(ValueError, match="more than a fifth of the rollout's 16 samples"):
+        adaptive_kl_coef(0.1, 0.0, 1.0, horizon=3, num_samples=16)
+    # 0.2 * 10 / 2 = 1: exactly 0, and 0 for ever after
+    with pytest.raises(ValueError, match="more than a fifth"):
+        adaptive_kl_coef(0.1, 100.0, 1.0, horizon=2, num_samples=10)  # above the target too: refused whatever the KL
+    # just inside: 0.1 * (1 - 0.2 * 10 / 3)
+    assert adaptive_kl_coef(0.1, 0.0, 1.0, horizon=3, num_samples=10) == pytest.approx(0.1 / 3, rel=1e-12)
+
+
+@pytest.mark.parametrize("kl_coef", [0.0, -0.1])
+def test_adaptive_kl_refuses_a_coefficient_it_cannot_adapt(kl_coef):
+    # a multiplicative controller leaves 0 at 0 whatever the KL (and a negative one rewards drift)
+    with pytest.raises(ValueError, match="kl_coef must be > 0"):
+        adaptive_kl_coef(kl_coef, 12.0, 6.0, horizon=10000, num_samples=64)
