@@ -10,9 +10,12 @@ backward, the optimizer step. Every forward holds at most --local-rollout-forwar
 default); 0 runs without the option, for code that has none (today's main: `PYTHONPATH=/path/to/main`).
 
 Reported per rollout size: the process's peak RSS after setup (the policy, the reference, the tokenizer, the
-prompts; the kernel's high-water mark, getrusage) and after the step (the AdamW state is created at the first
-optimizer step), the step's seconds and completion tokens, and the spread of the step peaks, (max - min) / min.
-Also the machine's fp32 matmul GFLOP/s (a 2048 x 2048 matmul, best of 6).
+prompts; the kernel's high-water mark, getrusage), after the rollout (sampling, log-probs, reward) and after the
+step (the AdamW state is created at the first optimizer step), the step's seconds and completion tokens, and the
+spread of the step peaks, (max - min) / min. Also the machine's fp32 matmul GFLOP/s (a 2048 x 2048 matmul, best of
+6) and the MALLOC_* environment the workers inherit: glibc keeps freed memory of mid-size allocations in its heap
+(its mmap threshold rises to 32 MB as large blocks are freed), so the RSS high-water mark grows with the number of
+micro-batches unless MALLOC_MMAP_THRESHOLD_ fixes the threshold (then every block above it is returned when freed).
 
 Examples:
     .venv/bin/python benchmarks/bench_rollout_memory.py --output rollout-memory.json
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -96,7 +100,8 @@ def main() -> None:
             "date": date.today().isoformat(),
             "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                         "matmul_fp32_gflops": round(matmul_peak_gflops(), 1), "python": platform.python_version(),
-                        "torch": torch.__version__, "transformers": transformers.__version__},
+                        "torch": torch.__version__, "transformers": transformers.__version__,
+                        "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}},
             "settings": {"model": "tiny random Llama (--smoke)" if args.smoke else args.model, "recipe": "rloo",
                          "num_generations": 2, "max_new_tokens": args.max_new_tokens,
                          "local_rollout_forward_batch_size": args.local_rollout_forward_batch_size or None,
@@ -107,6 +112,7 @@ def main() -> None:
             result = run_worker(samples, args, folder)
             report["rollouts"][str(samples)] = {
                 "setup_peak_rss_gb": gigabytes(result["setup_peak_rss_kb"]),
+                "rollout_peak_rss_gb": gigabytes(result["rollout_peak_rss_kb"]),
                 "step_peak_rss_gb": gigabytes(result["step_peak_rss_kb"]),
                 "step_seconds": round(result["step_seconds"], 1),
                 "completions": result["completions"], "completion_tokens": result["completion_tokens"],
@@ -143,13 +149,15 @@ def worker(args: argparse.Namespace) -> None:
         began = time.perf_counter()
         rollout = online.collect(run, online.step_positions(run))
         run.objective.score(run, rollout)
+        rollout_peak = peak_rss_kb()
         online.optimise(run, rollout)
         run.scheduler.step()
         seconds = time.perf_counter() - began
     finally:
         online.cleanup(run)
     args.result.write_text(json.dumps({
-        "setup_peak_rss_kb": setup_peak, "step_peak_rss_kb": peak_rss_kb(), "step_seconds": seconds,
+        "setup_peak_rss_kb": setup_peak, "rollout_peak_rss_kb": rollout_peak, "step_peak_rss_kb": peak_rss_kb(),
+        "step_seconds": seconds,
         "completions": len(rollout.samples),
         "completion_tokens": sum(len(s.completion_ids) for s in rollout.samples)}))
 
