@@ -246,11 +246,18 @@ def rollout_metrics(rollout: Rollout, kl_coef: float) -> dict[str, float]:
 
 # ---- the loop ----------------------------------------------------------------------------------------------------
 def micro_batches(objective: Any, minibatch: Rollout, size: int) -> list[Rollout]:
-    """The minibatch as consecutive micro-batches of at most `size` rows (whole units of the objective's
-    `minibatch_unit`, at least one unit), or whole where the objective's loss couples its rows."""
+    """The minibatch as micro-batches of at most `size` rows (whole units of the objective's `minibatch_unit`, at
+    least one unit), or whole where it fits or the objective's loss couples its rows. Split, its rows are first
+    put in prompt order (stable: a unit stays whole), so that a prompt's samples share a micro-batch and its
+    prompt is computed once (--batch-layout shared_prefix, packed), as in the rollout: the tokens per micro-batch,
+    and so its memory, do not grow with the shuffled minibatch's prompts. The order of a mean's terms is all it
+    changes."""
     rows, unit = len(minibatch.samples), objective.minibatch_unit
     step = max(unit, size // unit * unit) if objective.splits_minibatch else rows
-    return [minibatch.rows(torch.arange(start, min(start + step, rows))) for start in range(0, rows, step)]
+    if step >= rows:
+        return [minibatch]
+    order = torch.tensor(sorted(range(rows), key=lambda row: minibatch.samples[row].prompt_index))
+    return [minibatch.rows(order[start : start + step]) for start in range(0, rows, step)]
 
 
 def accumulate_gradients(objective: Any, model: torch.nn.Module, minibatch: Rollout, size: int,
