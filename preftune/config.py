@@ -205,7 +205,8 @@ class TrainConfig:
     )
     max_bad_steps: int = doc(
         "Stop (with a checkpoint) after this many optimizer steps in a row had a non-finite loss or gradient; "
-        "such steps are skipped with a warning.",
+        "such steps are skipped with a warning. In ppo, rloo and online-dpo a rollout's minibatch steps count, "
+        "across rollouts.",
         3,
     )
     sync_ref_model: bool = doc(
@@ -216,7 +217,12 @@ class TrainConfig:
     ref_model_mixup_alpha: float = doc(
         "TR-DPO's alpha: each update sets the reference to alpha * policy + (1 - alpha) * reference.", 0.6
     )
-    ref_model_sync_steps: int = doc("TR-DPO's tau: optimizer steps between reference updates.", 512)
+    ref_model_sync_steps: int = doc(
+        "TR-DPO's tau: optimizer steps between reference updates. online-dpo updates the reference between "
+        "rollouts (a rollout's reference log-probs are computed when it is sampled): there it must be a multiple "
+        "of a rollout's optimizer steps, --num-ppo-epochs x --num-mini-batches.",
+        512,
+    )
     precompute_ref_log_probs: bool = doc(
         "Compute the reference log-probs of every training and evaluation pair once, before training, and cache "
         "them on disk (under --cache-dir, keyed by the reference weights, the token ids and the settings that "
@@ -310,7 +316,9 @@ class RLConfig:
     gamma: float = doc("PPO: discount factor of GAE.", 1.0)
     lam: float = doc("PPO: lambda of GAE.", 0.95)
     whiten_rewards: bool = doc("PPO: whiten the per-token rewards of each rollout (scale only).", False)
-    normalize_advantages: bool = doc("RLOO: normalise the advantages over each rollout to mean 0, std 1.", False)
+    normalize_advantages: bool = doc(
+        "RLOO: normalise the advantages over each rollout (every process's samples, as TRL) to mean 0, std 1.", False
+    )
     missing_eos_penalty: float | None = doc(
         "Subtract this from the score of a completion that did not end (no EOS within --max-new-tokens)."
     )
@@ -587,6 +595,11 @@ def _check_reference(config: Config, command: str, need: Check, unused: Unused) 
         need(0 < t.ref_model_mixup_alpha <= 1, f"--ref-model-mixup-alpha must be in (0, 1], got "
                                                f"{t.ref_model_mixup_alpha}")
         need(t.ref_model_sync_steps >= 1, f"--ref-model-sync-steps must be >= 1, got {t.ref_model_sync_steps}")
+        per_rollout = optimizer_steps_per_rollout(config, command)
+        need(command != "online-dpo" or t.ref_model_sync_steps % per_rollout == 0,
+             f"--ref-model-sync-steps counts optimizer steps, and online-dpo updates the reference between rollouts: "
+             f"it must be a multiple of a rollout's {per_rollout} optimizer steps (--num-ppo-epochs x "
+             f"--num-mini-batches), got {t.ref_model_sync_steps}")
         need(not t.precompute_ref_log_probs, "--precompute-ref-log-probs fixes the reference log-probs before "
                                              "training: not with --sync-ref-model, which updates the reference")
     else:
@@ -796,6 +809,11 @@ def resolved_num_ppo_epochs(config: Config, command: str) -> int:
     if config.rl.num_ppo_epochs is not None:
         return config.rl.num_ppo_epochs
     return 4 if command == "ppo" else 1
+
+
+def optimizer_steps_per_rollout(config: Config, command: str) -> int:
+    """The optimizer steps an online recipe takes on each rollout: one per minibatch of each pass."""
+    return resolved_num_ppo_epochs(config, command) * config.rl.num_mini_batches
 
 
 def validate(config: Config, command: str = "train") -> None:

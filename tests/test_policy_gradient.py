@@ -287,6 +287,18 @@ def test_policy_loss_per_sequence():
     torch.testing.assert_close(logps.grad, tensor([0.0, 0.5]), rtol=0, atol=1e-15)
 
 
+def test_policy_loss_on_policy_has_ratio_exactly_1_and_the_gradient_of_log_pi():
+    # old_logps None (no update since sampling): log pi_old is log pi detached, whatever the rollout measured;
+    # rho = 1 everywhere, nothing clipped, loss -mean A and d loss / d logp_t = -A_t / n (TRL's, one iteration)
+    logps, _, advantages, mask = policy_batch()
+    logps = (logps * 1.000001).requires_grad_()  # values that round anywhere
+    out = clipped_policy_loss(logps, None, advantages, mask, EPS)
+    assert out.ratio.item() == 1.0 and out.clipfrac.item() == 0.0 and out.approxkl.item() == 0.0
+    assert out.loss.item() == pytest.approx(-advantages[mask].mean().item(), rel=1e-12)
+    out.loss.backward()
+    torch.testing.assert_close(logps.grad, torch.where(mask, -advantages / 6, 0.0), rtol=0, atol=1e-15)
+
+
 # ---- PPO's clipped value loss ----------------------------------------------------------------------------------
 
 
@@ -420,6 +432,23 @@ def test_normalized_moments():
     # unit std up to the 1e-4 epsilon: std / (std + 1e-4)
     assert out.std(unbiased=True).item() == pytest.approx(std / (std + 1e-4), rel=1e-12)
     assert out.std(unbiased=True).item() == pytest.approx(1.0, abs=1e-4)
+
+
+@pytest.mark.parametrize("split", [1, 3, 7])
+def test_normalized_over_processes_equals_normalized_over_all_their_values(split: int):
+    # two processes holding 1/9, 3/7 or 7/3 of the values: with `total` adding over both (all-reduce), each
+    # normalises its own by the mean and std of all ten, as TRL's normalize_advantages after gathering them
+    values = torch.randn(10, generator=torch.Generator().manual_seed(5), dtype=F64) * 3 + 2
+    whole = normalized(values)
+    halves = (values[:split], values[split:])
+    for mine, theirs in (halves, halves[::-1]):
+        mean = values.mean()
+        # what the other process adds to each all-reduce, in order: (count, sum), then its squared deviations
+        added = [torch.stack([theirs.new_tensor(theirs.numel()), theirs.sum()]), ((theirs - mean) ** 2).sum()]
+        out = normalized(mine, lambda tensor, added=added: tensor + added.pop(0))
+        expected = whole[:split] if mine is halves[0] else whole[split:]
+        torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+    assert not torch.allclose(normalized(halves[1]), whole[split:])  # each process's own statistics differ
 
 
 def test_normalized_single_value_is_zero():
