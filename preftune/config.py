@@ -293,6 +293,14 @@ class RLConfig:
         "completions (--rollout-batch-size x --num-generations; online-dpo: its pairs, --rollout-batch-size).",
         1,
     )
+    local_rollout_forward_batch_size: int = doc(
+        "Samples per forward in every phase of a rollout (sampling with its log-probs, the reference's log-probs, "
+        "PPO's critic, a reward model) and per forward/backward of the loss (a minibatch's micro-batches, their "
+        "gradients accumulated to the minibatch's exactly; online-dpo's losses that couple pairs, aot and sft, run "
+        "a minibatch whole): peak memory follows this size, not the rollout's (TRL's name; TRL micro-batches the "
+        "loss by per_device_train_batch_size).",
+        64,
+    )
     kl_coef: float = doc(
         "Weight of the KL penalty -kl_coef * (log pi - log pi_ref) in the reward (the starting value with "
         "--kl-target).",
@@ -726,6 +734,8 @@ def _check_rl(config: Config, command: str, need: Check, unused: Unused) -> None
          f"{r.num_generations}")
     need(r.rollout_batch_size >= 1, f"--rollout-batch-size must be >= 1, got {r.rollout_batch_size}")
     need(r.num_ppo_epochs is None or r.num_ppo_epochs >= 1, f"--num-ppo-epochs must be >= 1, got {r.num_ppo_epochs}")
+    need(r.local_rollout_forward_batch_size >= 1,
+         f"--local-rollout-forward-batch-size must be >= 1, got {r.local_rollout_forward_batch_size}")
     need(math.isfinite(r.kl_coef) and r.kl_coef >= 0, f"--kl-coef must be >= 0, got {r.kl_coef}")
     need(r.kl_target is None or r.kl_target > 0, f"--kl-target must be > 0, got {r.kl_target}")
     need(r.kl_horizon >= 1, f"--kl-horizon must be >= 1, got {r.kl_horizon}")

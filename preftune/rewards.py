@@ -152,13 +152,13 @@ def sentiment_reward() -> RewardFunction:
     return lambda prompts, completions: [vader(c) for c in completions]
 
 
-def load_reward(spec: str, device: torch.device | str = "cpu") -> CheckedReward:
-    """'sentiment', 'module:function', or a reward model, `checked`; a bad spec is a UserError saying which it
-    tried."""
-    return checked(unchecked_reward(spec, device), spec)
+def load_reward(spec: str, device: torch.device | str = "cpu", batch_size: int = 16) -> CheckedReward:
+    """'sentiment', 'module:function', or a reward model (scoring `batch_size` completions per forward), `checked`;
+    a bad spec is a UserError saying which it tried."""
+    return checked(unchecked_reward(spec, device, batch_size), spec)
 
 
-def unchecked_reward(spec: str, device: torch.device | str) -> RewardFunction:
+def unchecked_reward(spec: str, device: torch.device | str, batch_size: int = 16) -> RewardFunction:
     if spec == "sentiment":
         return sentiment_reward()
     if ":" in spec and not Path(spec).exists():
@@ -171,7 +171,7 @@ def unchecked_reward(spec: str, device: torch.device | str) -> RewardFunction:
         finally:
             sys.path.pop(0)
         return per_sample(function, spec)
-    return reward_model(spec, device)
+    return reward_model(spec, device, batch_size)
 
 
 def padding_id(model_pad_id: int | None, rows: Sequence[Sequence[int]]) -> int:
@@ -185,14 +185,14 @@ def padding_id(model_pad_id: int | None, rows: Sequence[Sequence[int]]) -> int:
     return next(i for i in range(len(rows) + 1) if i not in ends)
 
 
-def reward_model(name: str, device: torch.device | str) -> RewardFunction:
+def reward_model(name: str, device: torch.device | str, batch_size: int = 16) -> RewardFunction:
     """A sequence-classification reward model: its single logit, or with several labels the log-probability of
     the last label (the 'positive' one by convention). Prompt and completion are tokenized as `preftune
     reward-model` trained on them (`tokenize.tokenize_completion`: a chat prompt gets the completion as the
     assistant's turn, with the template's end of turn; a text prompt the completion and EOS), so a reward model
     scores a sample as it scored its training pairs. Each row is read where the model reads it alone, whatever
     else is in its batch (`padding_id`): its config's pad id decides, not the tokenizer's (a hub model may have
-    none, or one the tokenizer lacks)."""
+    none, or one the tokenizer lacks). `batch_size` completions per forward."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from preftune.batching import pad_rows
@@ -210,10 +210,10 @@ def reward_model(name: str, device: torch.device | str) -> RewardFunction:
 
     def score(prompts: Sequence[Text], completions: Sequence[str]) -> list[float]:
         results: list[float] = []
-        for start in range(0, len(prompts), 16):
+        for start in range(0, len(prompts), batch_size):
             split = [tokenize_completion(p, c if isinstance(p, str) else [{"role": "assistant", "content": c}],
                                          tokenizer)
-                     for p, c in zip(prompts[start:start + 16], completions[start:start + 16])]
+                     for p, c in zip(prompts[start:start + batch_size], completions[start:start + batch_size])]
             text_config.pad_token_id = pad = padding_id(model_pad_id, [s[0] + s[1] for s in split])
             input_ids, attention_mask, _ = pad_rows([s[0] for s in split], [s[1] for s in split], pad)
             with torch.no_grad():

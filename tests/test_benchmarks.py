@@ -77,3 +77,21 @@ def test_bench_rloo_vs_trl_smoke_times_both_sides_on_the_same_prompts(tmp_path):
         assert abs(measured["mean_loss"]) < 1e-4  # one update per rollout: -mean(leave-one-out advantage) = 0
     assert report["same_prompts_each_step"]
     assert report["ratios"]["steps_per_second"] > 0 and report["ratios"]["completion_tokens_per_second"] > 0
+
+
+def test_bench_rollout_memory_smoke_measures_one_step_per_rollout_size(tmp_path):
+    output = tmp_path / "rollout-memory.json"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_rollout_memory.py"), "--smoke", "--output", str(output)],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    assert json.loads(output.read_text()) == report
+    assert report["settings"]["local_rollout_forward_batch_size"] == 2 and report["machine"]["matmul_fp32_gflops"] > 0
+    assert list(report["rollouts"]) == ["4", "8"]
+    for samples, measured in report["rollouts"].items():
+        assert measured["completions"] == int(samples)
+        assert 0 < measured["completion_tokens"] <= int(samples) * 4
+        assert measured["step_peak_rss_gb"] >= measured["setup_peak_rss_gb"] > 0 and measured["step_seconds"] > 0
+    assert report["step_peak_spread"] >= 0

@@ -10,6 +10,7 @@ The run folder, process group, trackers, optimizer and checkpoint files are runt
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import warnings
@@ -31,7 +32,7 @@ from preftune.measure import ModelPair, measure, paired_gain, summarize
 from preftune.policy_gradient import adaptive_kl_coef, masked_mean
 from preftune.prompts import Prompt, distinct_prompts, distinct_texts, prompt_sources
 from preftune.rewards import RewardError, RewardFunction
-from preftune.rollout import Sample, completion_mask, sample, sampled_token_logps, token_logps
+from preftune.rollout import Sample, completion_mask, in_micro_batches, sample, sampled_token_logps, token_logps
 from preftune.runtime.accelerator import fsdp_requested, init_sharded_root, weights_held
 from preftune.runtime.checkpoint import latest_checkpoint, restore_run_checkpoint, write_run_checkpoint
 from preftune.runtime.logging import MetricLogger
@@ -76,6 +77,9 @@ class OnlineObjective(Protocol):
     command: str  # the CLI command (for the resume hint)
     metric_names: tuple[str, ...]  # the per-minibatch metrics `loss` returns, averaged per step
     minibatch_unit: int  # consecutive rollout rows a minibatch keeps together (online DPO's pairs: 2)
+    # whether a minibatch's loss is the weighted mean of its micro-batches' (False: the loss couples its rows, as a
+    # loss that sorts the batch: the minibatch runs as one forward/backward)
+    splits_minibatch: bool
     kl_coef: float  # the KL weight the rollout metrics (and PPO's, RLOO's reward) start from
 
     def policy_of(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -88,6 +92,10 @@ class OnlineObjective(Protocol):
              on_policy: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The loss of a minibatch (with gradients), and its metrics (detached scalars). `on_policy`: no optimizer
         step since the rollout was sampled, so log pi_old is the current log-prob, detached (the ratio exactly 1)."""
+
+    def loss_count(self, minibatch: Rollout) -> float:
+        """What the loss and its metrics are means over, counted in `minibatch` (RLOO: samples; PPO: completion
+        tokens; online DPO: decided pairs): a micro-batch weighs count / the minibatch's count."""
 
 
 @dataclass
@@ -221,10 +229,11 @@ def sample_seeds(run: OnlineRun, positions: list[int]) -> list[int]:
 def collect(run: OnlineRun, positions: list[int]) -> Rollout:
     """Sample `num_generations` completions of each prompt (by position in `run.train_prompts`) from the policy
     (batched, KV-cached, each sample from its own seed), their per-token log-probs under the policy and the
-    reference, and their reward."""
+    reference, and their reward. Every forward holds at most --local-rollout-forward-batch-size samples (each
+    sample's tokens and log-probs are its own whatever shares its micro-batch)."""
     r, models, pad = run.config.rl, run.models, run.tokenizer.pad_token_id
     prompts = [run.train_prompts[i] for i in positions]
-    layout, device = run.config.train.batch_layout, run.group.device
+    layout, device, size = run.config.train.batch_layout, run.group.device, r.local_rollout_forward_batch_size
     # In fp32 the sampling forward's own logits give log pi_old (equal to a separate forward's to ~1e-6), which
     # saves a forward pass per rollout; under bf16/fp16 the cached and the full forward round differently, so
     # log pi_old comes from a full forward as the loss's (the minibatches after an update use it; the one before,
@@ -232,16 +241,18 @@ def collect(run: OnlineRun, positions: list[int]) -> Rollout:
     from_sampling = run.group.accelerator.mixed_precision == "no"
     with run.group.accelerator.autocast():
         samples = sample(models.policy, run.tokenizer, [p.ids for p in prompts], num_samples=r.num_generations,
-                         max_new_tokens=run.config.sample.max_new_tokens, batch_size=len(prompts) * r.num_generations,
+                         max_new_tokens=run.config.sample.max_new_tokens, batch_size=size,
                          with_logps=from_sampling, row_seeds=sample_seeds(run, positions))
         width = max(len(s.completion_ids) for s in samples)
         with torch.no_grad():
             if from_sampling:
                 logps = sampled_token_logps(samples, width, device)
             else:
-                logps = token_logps(models.policy, samples, pad, width, device, layout)
+                logps = in_micro_batches(lambda part: token_logps(models.policy, part, pad, width, device, layout),
+                                         samples, size)
             with models.reference_model() as reference:
-                ref_logps = token_logps(reference, samples, pad, width, device, layout)
+                ref_logps = in_micro_batches(lambda part: token_logps(reference, part, pad, width, device, layout),
+                                             samples, size)
     raw, judged = judged_rewards(run, [prompts[s.prompt_index].given for s in samples], [s.text for s in samples])
     scores = raw.clone()
     if r.missing_eos_penalty is not None:  # a completion cut off at max_new_tokens
@@ -291,6 +302,47 @@ def rollout_metrics(rollout: Rollout, kl_coef: float) -> dict[str, float]:
 
 
 # ---- the loop ----------------------------------------------------------------------------------------------------
+def micro_batches(objective: Any, minibatch: Rollout, size: int) -> list[Rollout]:
+    """The minibatch as micro-batches of at most `size` rows (whole units of the objective's `minibatch_unit`, at
+    least one unit), or whole where it fits or the objective's loss couples its rows. Split, its rows are first
+    put in prompt order (stable: a unit stays whole), so that a prompt's samples share a micro-batch and its
+    prompt is computed once (--batch-layout shared_prefix, packed), as in the rollout: the tokens per micro-batch,
+    and so its memory, do not grow with the shuffled minibatch's prompts. The order of a mean's terms is all it
+    changes."""
+    rows, unit = len(minibatch.samples), objective.minibatch_unit
+    step = max(unit, size // unit * unit) if objective.splits_minibatch else rows
+    if step >= rows:
+        return [minibatch]
+    order = torch.tensor(sorted(range(rows), key=lambda row: minibatch.samples[row].prompt_index))
+    return [minibatch.rows(order[start : start + step]) for start in range(0, rows, step)]
+
+
+def accumulate_gradients(objective: Any, model: torch.nn.Module, minibatch: Rollout, size: int,
+                         accelerator: Any, on_policy: bool = False) -> tuple[float, dict[str, float]]:
+    """Forward and backward of one minibatch in micro-batches of at most `size` samples, gradients accumulated:
+    the loss is a mean over the minibatch's count n (samples, tokens or pairs: `objective.loss_count`), and
+    mean = sum_i (n_i / n) mean_i over micro-batches i, so each micro-batch's loss is weighted by n_i / n and the
+    accumulated gradient is the whole minibatch's. The processes' gradients are averaged (DDP) once, at the last
+    micro-batch. `on_policy`: the objective's (log pi_old = the current log-prob, detached, row by row). Returns
+    (the minibatch's loss, its metrics: the same weighted sums)."""
+    parts = micro_batches(objective, minibatch, size)
+    counts = [float(objective.loss_count(part)) for part in parts]
+    total = sum(counts)
+    loss_value, metrics = 0.0, {}
+    for i, (part, count) in enumerate(zip(parts, counts)):
+        share = count / total if total > 0 else 1.0 / len(parts)  # nothing counted (all ties): every part's is 0
+        with contextlib.ExitStack() as stack:
+            if i < len(parts) - 1:
+                stack.enter_context(accelerator.no_sync(model))
+            with accelerator.autocast():
+                loss, values = objective.loss(model, part, on_policy=on_policy)
+            accelerator.backward(loss * share)  # one part: share 1.0, the loss unchanged
+        loss_value += share * loss.item()
+        for name, value in values.items():
+            metrics[name] = metrics.get(name, 0.0) + share * float(value)
+    return loss_value, metrics
+
+
 def minibatch_rows(run: OnlineRun, num_rows: int) -> Iterator[torch.Tensor]:
     """The rollout rows of each optimizer step, in order: num_ppo_epochs passes, each over the rows reshuffled
     (seeded by step) into num_mini_batches minibatches; the objective's `minibatch_unit` rows stay together."""
@@ -312,11 +364,11 @@ def optimise(run: OnlineRun, rollout: Rollout) -> tuple[dict[str, float], float,
     count, skipped, stepped, grad_norm = 0, False, False, float("nan")
     max_norm = run.config.train.max_grad_norm if run.config.train.max_grad_norm > 0 else float("inf")
     for index in minibatch_rows(run, len(rollout.samples)):
-        with accelerator.autocast():
-            loss, metrics = run.objective.loss(model, rollout.rows(index), on_policy=not stepped)
-        accelerator.backward(loss)
+        loss, metrics = accumulate_gradients(run.objective, model, rollout.rows(index),
+                                             run.config.rl.local_rollout_forward_batch_size, accelerator,
+                                             on_policy=not stepped)
         grad_norm = float(full_value(accelerator.clip_grad_norm_(run.trainable, max_norm)))
-        if math.isfinite(grad_norm) and math.isfinite(loss.item()):
+        if math.isfinite(grad_norm) and math.isfinite(loss):
             run.optimizer.step()
             stepped, state.bad_steps_in_row = True, 0
         else:
@@ -480,11 +532,12 @@ def setup(config: Config, objective: Any, build_model: ModelBuilder | None = Non
     session = open_session(c)
     group = session.group
     if reward is None:
-        reward = load_reward(c.sample.reward, group.device)  # a bad --reward fails before the policy loads
+        # a bad --reward fails before the policy loads
+        reward = load_reward(c.sample.reward, group.device, c.rl.local_rollout_forward_batch_size)
     reward = checked(reward, c.sample.reward)
     eval_reward = reward
     if c.sample.eval_reward not in (None, c.sample.reward):
-        eval_reward = load_reward(c.sample.eval_reward, group.device)
+        eval_reward = load_reward(c.sample.eval_reward, group.device, c.rl.local_rollout_forward_batch_size)
     policy, reference, tokenizer, source = load_policy_and_reference(c.model)
     train_prompts, eval_prompts = distinct_prompts(train_texts, tokenizer), distinct_prompts(eval_texts, tokenizer)
     _, total_steps = count_rollout_steps(c, len(train_prompts), group.world_size)

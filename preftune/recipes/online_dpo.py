@@ -20,7 +20,7 @@ import torch
 
 from preftune.config import Config, loss_params, optimizer_steps_per_rollout
 from preftune.logprobs import SequenceLogps
-from preftune.losses import LossParams, compute_loss
+from preftune.losses import LOSSES, LossParams, compute_loss
 from preftune.policy_gradient import masked_mean
 from preftune.recipes import online
 from preftune.recipes.online import OnlineRun, Rollout
@@ -55,6 +55,12 @@ class OnlineDPOObjective:
     command: str = "online-dpo"
     metric_names: tuple[str, ...] = ONLINE_DPO_METRICS
     minibatch_unit: int = 2  # a minibatch holds whole pairs
+
+    @property
+    def splits_minibatch(self) -> bool:
+        """The loss is a mean over decided pairs, unless a loss type couples the pairs: AOT sorts the batch, sft
+        averages the NLL over all the batch's chosen tokens."""
+        return all(LOSSES[name].per_pair and name != "sft" for name in self.params.loss_types)
 
     @property
     def kl_coef(self) -> float:
@@ -103,6 +109,10 @@ class OnlineDPOObjective:
                       "rewards/rejected": mean(output.rejected_rewards), "rewards/margins": mean(margins),
                       "rewards/accuracies": mean((margins > 0).float()),
                       "logps/chosen": mean(policy.chosen.detach()), "logps/rejected": mean(policy.rejected.detach())}
+
+
+    def loss_count(self, minibatch: Rollout) -> float:
+        return minibatch.extras["decided"][0::2].sum().item()
 
 
 def setup(config: Config, reward: RewardFunction | None = None) -> OnlineRun:

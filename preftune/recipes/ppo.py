@@ -28,7 +28,7 @@ from preftune.policy_gradient import (
 from preftune.recipes import online
 from preftune.recipes.online import OnlineRun, Rollout
 from preftune.rewards import RewardFunction
-from preftune.rollout import Sample, per_token, sample_rows, token_logps
+from preftune.rollout import Sample, in_micro_batches, per_token, sample_rows, token_logps
 
 PPO_METRICS = ("loss/policy", "loss/value", "policy/approxkl", "policy/clipfrac", "policy/ratio", "val/vpred",
                "val/error", "val/clipfrac")
@@ -74,6 +74,7 @@ class PPOObjective:
     command: str = "ppo"
     metric_names: tuple[str, ...] = PPO_METRICS
     minibatch_unit: int = 1
+    splits_minibatch: bool = True  # both losses are means over completion tokens
 
     @property
     def kl_coef(self) -> float:
@@ -89,8 +90,9 @@ class PPOObjective:
         critic = run.group.unwrap(run.model).critic
         mask = trained_mask(rollout)
         with torch.no_grad(), run.group.accelerator.autocast():
-            values = token_values(critic, rollout.samples, run.tokenizer.pad_token_id, rollout.width,
-                                  self.config.train.batch_layout) * mask
+            values = in_micro_batches(lambda part: token_values(critic, part, run.tokenizer.pad_token_id,
+                                                                rollout.width, self.config.train.batch_layout),
+                                      rollout.samples, r.local_rollout_forward_batch_size) * mask
         rewards, _ = shaped_rewards(rollout.logps, rollout.ref_logps, rollout.scores, mask, run.state.kl_coef)
         if r.whiten_rewards:
             rewards = whiten(rewards, mask, shift_mean=False)
@@ -112,6 +114,9 @@ class PPOObjective:
                    "val/error": masked_mean((values.detach() - extras["returns"]) ** 2, mask),
                    "val/clipfrac": value_clipfrac}
         return policy.loss + r.vf_coef * value_loss, metrics
+
+    def loss_count(self, minibatch: Rollout) -> float:
+        return trained_mask(minibatch).sum().item()  # the losses' means are over the judged samples' tokens
 
 
 def load_critic(config: Config, tokenizer) -> torch.nn.Module:

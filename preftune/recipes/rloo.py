@@ -53,6 +53,7 @@ class RLOOObjective:
     command: str = "rloo"
     metric_names: tuple[str, ...] = RLOO_METRICS
     minibatch_unit: int = 1
+    splits_minibatch: bool = True  # the loss is a mean over samples
 
     @property
     def kl_coef(self) -> float:
@@ -82,6 +83,10 @@ class RLOOObjective:
                                      self.config.rl.cliprange)
         return policy.loss, {"loss/policy": policy.loss.detach(), "policy/approxkl": policy.approxkl,
                              "policy/clipfrac": policy.clipfrac, "policy/ratio": policy.ratio}
+
+
+    def loss_count(self, minibatch: Rollout) -> float:
+        return minibatch.extras["trained"].sum().item()  # the loss's mean is over the samples it trains on
 
 
 def setup(config: Config, reward: RewardFunction | None = None) -> OnlineRun:
