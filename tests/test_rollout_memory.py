@@ -145,8 +145,10 @@ def test_rloo_loss_in_micro_batches_has_the_whole_minibatchs_gradient(policy):
     with torch.no_grad():
         current = (token_logps(policy, minibatch.samples, 2, minibatch.width, "cpu") * minibatch.mask).sum(1)
     # old log-probs near the current ones, some ratios past the clip range
+    # one sample the reward could not judge (None): the loss's mean, and each micro-batch's weight, leave it out
     minibatch.extras.update(advantages=torch.randn(8, generator=generator),
-                            old_sequence_logps=current + 0.3 * torch.randn(8, generator=generator))
+                            old_sequence_logps=current + 0.3 * torch.randn(8, generator=generator),
+                            trained=torch.arange(8) != 5)
     assert_same_step(objective, policy, minibatch, 3)
 
 
@@ -166,6 +168,7 @@ def test_ppo_loss_in_micro_batches_has_the_whole_minibatchs_gradient(policy):
     minibatch.extras.update(values=(values + 0.3 * torch.randn(mask.shape, generator=generator)) * mask,
                             advantages=torch.randn(mask.shape, generator=generator) * mask,
                             returns=torch.randn(mask.shape, generator=generator) * mask)
+    minibatch.judged = torch.arange(8) != 2  # a sample the reward could not judge: its tokens are in no mean
     assert_same_step(ppo.PPOObjective(Config()), model, minibatch, 3)
 
 
