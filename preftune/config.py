@@ -67,7 +67,12 @@ class ModelConfig:
     )
     lora_r: int = doc("LoRA rank.", 16)
     lora_alpha: int = doc("LoRA scaling numerator (the update is scaled by lora_alpha / lora_r).", 32)
-    lora_dropout: float = doc("Dropout on the LoRA input.", 0.0)
+    lora_dropout: float = doc(
+        "Dropout on the LoRA input, for train and reward-model: ppo, rloo, online-dpo and the frontier's online "
+        "methods refuse it (it would make their probability ratio, old log-probs and values noisy; TRL's PPO and "
+        "RLOO switch dropout off).",
+        0.0,
+    )
     lora_target_modules: str = doc(
         "Comma-separated module names to adapt, or 'all-linear' for every linear layer but the output head.",
         "all-linear",
@@ -204,7 +209,8 @@ class TrainConfig:
     )
     max_bad_steps: int = doc(
         "Stop (with a checkpoint) after this many optimizer steps in a row had a non-finite loss or gradient; "
-        "such steps are skipped with a warning.",
+        "such steps are skipped with a warning. In ppo, rloo and online-dpo a rollout's minibatch steps count, "
+        "across rollouts.",
         3,
     )
     sync_ref_model: bool = doc(
@@ -215,7 +221,12 @@ class TrainConfig:
     ref_model_mixup_alpha: float = doc(
         "TR-DPO's alpha: each update sets the reference to alpha * policy + (1 - alpha) * reference.", 0.6
     )
-    ref_model_sync_steps: int = doc("TR-DPO's tau: optimizer steps between reference updates.", 512)
+    ref_model_sync_steps: int = doc(
+        "TR-DPO's tau: optimizer steps between reference updates. online-dpo updates the reference between "
+        "rollouts (a rollout's reference log-probs are computed when it is sampled): there it must be a multiple "
+        "of a rollout's optimizer steps, --num-ppo-epochs x --num-mini-batches.",
+        512,
+    )
     precompute_ref_log_probs: bool = doc(
         "Compute the reference log-probs of every training and evaluation pair once, before training, and cache "
         "them on disk (under --cache-dir, keyed by the reference weights, the token ids and the settings that "
@@ -275,23 +286,35 @@ class RLConfig:
         "Optimisation passes over each rollout (TRL RLOO's num_iterations). Unset: 4 for ppo, 1 for rloo and "
         "online-dpo."
     )
-    num_mini_batches: int = doc("Minibatches each pass splits the rollout into; one optimizer step each.", 1)
+    num_mini_batches: int = doc(
+        "Equal minibatches each pass splits a process's rollout into, one optimizer step each: must divide its "
+        "completions (--rollout-batch-size x --num-generations; online-dpo: its pairs, --rollout-batch-size).",
+        1,
+    )
     kl_coef: float = doc(
         "Weight of the KL penalty -kl_coef * (log pi - log pi_ref) in the reward (the starting value with "
         "--kl-target).",
         0.05,
     )
     kl_target: float | None = doc(
-        "Adapt kl_coef towards this KL per completion, in nats (Ziegler et al. 2019's controller). Unset: fixed."
+        "Adapt kl_coef towards this KL per completion, in nats (Ziegler et al. 2019's controller), starting from "
+        "--kl-coef (> 0: the controller multiplies it). Unset: fixed."
     )
-    kl_horizon: int = doc("The adaptive controller's horizon, in completions.", 10000)
+    kl_horizon: int = doc(
+        "The adaptive controller's horizon, in completions: after a rollout of N completions (all processes') "
+        "kl_coef is multiplied by 1 + e * N / horizon, e = clip(KL / target - 1, -0.2, 0.2). Refused (not clamped) "
+        "unless horizon > N / 5, so that the factor stays positive.",
+        10000,
+    )
     cliprange: float = doc("Clipping of the probability ratio in the surrogate objective (PPO's epsilon).", 0.2)
     cliprange_value: float = doc("PPO: clipping of the value prediction around its rollout value.", 0.2)
     vf_coef: float = doc("PPO: weight of the value loss.", 0.1)
     gamma: float = doc("PPO: discount factor of GAE.", 1.0)
     lam: float = doc("PPO: lambda of GAE.", 0.95)
     whiten_rewards: bool = doc("PPO: whiten the per-token rewards of each rollout (scale only).", False)
-    normalize_advantages: bool = doc("RLOO: normalise the advantages over each rollout to mean 0, std 1.", False)
+    normalize_advantages: bool = doc(
+        "RLOO: normalise the advantages over each rollout (every process's samples, as TRL) to mean 0, std 1.", False
+    )
     missing_eos_penalty: float | None = doc(
         "Subtract this from the score of a completion that did not end (no EOS within --max-new-tokens)."
     )
@@ -305,6 +328,7 @@ class RLConfig:
 
 # `preftune frontier --methods`: the names of its methods (frontier_methods.py builds them)
 FRONTIER_METHODS = ("best-of-n", "dpo", "preferred-ft", "ppo", "ppo-gt", "rloo", "online-dpo")
+FRONTIER_ONLINE_METHODS = ("ppo", "ppo-gt", "rloo", "online-dpo")  # those that run an online recipe
 
 
 @dataclass
@@ -569,6 +593,11 @@ def _check_reference(config: Config, command: str, need: Check, unused: Unused) 
         need(0 < t.ref_model_mixup_alpha <= 1, f"--ref-model-mixup-alpha must be in (0, 1], got "
                                                f"{t.ref_model_mixup_alpha}")
         need(t.ref_model_sync_steps >= 1, f"--ref-model-sync-steps must be >= 1, got {t.ref_model_sync_steps}")
+        per_rollout = optimizer_steps_per_rollout(config, command)
+        need(command != "online-dpo" or t.ref_model_sync_steps % per_rollout == 0,
+             f"--ref-model-sync-steps counts optimizer steps, and online-dpo updates the reference between rollouts: "
+             f"it must be a multiple of a rollout's {per_rollout} optimizer steps (--num-ppo-epochs x "
+             f"--num-mini-batches), got {t.ref_model_sync_steps}")
         need(not t.precompute_ref_log_probs, "--precompute-ref-log-probs fixes the reference log-probs before "
                                              "training: not with --sync-ref-model, which updates the reference")
     else:
@@ -697,9 +726,6 @@ def _check_rl(config: Config, command: str, need: Check, unused: Unused) -> None
          f"{r.num_generations}")
     need(r.rollout_batch_size >= 1, f"--rollout-batch-size must be >= 1, got {r.rollout_batch_size}")
     need(r.num_ppo_epochs is None or r.num_ppo_epochs >= 1, f"--num-ppo-epochs must be >= 1, got {r.num_ppo_epochs}")
-    need(1 <= r.num_mini_batches <= r.rollout_batch_size * r.num_generations,
-         f"--num-mini-batches must be between 1 and the completions of a rollout "
-         f"({r.rollout_batch_size * r.num_generations}), got {r.num_mini_batches}")
     need(math.isfinite(r.kl_coef) and r.kl_coef >= 0, f"--kl-coef must be >= 0, got {r.kl_coef}")
     need(r.kl_target is None or r.kl_target > 0, f"--kl-target must be > 0, got {r.kl_target}")
     need(r.kl_horizon >= 1, f"--kl-horizon must be >= 1, got {r.kl_horizon}")
@@ -716,9 +742,6 @@ def _check_rl(config: Config, command: str, need: Check, unused: Unused) -> None
         need(config.loss.ld_alpha is None and not config.loss.use_weighting,
              "--ld-alpha and --use-weighting are not supported in online-dpo (they need per-token extras of the "
              "pairs' log-probs that its rollouts do not compute)")
-        need(r.num_mini_batches <= r.rollout_batch_size,
-             f"--num-mini-batches must be at most the pairs of a rollout ({r.rollout_batch_size}), got "
-             f"{r.num_mini_batches}")
     elif command == "rloo":
         unused("rl", ["cliprange_value", "vf_coef", "gamma", "lam", "whiten_rewards", "value_model"],
                "in rloo (it has no critic)")
@@ -730,11 +753,63 @@ def _check_rl(config: Config, command: str, need: Check, unused: Unused) -> None
          f"preftune {command} reads prompts from --prompts or from the pairs of --data, not both")
 
 
+def _check_lora_dropout(config: Config, command: str, need: Check, unused: Unused) -> None:
+    """Dropout on the LoRA input would make an online recipe's probability ratio, old log-probs and values noisy
+    (TRL's PPO and RLOO switch dropout off): refused where one runs, the frontier's online methods included."""
+    m = config.model
+    if command == "frontier":
+        online = [n.strip() for n in config.default_job.frontier_methods.split(",")
+                  if n.strip() in FRONTIER_ONLINE_METHODS]
+    else:
+        online = [command] if command in RL_COMMANDS else []
+    need(not (m.lora and m.lora_dropout != 0 and online),
+         f"--lora-dropout must be 0 in {', '.join(online)} (dropout would make the probability ratio, the old "
+         f"log-probs and the values noisy; TRL's PPO and RLOO switch it off), got {m.lora_dropout}")
+
+
+def _check_minibatches(config: Config, command: str, need: Check, unused: Unused) -> None:
+    """--num-mini-batches splits each process's rollout into equal minibatches (TRL refuses a remainder too):
+    torch.chunk would make fewer of them, or a small last one weighted like the others."""
+    r = config.rl
+    if command not in RL_COMMANDS or r.rollout_batch_size < 1 or r.num_generations < 1:
+        return  # not an online recipe, or a rollout size already refused by _check_rl
+    if command == "online-dpo":  # a minibatch holds whole pairs
+        units, what = r.rollout_batch_size, f"{r.rollout_batch_size} pairs per process (--rollout-batch-size)"
+    else:
+        units = r.rollout_batch_size * r.num_generations
+        what = f"{units} completions per process (--rollout-batch-size x --num-generations)"
+    divisors = [d for d in range(1, units + 1) if units % d == 0]
+    need(r.num_mini_batches in divisors,
+         f"--num-mini-batches must divide a rollout's {what} evenly, got {r.num_mini_batches}: choose one of "
+         f"{', '.join(map(str, divisors))}")
+
+
+def _check_kl_controller(config: Config, command: str, need: Check, unused: Unused) -> None:
+    """The adaptive KL coefficient (policy_gradient.adaptive_kl_coef) must stay positive: it multiplies kl_coef by
+    1 + e * N / horizon after a rollout of N completions (all processes), e down to -0.2."""
+    r = config.rl
+    if command not in ("ppo", "rloo") or r.kl_target is None:
+        return
+    need(r.kl_coef != 0, "--kl-target adapts --kl-coef by multiplying it: from 0 it would never move; set "
+                         "--kl-coef > 0 (the starting value)")  # a negative one is refused by _check_rl
+    processes = config.train.num_processes
+    completions = r.rollout_batch_size * r.num_generations * processes
+    need(r.kl_horizon < 1 or 5 * r.kl_horizon > completions,
+         f"--kl-horizon must be more than a fifth of a rollout's {completions} completions ({r.rollout_batch_size} "
+         f"prompts x {r.num_generations} samples x {processes} processes), got {r.kl_horizon}: below --kl-target "
+         f"the controller multiplies --kl-coef by 1 - 0.2 x {completions} / {r.kl_horizon}, which must stay > 0")
+
+
 def resolved_num_ppo_epochs(config: Config, command: str) -> int:
     """--num-ppo-epochs, or its default for the command (TRL's: 4 for PPO, 1 for RLOO)."""
     if config.rl.num_ppo_epochs is not None:
         return config.rl.num_ppo_epochs
     return 4 if command == "ppo" else 1
+
+
+def optimizer_steps_per_rollout(config: Config, command: str) -> int:
+    """The optimizer steps an online recipe takes on each rollout: one per minibatch of each pass."""
+    return resolved_num_ppo_epochs(config, command) * config.rl.num_mini_batches
 
 
 def validate(config: Config, command: str = "train") -> None:
@@ -755,7 +830,8 @@ def validate(config: Config, command: str = "train") -> None:
             if f"{section}.{name}" in config.explicitly_set and value != default:
                 problems.append(f"--{name.replace('_', '-')} has no effect {reason}")
 
-    for check in (_check_reference, _check_training, _check_model, _check_command_scope, _check_sampling, _check_rl):
+    for check in (_check_reference, _check_training, _check_model, _check_command_scope, _check_sampling, _check_rl,
+                  _check_lora_dropout, _check_minibatches, _check_kl_controller):
         check(config, command, need, unused)
     if problems:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))

@@ -32,7 +32,9 @@ from preftune.runtime.run_folder import prepare_output_dir
 
 __all__ = ["Point", "plot_frontier", "run_frontier", "write_table"]
 
-RECORD_VERSION = 1  # bump when a method's measurement changes, so that older cached records are recomputed
+# bump when a method's measurement changes, so that older cached records are recomputed (2: standard errors
+# clustered by prompt, and each point's gain over the reference paired by prompt)
+RECORD_VERSION = 2
 Runner = Callable[[MethodSpec, Config, Path], tuple[list[Point], Cost]]
 
 

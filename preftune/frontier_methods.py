@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from preftune.config import REWARD_MODEL_DEFAULT_JOB_OVERRIDES, Config
-from preftune.measure import ModelPair, measure, stderr
+from preftune.measure import ModelPair, measure, paired_gain, prompt_means, stderr, summarize
 from preftune.rewards import sentiment_reward
 from preftune.rollout import sample
 from preftune.sentiment import make_prompts, prompt_token_ids
@@ -44,6 +44,9 @@ class Point:
     completions: int = 0  # completions sampled for training (best-of-N: for its choice)
     reward_queries: int = 0  # calls of the reward (ground truth or reward model) on a completion
     labels: int = 0  # preference labels consumed (pairs seen; for reward-model methods, the reward model's)
+    # the reward's gain over the reference's samples on the same prompts, paired by prompt (`measure.paired_gain`)
+    gain: float = math.nan
+    gain_stderr: float = math.nan
 
 
 @dataclass
@@ -107,7 +110,10 @@ def method_specs(config: Config, keys: list[str]) -> list[MethodSpec]:
 
 
 class Measure:
-    """Held-out prompts, the reference and the ground-truth reward: everything a point is measured against."""
+    """Held-out prompts, the reference and the ground-truth reward: everything a point is measured against.
+    Standard errors take each prompt's samples as one cluster; a point's gain pairs its per-prompt mean reward with
+    the reference's on the same prompt (the reference sampled once, as `measure` would sample it: same seed, same
+    count)."""
 
     def __init__(self, config: Config, reference: torch.nn.Module, tokenizer) -> None:
         job = config.default_job
@@ -116,30 +122,49 @@ class Measure:
         self.samples_per_prompt = job.samples_per_eval_prompt
         self.sampling = dict(max_new_tokens=config.sample.max_new_tokens, seed=config.train.seed + 11)
         self.seconds = 0.0  # time spent measuring, left out of the training time
+        self._reference_rewards: list[float] | None = None
+
+    def reference_rewards(self) -> list[float]:
+        """The reference's rewards on the held-out prompts (prompt-major, `samples_per_prompt` each), sampled on
+        first use with the policies' seed and count; its time counts as measurement."""
+        if self._reference_rewards is None:
+            started = time.perf_counter()
+            samples = sample(self.reference, self.tokenizer, self.prompt_ids, num_samples=self.samples_per_prompt,
+                             **self.sampling)
+            self._reference_rewards = self.reward([""] * len(samples), [s.text for s in samples])
+            self.seconds += time.perf_counter() - started
+        return self._reference_rewards
 
     def policy_point(self, policy: torch.nn.Module, method: str, step: int, **budgets: Any) -> Point:
+        reference = self.reference_rewards()
         started = time.perf_counter()
         measured = measure(ModelPair(policy, self.reference), self.tokenizer, self.prompt_ids,
                            num_samples=self.samples_per_prompt, sample_reference=False, reward=self.reward,
                            **self.sampling)
         self.seconds += time.perf_counter() - started
-        rewards, kl = measured.policy_rewards, measured.kl
-        return Point(method, step, None, kl.mean, kl.stderr, statistics.fmean(rewards), stderr(rewards), **budgets)
+        rewards, kl, k = measured.policy_rewards, measured.kl, self.samples_per_prompt
+        gain = paired_gain(rewards, reference, k)
+        return Point(method, step, None, kl.mean, kl.stderr, statistics.fmean(rewards), summarize(rewards, k)["stderr"],
+                     **budgets, gain=gain["mean"], gain_stderr=gain["stderr"])
 
     def best_of_n_points(self) -> tuple[list[Point], float]:
         """Points for N in BEST_OF from the same max(N) samples per prompt, and the sampling time. A point's time is
-        that of its N samples (the sampling time times N / max N)."""
+        that of its N samples (the sampling time times N / max N). Its gain pairs each prompt's best reward with
+        the reference's mean reward on that prompt."""
         n_max, started = max(BEST_OF), time.perf_counter()
         samples = sample(self.reference, self.tokenizer, self.prompt_ids, num_samples=n_max, **self.sampling)
         rewards = self.reward([""] * len(samples), [s.text for s in samples])
         seconds = time.perf_counter() - started
+        reference = prompt_means(self.reference_rewards(), self.samples_per_prompt)
         points = []
         for n in BEST_OF:
             best = [max(rewards[i * n_max : i * n_max + n]) for i in range(len(self.prompt_ids))]
             kl = math.log(n) - (n - 1) / n
             used = n * len(self.prompt_ids)
+            gain = paired_gain(best, reference, 1)
             points.append(Point("reference" if n == 1 else "best-of-N", None, n, kl, 0.0, statistics.fmean(best),
-                                stderr(best), seconds=seconds * n / n_max, completions=used, reward_queries=used))
+                                stderr(best), seconds=seconds * n / n_max, completions=used, reward_queries=used,
+                                gain=gain["mean"], gain_stderr=gain["stderr"]))
         return points, seconds
 
 

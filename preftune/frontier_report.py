@@ -36,11 +36,15 @@ def write_csv(path: Path, records: list) -> None:
 
 
 def write_table(points: list[Point], folder: Path) -> None:
+    """frontier.csv (every field) and frontier.md: KL, mean reward and gain over the reference, each +- its standard
+    error (clustered by prompt; the gain's paired by prompt)."""
     write_csv(folder / "frontier.csv", points)
-    lines = ["| method | steps | N | KL (nats) | mean reward |", "|---|---|---|---|---|"]
+    lines = ["| method | steps | N | KL (nats) | mean reward | gain over the reference (paired by prompt) |",
+             "|---|---|---|---|---|---|"]
     for p in points:
         lines.append(f"| {p.method} | {'' if p.step is None else p.step} | {'' if p.n is None else p.n} | "
-                     f"{p.kl:.2f} +- {p.kl_stderr:.2f} | {p.reward:+.3f} +- {p.reward_stderr:.3f} |")
+                     f"{p.kl:.2f} +- {p.kl_stderr:.2f} | {p.reward:+.3f} +- {p.reward_stderr:.3f} | "
+                     f"{p.gain:+.3f} +- {p.gain_stderr:.3f} |")
     (folder / "frontier.md").write_text("\n".join(lines) + "\n")
 
 

@@ -5,6 +5,8 @@
   --reference-free or --precompute-ref-log-probs: the starting model, loaded on first use).
 - `measure`: sample from the policy (and the reference), log-probs of the policy's samples under both, KL with
   its standard error, ground-truth rewards of every sample, and implicit rewards beta * log(pi / pi_ref).
+- `summarize`, `paired_gain`: a reward's mean and the policy's gain over the reference, with standard errors that
+  take each prompt's samples as one cluster and pair the two models by prompt.
 """
 
 from __future__ import annotations
@@ -27,31 +29,63 @@ from preftune.rollout import Sample, sample, sequence_logps_of_samples
 @dataclass
 class KLEstimate:
     mean: float  # estimated KL(policy || reference) per sequence, in nats
-    stderr: float
+    stderr: float  # clustered by prompt: the standard error of the mean of per-prompt means
     num_samples: int
 
 
-def kl_from_samples(policy_logps: torch.Tensor, reference_logps: torch.Tensor) -> KLEstimate:
-    """Monte-Carlo KL(pi || pi_ref) = E_{y ~ pi}[log pi(y|x) - log pi_ref(y|x)], from samples of the policy."""
+def kl_from_samples(policy_logps: torch.Tensor, reference_logps: torch.Tensor,
+                    samples_per_prompt: int = 1) -> KLEstimate:
+    """Monte-Carlo KL(pi || pi_ref) = E_{y ~ pi}[log pi(y|x) - log pi_ref(y|x)], from samples of the policy, shapes
+    (n * k,) prompt-major (k = `samples_per_prompt` per prompt). The mean is over all samples; its standard error
+    takes each prompt's k samples as one cluster (they share x, so they are not independent): sd_i(m_i) / sqrt(n)
+    with m_i the mean log-ratio of prompt i (NaN for a single prompt)."""
     ratios = (policy_logps - reference_logps).double()
     n = ratios.numel()
-    stderr = ratios.std(unbiased=True).item() / math.sqrt(n) if n > 1 else float("nan")
+    means = prompt_means(ratios.tolist(), samples_per_prompt)
+    stderr = statistics.stdev(means) / math.sqrt(len(means)) if len(means) > 1 else float("nan")
     return KLEstimate(ratios.mean().item(), stderr, n)
 
 
 def stderr(values: Sequence[float]) -> float:
-    """Standard error of the mean: sample standard deviation / sqrt(n) (0 for a single value)."""
+    """Standard error of the mean of independent values: sample standard deviation / sqrt(n) (0 for a single
+    value)."""
     return statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0
 
 
-def summarize(rewards: Sequence[float]) -> dict[str, float]:
-    """Mean, spread, standard error and the share above +0.05 of a list of rewards."""
+def prompt_means(values: Sequence[float], samples_per_prompt: int) -> list[float]:
+    """m_i = (1/k) sum_j values[i * k + j]: each prompt's mean, from values in sample order (prompt-major, k =
+    `samples_per_prompt` per prompt, as `rollout.sample` and `measure` give them), (n * k,) -> (n,)."""
+    k = samples_per_prompt
+    if k < 1 or len(values) % k:
+        raise ValueError(f"{len(values)} values are not whole prompts of {k} samples each")
+    return [statistics.fmean(values[i : i + k]) for i in range(0, len(values), k)]
+
+
+def summarize(rewards: Sequence[float], samples_per_prompt: int = 1) -> dict[str, float]:
+    """Mean, spread, standard error and the share above +0.05 of rewards in sample order (prompt-major,
+    `samples_per_prompt` each). `std` is the spread of single samples; `stderr` is the mean's standard error with
+    each prompt's samples as one cluster: the stderr of the mean of per-prompt means, sd_i(m_i) / sqrt(n_prompts),
+    whose mean equals the mean of all samples since every prompt has the same count. Samples of one prompt are not
+    independent (they share the prompt), so sd / sqrt(n_samples) would understate it."""
     return {
         "mean": statistics.fmean(rewards),
         "std": statistics.stdev(rewards) if len(rewards) > 1 else 0.0,
-        "stderr": stderr(rewards),
+        "stderr": stderr(prompt_means(rewards, samples_per_prompt)),
         "positive_fraction": sum(r > 0.05 for r in rewards) / len(rewards),
     }
+
+
+def paired_gain(policy: Sequence[float], reference: Sequence[float], samples_per_prompt: int) -> dict[str, float]:
+    """The policy's gain over the reference on the same prompts, paired by prompt: d_i = m_i(policy) - m_i(reference)
+    (each prompt's mean over its samples, `prompt_means`), gain = mean_i d_i, stderr = sd_i(d_i) / sqrt(n_prompts).
+    Both lists in sample order, prompt-major, `samples_per_prompt` each, prompt i the same prompt in both. Pairing
+    removes what the prompt contributes to both rewards, and clustering counts a prompt's samples once; treating
+    all 2 * n * k samples as independent (hypot of the two stderrs) is wrong both ways."""
+    if len(policy) != len(reference):
+        raise ValueError(f"paired_gain: {len(policy)} policy rewards against {len(reference)} reference rewards")
+    differences = [p - r for p, r in zip(prompt_means(policy, samples_per_prompt),
+                                         prompt_means(reference, samples_per_prompt), strict=True)]
+    return {"mean": statistics.fmean(differences), "stderr": stderr(differences), "num_prompts": len(differences)}
 
 
 def implicit_reward(policy_logps: torch.Tensor, reference_logps: torch.Tensor, beta: float) -> list[float]:
@@ -128,7 +162,9 @@ def measure(
     """Sample `num_samples` completions per prompt from the policy (and, with `sample_reference`, from the
     reference, same seed), score them, and estimate KL(policy || reference) from the policy's samples.
 
-    Samples follow the models' own distributions (temperature 1, no truncation), as the KL estimate needs.
+    Samples follow the models' own distributions (temperature 1, no truncation), as the KL estimate needs. Both
+    models' samples are in prompt-major order, `num_samples` per prompt (sample i of each is of the same prompt), so
+    `summarize` and `paired_gain` cluster and pair them by prompt; the KL's standard error is clustered by prompt.
     `reward(prompts, completions)` is the ground truth (`prompts`: one per prompt id list, as given, strings or chat
     messages; unset: the decoded prompt ids). With `beta`, also the implicit reward of each sample.
     """
@@ -147,7 +183,8 @@ def measure(
     if reference_samples is not None and beta is not None:
         under_policy = sequence_logps_of_samples(policy, reference_samples, pad)
         reference_implicit = implicit_reward(under_policy, own, beta)
-    result = Measurement(policy_samples, reference_samples, kl_from_samples(policy_logps, reference_logps))
+    kl = kl_from_samples(policy_logps, reference_logps, num_samples)
+    result = Measurement(policy_samples, reference_samples, kl)
     if beta is not None:
         result.policy_implicit = implicit_reward(policy_logps, reference_logps, beta)
         result.reference_implicit = reference_implicit

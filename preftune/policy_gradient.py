@@ -7,6 +7,7 @@ log pi(y_t | x, y_<t), and its value V(s_t) is the critic's estimate before that
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -75,12 +76,15 @@ class PolicyLoss:
 
 
 def clipped_policy_loss(
-    logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, cliprange: float
+    logps: torch.Tensor, old_logps: torch.Tensor | None, advantages: torch.Tensor, mask: torch.Tensor,
+    cliprange: float,
 ) -> PolicyLoss:
     """PPO's clipped surrogate (Schulman et al. 2017, arXiv:1707.06347, eq. 7), as a loss to minimise:
     mean over masked entries of max(-A * rho, -A * clip(rho, 1 - eps, 1 + eps)), rho = exp(log pi - log pi_old).
-    Per token ((B, T) inputs, PPO) or per sequence ((B,) inputs with an all-True mask, RLOO)."""
-    log_ratio = logps - old_logps
+    Per token ((B, T) inputs, PPO) or per sequence ((B,) inputs with an all-True mask, RLOO). `old_logps` None:
+    on-policy (no update since the samples were drawn), log pi_old is log pi detached, so rho is exactly 1 with
+    the gradient of log pi (TRL's, with one iteration per rollout)."""
+    log_ratio = logps - (logps.detach() if old_logps is None else old_logps)
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
@@ -117,16 +121,30 @@ def leave_one_out_advantages(rewards: torch.Tensor, k: int) -> torch.Tensor:
     return (grouped - baselines).view(-1)
 
 
-def normalized(values: torch.Tensor) -> torch.Tensor:
+def normalized(values: torch.Tensor, total: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """(values - mean) / (std + 1e-4) over the whole batch, std with Bessel's correction (TRL's
-    normalize_advantages). (N,) -> (N,)."""
-    std = values.std() if values.numel() > 1 else values.new_tensor(0.0)
-    return (values - values.mean()) / (std + 1e-4)
+    normalize_advantages, over every process's values). `total` adds a tensor over the processes (each holding
+    some of the values, not necessarily as many); unset: these are all the values. (N,) -> (N,)."""
+    total = total or (lambda tensor: tensor)
+    count, summed = total(torch.stack([values.new_tensor(values.numel()), values.sum()])).unbind()
+    mean = summed / count
+    squares = total(((values - mean) ** 2).sum())
+    std = (squares / (count - 1)).sqrt() if count > 1 else values.new_tensor(0.0)
+    return (values - mean) / (std + 1e-4)
 
 
 def adaptive_kl_coef(kl_coef: float, current_kl: float, target: float, horizon: int, num_samples: int) -> float:
     """The KL coefficient that tracks a target KL (Ziegler et al. 2019, arXiv:1909.08593, sec. 2.2), after a
     rollout of `num_samples` completions whose mean KL was `current_kl`:
-    kl_coef * (1 + clip(current_kl / target - 1, -0.2, 0.2) * num_samples / horizon)."""
+    kl_coef * (1 + clip(current_kl / target - 1, -0.2, 0.2) * num_samples / horizon).
+    Refuses (ValueError, never clamps) a kl_coef <= 0, which a multiplicative controller cannot move (or which rewards
+    drift), and a horizon of at most num_samples / 5, where the factor can reach 0 or below; config.validate refuses
+    both before a run, this catches a launch with more processes than --num-processes counts."""
+    if kl_coef <= 0:
+        raise ValueError(f"the adaptive KL controller's kl_coef must be > 0, got {kl_coef}")
+    if 5 * horizon <= num_samples:
+        raise ValueError(f"the adaptive KL controller's horizon ({horizon}) must be more than a fifth of the "
+                         f"rollout's {num_samples} samples: 1 - 0.2 * {num_samples} / {horizon} <= 0 would make "
+                         "kl_coef 0 or negative (--kl-horizon)")
     error = min(max(current_kl / target - 1.0, -0.2), 0.2)
     return kl_coef * (1.0 + error * num_samples / horizon)

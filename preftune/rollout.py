@@ -6,11 +6,12 @@ here, so their samples agree for the same seed and batch size.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedTokenizerBase
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, PreTrainedTokenizerBase
 
 from preftune.batching import Batch, Segment, cheapest_packing, pad_rows, padded_batch, segments_batch
 from preftune.logprobs import completion_logps, scored_token_logps
@@ -58,7 +59,8 @@ def sample(
     with_logps: bool = False,
     row_seeds: Sequence[int] | None = None,
 ) -> list[Sample]:
-    """Sample `num_samples` completions per prompt, in prompt order. With the defaults (temperature 1, no top-k,
+    """Sample `num_samples` completions per prompt, in prompt order, from softmax(logits / T) (top-p only below 1),
+    whatever the model's generation_config ships (`neutral_generation_config`). With the defaults (temperature 1,
     top-p 1) the samples follow the model's own distribution, as a KL estimate needs. Deterministic for a given
     seed and batch size. `with_logps`: also each token's log-prob from the logits the sampling computed (what
     `token_logps` computes again with a forward pass, to float rounding), in `Sample.token_logps`. `row_seeds`: one
@@ -83,7 +85,7 @@ def sample(
         chunk = jobs[start : start + batch_size]
         input_ids, attention_mask = left_padded([ids for _, ids in chunk], tokenizer.pad_token_id)
         seeds = None if row_seeds is None else row_seeds[start : start + batch_size]
-        with torch.no_grad():
+        with torch.no_grad(), neutral_generation_config(model):
             output = model.generate(
                 input_ids=input_ids.to(device),
                 attention_mask=attention_mask.to(device),
@@ -111,6 +113,25 @@ def sample(
         model.reshard()
     model.train(was_training)
     return samples
+
+
+@contextmanager
+def neutral_generation_config(model: torch.nn.Module) -> Iterator[None]:
+    """For the duration, every module of `model` that generates (the model itself, or the one inside a peft wrapper
+    or under FSDP) has a fresh `GenerationConfig()` as its `generation_config`, put back after. generate fills each
+    option it is not passed from the model's generation_config, which a checkpoint ships (Qwen2.5-Instruct:
+    repetition_penalty 1.05; others no_repeat_ngram_size, min_new_tokens, suppress_tokens, bad_words_ids, min_p ...):
+    with a fresh one, only the options sample passes reach the sampler, so the samples come from softmax(logits / T),
+    the distribution whose raw-logit log-probs the losses and the KL use."""
+    generating = [m for m in model.modules() if isinstance(vars(m).get("generation_config"), GenerationConfig)]
+    shipped = [m.generation_config for m in generating]
+    for m in generating:
+        m.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        for m, config in zip(generating, shipped):
+            m.generation_config = config
 
 
 def left_padded(prompts: Sequence[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import statistics
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,7 +23,7 @@ import torch
 
 from preftune.config import DEFAULT_JOB_OVERRIDES, Config, apply_unset
 from preftune.errors import UserError
-from preftune.measure import ModelPair, measure, summarize
+from preftune.measure import ModelPair, measure, paired_gain, summarize
 from preftune.models import cache_root, load_model, load_tokenizer, resolve_model
 from preftune.recipes import dpo
 from preftune.rewards import SentimentReward, sentiment_reward
@@ -136,30 +135,36 @@ def preference_files(config: Config, source: str) -> tuple[Path, Path]:
 
 
 def sentiment_report(models: ModelPair, tokenizer, config: Config, final_eval: dict | None) -> dict:
-    """Held-out reward of reference vs policy samples, held-out preference accuracy, and the KL estimate."""
+    """Held-out reward of reference vs policy samples, held-out preference accuracy, and the KL estimate. Standard
+    errors take each prompt's samples as one cluster; the gain's pairs the two models by prompt
+    (`measure.paired_gain`). The per-sample rewards (prompt-major) are kept in the report."""
     job = config.default_job
+    per_prompt = job.samples_per_eval_prompt
     prompts = make_prompts(job.num_eval_prompts, config.train.seed, held_out=True)
-    measured = measure(models, tokenizer, prompt_token_ids(tokenizer, prompts), num_samples=job.samples_per_eval_prompt,
+    measured = measure(models, tokenizer, prompt_token_ids(tokenizer, prompts), num_samples=per_prompt,
                        max_new_tokens=config.sample.max_new_tokens, seed=config.train.seed + 7,
                        reward=sentiment_reward())
     policy_rewards, reference_rewards, kl = measured.policy_rewards, measured.reference_rewards, measured.kl
+    gain = paired_gain(policy_rewards, reference_rewards, per_prompt)
     examples = [
         {"prompt": prompts[i][-1]["content"],
-         "reference": measured.reference_samples[i * job.samples_per_eval_prompt].text,
-         "policy": measured.policy_samples[i * job.samples_per_eval_prompt].text}
+         "reference": measured.reference_samples[i * per_prompt].text,
+         "policy": measured.policy_samples[i * per_prompt].text}
         for i in range(min(5, len(prompts)))
     ]
     final_eval = final_eval or {}
     return {
         "reward": "VADER compound sentiment of the completion, in [-1, 1]",
         "held_out_prompts": len(prompts),
-        "samples_per_prompt": job.samples_per_eval_prompt,
-        "reference_reward": summarize(reference_rewards),
-        "policy_reward": summarize(policy_rewards),
-        "reward_gain": statistics.fmean(policy_rewards) - statistics.fmean(reference_rewards),
+        "samples_per_prompt": per_prompt,
+        "reference_reward": summarize(reference_rewards, per_prompt),
+        "policy_reward": summarize(policy_rewards, per_prompt),
+        "reward_gain": gain["mean"],
+        "reward_gain_stderr": gain["stderr"],  # paired by prompt, clustered by prompt
         "held_out_preference_accuracy": final_eval.get("rewards/accuracies"),
         "held_out_eval": final_eval,
         "kl_policy_reference": {"mean": kl.mean, "stderr": kl.stderr, "num_samples": kl.num_samples},
+        "rewards": {"policy": policy_rewards, "reference": reference_rewards},
         "examples": examples,
     }
 
@@ -193,7 +198,7 @@ def run_default_job(config: Config) -> Path:
         "\nDefault job (controlled sentiment, held-out prompts):\n"
         f"  reference reward  {ref['mean']:+.3f} (std {ref['std']:.3f}, positive {ref['positive_fraction']:.0%})\n"
         f"  policy reward     {pol['mean']:+.3f} (std {pol['std']:.3f}, positive {pol['positive_fraction']:.0%})\n"
-        f"  reward gain       {report['reward_gain']:+.3f}\n"
+        f"  reward gain       {report['reward_gain']:+.3f} +- {report['reward_gain_stderr']:.3f} (paired by prompt)\n"
         f"  held-out preference accuracy {report['held_out_preference_accuracy']:.3f}\n"
         f"  KL(policy || reference) {kl['mean']:.2f} +- {kl['stderr']:.2f} nats per completion\n"
         f"  report: {result.output_dir / REPORT_FILE}  ({report['total_seconds']:.0f} s in all)",

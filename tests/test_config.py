@@ -265,3 +265,93 @@ def test_several_processes_need_prompts_or_pairs_of_the_users():
         set_option(given, "train.num_processes", 2, "test")
         set_option(given, key, "prompts.jsonl", "test")
         validate(given, "rloo" if key == "sample.prompts" else "train")
+
+
+# ---- the online recipes' minibatches, KL controller and LoRA dropout (issue 23, items 2, 3, 7) -------------------
+@pytest.mark.parametrize(("argv", "message"), [
+    # 16 completions (8 prompts x 2): torch.chunk made 4 minibatches of 4 for 5, and 3,3,3,3,3,1 for 6
+    (["ppo", "--num-mini-batches", "5"], r"--num-mini-batches must divide a rollout's 16 completions per process "
+                                         r"\(--rollout-batch-size x --num-generations\) evenly, got 5: choose one of "
+                                         r"1, 2, 4, 8, 16"),
+    (["ppo", "--num-mini-batches", "6"], r"--num-mini-batches must divide a rollout's 16 completions"),
+    (["ppo", "--num-mini-batches", "32"], r"--num-mini-batches must divide a rollout's 16 completions"),
+    (["rloo", "--rollout-batch-size", "2", "--num-generations", "3", "--num-mini-batches", "4"],
+     r"--num-mini-batches must divide a rollout's 6 completions per process .* got 4: choose one of 1, 2, 3, 6"),
+    # online DPO's minibatches hold whole pairs: 6 pairs, not 12 completions
+    (["online-dpo", "--rollout-batch-size", "6", "--num-mini-batches", "4"],
+     r"--num-mini-batches must divide a rollout's 6 pairs per process \(--rollout-batch-size\) evenly, got 4: "
+     r"choose one of 1, 2, 3, 6"),
+    (["online-dpo", "--rollout-batch-size", "6", "--num-mini-batches", "12"], r"6 pairs per process"),
+])
+def test_minibatches_that_do_not_divide_the_rollout_are_refused(argv, message):
+    with pytest.raises(ConfigError, match=message):
+        parse(argv)
+
+
+@pytest.mark.parametrize("argv", [
+    ["ppo", "--num-mini-batches", "4"],
+    ["rloo", "--num-mini-batches", "16"],
+    ["rloo", "--rollout-batch-size", "2", "--num-generations", "3", "--num-mini-batches", "3"],
+    ["online-dpo", "--rollout-batch-size", "6", "--num-mini-batches", "3"],
+])
+def test_minibatches_that_divide_the_rollout_are_accepted(argv):
+    parse(argv)
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    # from 0 a multiplicative controller never moves
+    (["ppo", "--kl-target", "1", "--kl-coef", "0"], r"--kl-target adapts --kl-coef by multiplying it"),
+    # 16 completions a rollout: 1 + e * 16 / 3 with e = -0.2 is -0.07 (the penalty would reward drift)
+    (["rloo", "--kl-target", "1", "--kl-horizon", "3"],
+     r"--kl-horizon must be more than a fifth of a rollout's 16 completions \(8 prompts x 2 samples x 1 "
+     r"processes\), got 3"),
+    # 10 completions, horizon 2: the factor would be exactly 0 below the target, and kl_coef 0 for ever
+    (["ppo", "--kl-target", "1", "--kl-horizon", "2", "--rollout-batch-size", "5"],
+     r"--kl-horizon must be more than a fifth of a rollout's 10 completions"),
+    # the rollout counts every process's completions: 2 x 16
+    (["rloo", "--prompts", "p.jsonl", "--num-processes", "2", "--kl-target", "1", "--kl-horizon", "6"],
+     r"--kl-horizon must be more than a fifth of a rollout's 32 completions \(8 prompts x 2 samples x 2 processes\)"),
+])
+def test_an_adaptive_kl_coefficient_that_could_reach_0_is_refused(argv, message):
+    with pytest.raises(ConfigError, match=message):
+        parse(argv)
+
+
+@pytest.mark.parametrize("argv", [
+    ["rloo", "--kl-target", "1", "--kl-horizon", "4"],  # 16 / 4 * 0.2 = 0.8: the factor stays >= 0.2
+    ["ppo", "--kl-target", "1", "--kl-horizon", "3", "--rollout-batch-size", "5"],  # 10 completions, >= 1/3
+    ["rloo", "--prompts", "p.jsonl", "--num-processes", "2", "--kl-target", "1", "--kl-horizon", "7"],
+    ["ppo", "--kl-coef", "0"],  # a fixed coefficient of 0: no KL penalty, no controller
+])
+def test_an_adaptive_kl_coefficient_that_stays_positive_is_accepted(argv):
+    parse(argv)
+
+
+@pytest.mark.parametrize("command", ["ppo", "rloo", "online-dpo"])
+def test_the_online_recipes_refuse_lora_dropout(command):
+    with pytest.raises(ConfigError, match=r"--lora-dropout must be 0 in " + command + r" \(dropout would make"):
+        parse([command, "--lora", "--lora-dropout", "0.05"])
+    parse([command, "--lora", "--lora-dropout", "0"])
+    parse(["train", "--lora", "--lora-dropout", "0.05"])  # DPO and the reward model keep it
+    parse(["reward-model", "--lora", "--lora-dropout", "0.05"])
+
+
+def test_the_frontier_refuses_lora_dropout_when_it_runs_an_online_method(tmp_path):
+    settings = tmp_path / "lora.yaml"  # the frontier takes the model options from a YAML file
+    settings.write_text("model:\n  lora: true\n  lora_dropout: 0.1\n")
+    with pytest.raises(ConfigError, match=r"--lora-dropout must be 0 in ppo-gt, rloo \(dropout would make"):
+        parse(["frontier", "--config", str(settings), "--methods", "dpo,ppo-gt,rloo"])
+    parse(["frontier", "--config", str(settings), "--methods", "dpo,best-of-n"])
+
+
+@pytest.mark.parametrize("bad", [["--num-mini-batches", "5"], ["--kl-target", "1", "--kl-horizon", "3"],
+                                 ["--lora", "--lora-dropout", "0.1"]])
+def test_the_cli_exits_2_naming_the_option_before_a_model_loads_and_writes_nothing(tmp_path, capsys, bad):
+    from preftune.cli import main
+
+    out = tmp_path / "run"
+    # no such model: a run that got as far as loading one would fail naming it
+    code = main(["rloo", "--model", str(tmp_path / "no-model"), "--output-dir", str(out), *bad])
+    err = capsys.readouterr().err
+    assert code == 2 and bad[-2] in err and "Traceback" not in err and "no-model" not in err
+    assert list(tmp_path.iterdir()) == []  # no run folder

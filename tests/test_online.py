@@ -78,6 +78,37 @@ def test_a_run_logs_trl_names_measures_held_out_and_saves_a_loadable_policy(tmp_
         not torch.equal(a, b) for a, b in zip(policy.parameters(), start.parameters()))
 
 
+def test_the_held_out_gain_is_paired_by_prompt(tmp_path, tiny_model_dir, files, capsys):
+    """rl_report.json keeps the per-sample rewards (prompt-major) and reports the gain's standard error from the
+    per-prompt differences d_i = mean_j policy_ij - mean_j reference_ij, sd(d) / sqrt(n_prompts); each model's own
+    standard error from its per-prompt means; not the independent-samples hypot of the two."""
+    from text_reward import length
+
+    out, k = tmp_path / "run", 3
+    assert main(args_for("rloo", tiny_model_dir, files, out, "--learning-rate", "1e-2", "--samples-per-eval-prompt",
+                         str(k), *LENGTH_REWARD)) == 0
+    report = json.loads((out / "rl_report.json").read_text())
+    policy, reference = (torch.tensor(report["rewards"][m], dtype=torch.float64) for m in ("policy", "reference"))
+    n = report["held_out_prompts"]
+    assert report["samples_per_prompt"] == k and policy.numel() == reference.numel() == n * k
+    # the stored rewards are the measured samples' (the first sample of each prompt is the report's example)
+    for i, example in enumerate(report["examples"]):
+        assert policy[i * k].item() == pytest.approx(length("", example["policy"]))
+        assert reference[i * k].item() == pytest.approx(length("", example["reference"]))
+    differences = policy.view(n, k).mean(dim=1) - reference.view(n, k).mean(dim=1)
+    assert differences.abs().max() > 0  # the policy moved (4 steps at 1e-2): its samples are not the reference's
+    assert report["reward_gain"] == pytest.approx(differences.mean().item())
+    assert report["reward_gain_stderr"] == pytest.approx((differences.std() / n**0.5).item())
+    for name, rewards in (("policy_reward", policy), ("reference_reward", reference)):
+        assert report[name]["mean"] == pytest.approx(rewards.mean().item())
+        assert report[name]["stderr"] == pytest.approx((rewards.view(n, k).mean(dim=1).std() / n**0.5).item())
+    independent = (policy.var() / (n * k) + reference.var() / (n * k)).sqrt().item()
+    assert report["reward_gain_stderr"] != pytest.approx(independent)
+    printed = capsys.readouterr().out
+    assert f"gain {report['reward_gain']:+.3f} +- {report['reward_gain_stderr']:.3f}" in printed
+    assert f"gain {report['reward_gain']:+.3f} +- {report['reward_gain_stderr']:.3f}" in (out / "report.md").read_text()
+
+
 @pytest.mark.parametrize("command", ["ppo", "rloo", "online-dpo"])
 def test_resume_from_a_checkpoint_ends_on_the_same_weights(tmp_path, tiny_model_dir, files, command):
     out = tmp_path / "run"
@@ -160,14 +191,15 @@ def test_online_dpo_step_raises_the_margin_of_its_pairs(tmp_path, tiny_model_dir
 
 
 def test_iterative_online_dpo_moves_the_reference_to_the_policy_after_each_round(tmp_path, tiny_model_dir, files):
-    """--sync-ref-model with alpha 1 every rollout: each round's rollout is sampled with the reference equal to the
-    policy, so its KL is 0 after the first round (the first round's reference is the starting model too): to float
-    rounding in training (log pi_old comes from the sampling forward, KV-cached, log pi_ref from a full forward),
-    exactly in the held-out measurement (both from full forwards)."""
+    """--sync-ref-model with alpha 1 every 4 optimizer steps (TRL's unit), a round's 2 epochs x 2 minibatches: each
+    round's rollout is sampled with the reference equal to the policy, so its KL is 0 after the first round (the
+    first round's reference is the starting model too): to float rounding in training (log pi_old comes from the
+    sampling forward, KV-cached, log pi_ref from a full forward), exactly in the held-out measurement (both from
+    full forwards)."""
     out = tmp_path / "run"
     assert main(args_for("online-dpo", tiny_model_dir, files, out, "--rollout-batch-size", "4", "--max-steps", "3",
                          "--num-ppo-epochs", "2", "--num-mini-batches", "2", "--sync-ref-model",
-                         "--ref-model-mixup-alpha", "1", "--ref-model-sync-steps", "1", *LENGTH_REWARD)) == 0
+                         "--ref-model-mixup-alpha", "1", "--ref-model-sync-steps", "4", *LENGTH_REWARD)) == 0
     train = [r for r in rows_of(out) if "objective/kl" in r]
     assert len(train) == 3 and all(abs(r["objective/kl"]) < 1e-5 for r in train)
     report = json.loads((out / "rl_report.json").read_text())
@@ -182,6 +214,8 @@ def test_iterative_online_dpo_moves_the_reference_to_the_policy_after_each_round
     (["--reward", "no_such_module:f"], "--reward no_such_module:f: cannot import f from no_such_module"),
     (["--data", "PAIRS"], "reads prompts from --prompts or from the pairs of --data, not both"),
     (["--kl-horizon", "5"], "--kl-horizon has no effect without --kl-target"),
+    (["online-dpo", "--sync-ref-model", "--num-mini-batches", "2", "--ref-model-sync-steps", "3"],
+     "it must be a multiple of a rollout's 2 optimizer steps (--num-ppo-epochs x --num-mini-batches), got 3"),
 ])
 def test_bad_options_exit_2_before_anything_is_written(tmp_path, tiny_model_dir, files, capsys, extra, message):
     command = "rloo" if "--num-generations" in extra else "ppo"
@@ -199,6 +233,88 @@ def test_a_bad_prompts_line_is_named(tmp_path, tiny_model_dir, files, capsys):
     assert main(args_for("rloo", tiny_model_dir, files, tmp_path / "run")) == 2
     err = capsys.readouterr().err
     assert "prompts.jsonl: line 2: field 'prompt'" in err and not (tmp_path / "run").exists()
+
+
+def test_objective_scores_are_the_scores_less_the_missing_eos_penalty():
+    """objective/scores and objective/rlhf_reward both start from the penalised score, as TRL logs them."""
+    from preftune.recipes.online import Rollout, rollout_metrics
+
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    logps, ref_logps = torch.full((2, 3), -1.0), torch.full((2, 3), -1.5)  # KL 0.5 a token, 1.5 a completion
+    raw, penalised = torch.tensor([1.0, 3.0]), torch.tensor([1.0, 1.0])  # the second did not end: penalty 2
+    metrics = rollout_metrics(Rollout([], mask, logps, ref_logps, penalised, raw), kl_coef=0.1)
+    assert metrics["objective/scores"] == pytest.approx(1.0)
+    assert metrics["objective/rlhf_reward"] == pytest.approx(1.0 - 0.1 * 1.5)
+
+
+@pytest.mark.parametrize("command", ["ppo", "rloo"])
+def test_the_minibatch_before_the_first_update_has_ratio_exactly_1_under_bf16(tmp_path, tiny_model_dir, files,
+                                                                             command):
+    """Under bf16 the rollout's log pi_old (one forward in rollout order) and a shuffled half-rollout minibatch's
+    log-probs round differently; the first minibatch is on-policy all the same (no update since sampling): its
+    ratio is exactly 1, nothing clipped. The minibatches after updates are measured against the rollout's log pi_old
+    (their ratio moves)."""
+    from preftune.cli import build_config, build_parser
+    from preftune.recipes import online, ppo, rloo
+
+    argv = args_for(command, tiny_model_dir, files, tmp_path / "run", "--bf16", "--max-steps", "1",
+                    "--rollout-batch-size", "4", "--num-generations", "4", "--num-ppo-epochs", "2",
+                    "--num-mini-batches", "2", "--max-new-tokens", "12", *LENGTH_REWARD)
+    run = (ppo if command == "ppo" else rloo).setup(build_config(build_parser().parse_args(argv)))
+    metrics, loss = [], run.objective.loss
+
+    def recorded(*args, **kwargs):
+        result = loss(*args, **kwargs)
+        metrics.append({name: value.item() for name, value in result[1].items()})
+        return result
+
+    try:
+        assert run.group.accelerator.mixed_precision == "bf16"
+        run.objective.loss = recorded
+        rollout = online.collect(run, online.step_positions(run))
+        run.objective.score(run, rollout)
+        online.optimise(run, rollout)
+    finally:
+        online.cleanup(run)
+    assert len(metrics) == 4
+    first = metrics[0]
+    assert first["policy/ratio"] == 1.0 and first["policy/clipfrac"] == 0.0 and first["policy/approxkl"] == 0.0
+    assert all(m["policy/ratio"] != 1.0 for m in metrics[1:])
+
+
+@pytest.mark.parametrize(("bad", "stopped_at"), [({0, 1, 2}, 1), ({2, 3, 4}, 2), ({0, 1, 3, 5, 6, 8}, None)],
+                         ids=["in-one-rollout", "across-rollouts", "never-3-in-a-row"])
+def test_max_bad_steps_counts_optimizer_steps_in_a_row(tmp_path, tiny_model_dir, files, bad, stopped_at):
+    """4 minibatch steps per rollout, --max-bad-steps 3: the run stops (with a checkpoint) once 3 optimizer steps
+    in a row had a non-finite loss, within a rollout or across two, and the rollout's remaining minibatches are
+    not run; bad steps with good ones between do not stop it."""
+    from preftune.cli import build_config, build_parser
+    from preftune.errors import UserError
+    from preftune.recipes import online, rloo
+
+    argv = args_for("rloo", tiny_model_dir, files, tmp_path / "run", "--max-steps", "3", "--num-generations", "4",
+                    "--num-mini-batches", "4", "--max-bad-steps", "3", *LENGTH_REWARD)
+    run = rloo.setup(build_config(build_parser().parse_args(argv)))
+    calls, loss = [], run.objective.loss
+
+    def sometimes_nan(*args, **kwargs):
+        value, metrics = loss(*args, **kwargs)
+        calls.append(len(calls))
+        return (value * float("nan"), metrics) if calls[-1] in bad else (value, metrics)
+
+    run.objective.loss = sometimes_nan
+    try:
+        with pytest.warns(RuntimeWarning, match="non-finite"):
+            if stopped_at is None:
+                online.train(run)
+            else:
+                with pytest.raises(UserError, match=f"stopped at rollout {stopped_at}: 3 optimizer steps in a row"):
+                    online.train(run)
+    finally:
+        online.cleanup(run)
+    assert len(calls) == (12 if stopped_at is None else max(bad) + 1)
+    if stopped_at is not None:
+        assert (tmp_path / "run" / f"checkpoint-{stopped_at}").is_dir()
 
 
 def test_the_iterative_dpo_config_file_validates_as_documented():
@@ -254,18 +370,20 @@ def test_resume_after_kill_9_equals_the_uninterrupted_run(tmp_path, tiny_model_d
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("command", "loss"), [("rloo", "loss/policy"), ("online-dpo", "loss")])
+@pytest.mark.parametrize(("command", "loss", "extra"), [("rloo", "loss/policy", ["--normalize-advantages"]),
+                                                    ("online-dpo", "loss", [])])
 def test_two_processes_sample_and_train_as_one_process_with_twice_the_prompts(tmp_path, tiny_model_dir, files,
-                                                                              monkeypatch, command, loss):
+                                                                              monkeypatch, command, loss, extra):
     """Rollouts sharded over 2 processes (2 prompts each) equal 1 process with 4 prompts: each sample comes from its
-    own seed, so both sample the same completions, and DDP averages the two halves' gradients. Scores, KL and losses
-    at every step, and the saved weights, equal to 1e-5. (PPO whitens its advantages over each process's rollout and
+    own seed, so both sample the same completions, and DDP averages the two halves' gradients; RLOO normalises its
+    advantages over both processes' (as TRL, after gathering them). Scores, KL and losses at every step, and the
+    saved weights, equal to 1e-5. (PPO whitens its advantages over each process's rollout and
     averages its losses over each process's tokens, as TRL's PPOTrainer did, so there 2 x b equals 1 x 2b only in
     expectation.)"""
     monkeypatch.setenv("PYTHONPATH", f"{tmp_path}:{Path(__file__).resolve().parents[1]}")  # the reward, for torchrun's
     common = [command, "--model", str(tiny_model_dir), "--prompts", str(files["prompts"]), "--max-new-tokens", "6",
               "--max-steps", "3", "--learning-rate", "1e-3", "--num-mini-batches", "1", "--report-to", "none",
-              "--seed", "3", *LENGTH_REWARD]
+              "--seed", "3", *extra, *LENGTH_REWARD]
     one, two = tmp_path / "one", tmp_path / "two"
     assert main([*common, "--output-dir", str(one), "--rollout-batch-size", "4"]) == 0
     assert main([*common, "--output-dir", str(two), "--rollout-batch-size", "2", "--num-processes", "2"]) == 0

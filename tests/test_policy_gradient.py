@@ -287,6 +287,18 @@ def test_policy_loss_per_sequence():
     torch.testing.assert_close(logps.grad, tensor([0.0, 0.5]), rtol=0, atol=1e-15)
 
 
+def test_policy_loss_on_policy_has_ratio_exactly_1_and_the_gradient_of_log_pi():
+    # old_logps None (no update since sampling): log pi_old is log pi detached, whatever the rollout measured;
+    # rho = 1 everywhere, nothing clipped, loss -mean A and d loss / d logp_t = -A_t / n (TRL's, one iteration)
+    logps, _, advantages, mask = policy_batch()
+    logps = (logps * 1.000001).requires_grad_()  # values that round anywhere
+    out = clipped_policy_loss(logps, None, advantages, mask, EPS)
+    assert out.ratio.item() == 1.0 and out.clipfrac.item() == 0.0 and out.approxkl.item() == 0.0
+    assert out.loss.item() == pytest.approx(-advantages[mask].mean().item(), rel=1e-12)
+    out.loss.backward()
+    torch.testing.assert_close(logps.grad, torch.where(mask, -advantages / 6, 0.0), rtol=0, atol=1e-15)
+
+
 # ---- PPO's clipped value loss ----------------------------------------------------------------------------------
 
 
@@ -422,6 +434,23 @@ def test_normalized_moments():
     assert out.std(unbiased=True).item() == pytest.approx(1.0, abs=1e-4)
 
 
+@pytest.mark.parametrize("split", [1, 3, 7])
+def test_normalized_over_processes_equals_normalized_over_all_their_values(split: int):
+    # two processes holding 1/9, 3/7 or 7/3 of the values: with `total` adding over both (all-reduce), each
+    # normalises its own by the mean and std of all ten, as TRL's normalize_advantages after gathering them
+    values = torch.randn(10, generator=torch.Generator().manual_seed(5), dtype=F64) * 3 + 2
+    whole = normalized(values)
+    halves = (values[:split], values[split:])
+    for mine, theirs in (halves, halves[::-1]):
+        mean = values.mean()
+        # what the other process adds to each all-reduce, in order: (count, sum), then its squared deviations
+        added = [torch.stack([theirs.new_tensor(theirs.numel()), theirs.sum()]), ((theirs - mean) ** 2).sum()]
+        out = normalized(mine, lambda tensor, added=added: tensor + added.pop(0))
+        expected = whole[:split] if mine is halves[0] else whole[split:]
+        torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+    assert not torch.allclose(normalized(halves[1]), whole[split:])  # each process's own statistics differ
+
+
 def test_normalized_single_value_is_zero():
     assert normalized(tensor([5.0])).tolist() == [0.0]
 
@@ -449,3 +478,21 @@ def test_adaptive_kl_below_target_is_clipped_at_minus_0_2():
 
 def test_adaptive_kl_at_target_is_unchanged():
     assert adaptive_kl_coef(0.123, 6.0, 6.0, horizon=10000, num_samples=512) == 0.123
+
+
+def test_adaptive_kl_refuses_a_rollout_that_could_make_the_coefficient_0_or_negative():
+    # 0.2 * 16 / 3 > 1: far below the target the factor 1 - 1.07 would turn the penalty into a reward for drift
+    with pytest.raises(ValueError, match="more than a fifth of the rollout's 16 samples"):
+        adaptive_kl_coef(0.1, 0.0, 1.0, horizon=3, num_samples=16)
+    # 0.2 * 10 / 2 = 1: exactly 0, and 0 for ever after
+    with pytest.raises(ValueError, match="more than a fifth"):
+        adaptive_kl_coef(0.1, 100.0, 1.0, horizon=2, num_samples=10)  # above the target too: refused whatever the KL
+    # just inside: 0.1 * (1 - 0.2 * 10 / 3)
+    assert adaptive_kl_coef(0.1, 0.0, 1.0, horizon=3, num_samples=10) == pytest.approx(0.1 / 3, rel=1e-12)
+
+
+@pytest.mark.parametrize("kl_coef", [0.0, -0.1])
+def test_adaptive_kl_refuses_a_coefficient_it_cannot_adapt(kl_coef):
+    # a multiplicative controller leaves 0 at 0 whatever the KL (and a negative one rewards drift)
+    with pytest.raises(ValueError, match="kl_coef must be > 0"):
+        adaptive_kl_coef(kl_coef, 12.0, 6.0, horizon=10000, num_samples=64)

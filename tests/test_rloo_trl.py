@@ -184,7 +184,8 @@ def test_rloo_equals_trls_rloo_trainer(tmp_path, monkeypatch, tiny_model_dir, ti
     config.rl.num_generations, config.rl.kl_coef, config.rl.cliprange = K, BETA, 0.2
     config.rl.normalize_advantages = normalize
     objective = RLOOObjective(config, pad_token_id=pad)
-    objective.score(SimpleNamespace(state=SimpleNamespace(kl_coef=BETA)), rollout)
+    one_process = SimpleNamespace(accelerator=SimpleNamespace(reduce=lambda tensor, reduction: tensor))
+    objective.score(SimpleNamespace(state=SimpleNamespace(kl_coef=BETA), group=one_process), rollout)
     advantages = rollout.extras["advantages"]
     torch.testing.assert_close(advantages, generation["advantages"], **TOL)
     if normalize:

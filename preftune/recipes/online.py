@@ -14,7 +14,7 @@ import json
 import math
 import warnings
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -27,7 +27,7 @@ from transformers import PreTrainedTokenizerBase
 from preftune.batching import process_batches
 from preftune.config import Config, resolved_num_ppo_epochs
 from preftune.errors import UserError
-from preftune.measure import ModelPair, measure, summarize
+from preftune.measure import ModelPair, measure, paired_gain, summarize
 from preftune.policy_gradient import adaptive_kl_coef
 from preftune.prompts import Prompt, distinct_prompts, prompt_sources
 from preftune.rewards import RewardFunction
@@ -77,8 +77,10 @@ class OnlineObjective(Protocol):
     def score(self, run: OnlineRun, rollout: Rollout) -> dict[str, float]:
         """Add what the loss needs to `rollout.extras` (advantages, ...); returns rollout metrics to log."""
 
-    def loss(self, model: torch.nn.Module, minibatch: Rollout) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The loss of a minibatch (with gradients), and its metrics (detached scalars)."""
+    def loss(self, model: torch.nn.Module, minibatch: Rollout,
+             on_policy: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss of a minibatch (with gradients), and its metrics (detached scalars). `on_policy`: no optimizer
+        step since the rollout was sampled, so log pi_old is the current log-prob, detached (the ratio exactly 1)."""
 
 
 @dataclass
@@ -87,7 +89,7 @@ class OnlineState:
 
     step: int = 0
     kl_coef: float = 0.0  # the adaptive controller's value (fixed: the configured one)
-    bad_steps_in_row: int = 0
+    bad_steps_in_row: int = 0  # optimizer steps in a row with a non-finite loss or gradient
     world_size: int = 1
     sharded: bool = False
 
@@ -192,7 +194,8 @@ def collect(run: OnlineRun, positions: list[int]) -> Rollout:
     layout, device = run.config.train.batch_layout, run.group.device
     # In fp32 the sampling forward's own logits give log pi_old (equal to a separate forward's to ~1e-6), which
     # saves a forward pass per rollout; under bf16/fp16 the cached and the full forward round differently, so
-    # log pi_old comes from the same forward the loss uses, as the ratio of the first minibatch must be 1.
+    # log pi_old comes from a full forward as the loss's (the minibatches after an update use it; the one before,
+    # on-policy, uses its own log-probs: `optimise`).
     from_sampling = run.group.accelerator.mixed_precision == "no"
     with run.group.accelerator.autocast():
         samples = sample(models.policy, run.tokenizer, [p.ids for p in prompts], num_samples=r.num_generations,
@@ -220,7 +223,8 @@ def collect(run: OnlineRun, positions: list[int]) -> Rollout:
 def rollout_metrics(rollout: Rollout, kl_coef: float) -> dict[str, float]:
     """The names TRL's PPO logs: objective/kl (sum over tokens of log pi - log pi_ref, mean over completions),
     objective/entropy (sum of -log pi of the sampled tokens), objective/non_score_reward, objective/rlhf_reward,
-    objective/scores (before the missing-EOS penalty); and the completions' mean length."""
+    objective/scores (the reward less the missing-EOS penalty, as in objective/rlhf_reward); and the completions'
+    mean length."""
     kl = ((rollout.logps - rollout.ref_logps) * rollout.mask).sum(1)
     lengths = rollout.mask.sum(1).float()
     return {
@@ -228,37 +232,48 @@ def rollout_metrics(rollout: Rollout, kl_coef: float) -> dict[str, float]:
         "objective/entropy": (-(rollout.logps * rollout.mask).sum(1)).mean().item(),
         "objective/non_score_reward": (-kl_coef * kl).mean().item(),
         "objective/rlhf_reward": (rollout.scores - kl_coef * kl).mean().item(),
-        "objective/scores": rollout.raw_scores.mean().item(),
+        "objective/scores": rollout.scores.mean().item(),
         "completions/mean_length": lengths.mean().item(),
     }
 
 
 # ---- the loop ----------------------------------------------------------------------------------------------------
-def optimise(run: OnlineRun, rollout: Rollout) -> tuple[dict[str, float], float, bool]:
-    """num_ppo_epochs passes over the rollout in num_mini_batches shuffled minibatches, an optimizer step each
-    (the objective's `minibatch_unit` rows stay together). Returns (the minibatches' mean metrics, the last gradient
-    norm, whether any step was skipped)."""
-    r, accelerator, model = run.config.rl, run.group.accelerator, run.model
+def minibatch_rows(run: OnlineRun, num_rows: int) -> Iterator[torch.Tensor]:
+    """The rollout rows of each optimizer step, in order: num_ppo_epochs passes, each over the rows reshuffled
+    (seeded by step) into num_mini_batches minibatches; the objective's `minibatch_unit` rows stay together."""
     order = torch.Generator().manual_seed(rollout_seed(run))
     unit = run.objective.minibatch_unit
-    totals: dict[str, float] = {}
-    count, skipped, grad_norm = 0, False, float("nan")
-    max_norm = run.config.train.max_grad_norm if run.config.train.max_grad_norm > 0 else float("inf")
     for _ in range(resolved_num_ppo_epochs(run.config, run.objective.command)):
-        for units in torch.randperm(len(rollout.samples) // unit, generator=order).chunk(r.num_mini_batches):
-            index = (units[:, None] * unit + torch.arange(unit)).flatten()
-            with accelerator.autocast():
-                loss, metrics = run.objective.loss(model, rollout.rows(index))
-            accelerator.backward(loss)
-            grad_norm = float(full_value(accelerator.clip_grad_norm_(run.trainable, max_norm)))
-            if math.isfinite(grad_norm) and math.isfinite(loss.item()):
-                run.optimizer.step()
-            else:
-                skipped = True
-            run.optimizer.zero_grad(set_to_none=True)
-            for name, value in metrics.items():
-                totals[name] = totals.get(name, 0.0) + float(value)
-            count += 1
+        for units in torch.randperm(num_rows // unit, generator=order).chunk(run.config.rl.num_mini_batches):
+            yield (units[:, None] * unit + torch.arange(unit)).flatten()
+
+
+def optimise(run: OnlineRun, rollout: Rollout) -> tuple[dict[str, float], float, bool]:
+    """An optimizer step on each minibatch of the rollout (`minibatch_rows`). Until the first step is taken the
+    minibatches are on-policy (TRL's log pi_old: the current log-prob, detached). A step with a non-finite loss or
+    gradient is skipped and counted in `state.bad_steps_in_row`; at --max-bad-steps in a row the rollout's
+    remaining minibatches are left (train then stops). Returns (the minibatches' mean metrics, the last gradient
+    norm, whether any step was skipped)."""
+    accelerator, model, state = run.group.accelerator, run.model, run.state
+    totals: dict[str, float] = {}
+    count, skipped, stepped, grad_norm = 0, False, False, float("nan")
+    max_norm = run.config.train.max_grad_norm if run.config.train.max_grad_norm > 0 else float("inf")
+    for index in minibatch_rows(run, len(rollout.samples)):
+        with accelerator.autocast():
+            loss, metrics = run.objective.loss(model, rollout.rows(index), on_policy=not stepped)
+        accelerator.backward(loss)
+        grad_norm = float(full_value(accelerator.clip_grad_norm_(run.trainable, max_norm)))
+        if math.isfinite(grad_norm) and math.isfinite(loss.item()):
+            run.optimizer.step()
+            stepped, state.bad_steps_in_row = True, 0
+        else:
+            skipped, state.bad_steps_in_row = True, state.bad_steps_in_row + 1
+        run.optimizer.zero_grad(set_to_none=True)
+        for name, value in metrics.items():
+            totals[name] = totals.get(name, 0.0) + float(value)
+        count += 1
+        if state.bad_steps_in_row >= run.config.train.max_bad_steps:
+            break
     return {name: value / count for name, value in totals.items()}, grad_norm, skipped
 
 
@@ -277,7 +292,6 @@ def train(run: OnlineRun, on_evaluate: Callable[[OnlineRun, dict], None] | None 
             means, grad_norm, skipped = optimise(run, rollout)
             learning_rate = run.scheduler.get_last_lr()[0]
             run.scheduler.step()
-            state.bad_steps_in_row = state.bad_steps_in_row + 1 if skipped else 0
             metrics = run.group.mean(rollout_metrics(rollout, state.kl_coef))  # the controller sees every process's
             if c.rl.kl_target is not None:
                 state.kl_coef = adaptive_kl_coef(state.kl_coef, metrics["objective/kl"], c.rl.kl_target,
@@ -300,9 +314,9 @@ def train(run: OnlineRun, on_evaluate: Callable[[OnlineRun, dict], None] | None 
                 save_checkpoint(run)
             if state.bad_steps_in_row >= c.train.max_bad_steps:
                 path = save_checkpoint(run)
-                raise UserError(f"stopped at step {state.step}: {state.bad_steps_in_row} steps in a row had a "
-                                "non-finite loss or gradient. Lower --learning-rate or --kl-coef. Checkpoint: "
-                                f"{path}")
+                raise UserError(f"stopped at rollout {state.step}: {state.bad_steps_in_row} optimizer steps in a "
+                                "row had a non-finite loss or gradient. Lower --learning-rate or --kl-coef. "
+                                f"Checkpoint: {path}")
             if run.group.any_process(signal_received() is not None):
                 path = save_checkpoint(run)
                 raise interruption(state.step, run.total_steps, path, run.objective.command, run.folder / CONFIG_FILE,
@@ -322,7 +336,7 @@ def evaluate(run: OnlineRun, on_evaluate: Callable[[OnlineRun, dict], None] | No
                            num_samples=c.default_job.samples_per_eval_prompt, max_new_tokens=c.sample.max_new_tokens,
                            seed=c.train.seed + 7, sample_reference=False, reward=run.eval_reward,
                            prompts=[p.given for p in run.eval_prompts])
-    rewards = summarize(measured.policy_rewards)
+    rewards = summarize(measured.policy_rewards, c.default_job.samples_per_eval_prompt)
     results = {"reward": rewards["mean"], "reward_stderr": rewards["stderr"], "kl": measured.kl.mean,
                "kl_stderr": measured.kl.stderr, "num_samples": measured.kl.num_samples}
     run.log({f"eval_{name}": value for name, value in results.items()})
@@ -334,31 +348,37 @@ def evaluate(run: OnlineRun, on_evaluate: Callable[[OnlineRun, dict], None] | No
 
 def held_out_report(run: OnlineRun) -> dict[str, Any]:
     """The reference's and the trained policy's held-out reward (same prompts, seed and sample count), the gain,
-    and KL(policy || reference) from the policy's samples; written to rl_report.json."""
+    and KL(policy || reference) from the policy's samples; written to rl_report.json. Standard errors take each
+    prompt's samples as one cluster, and the gain's pairs the two models by prompt (`measure.paired_gain`); the
+    per-sample rewards (prompt-major) are kept so that other statistics can be computed later."""
     c = run.config
+    per_prompt = c.default_job.samples_per_eval_prompt
     with run.group.accelerator.autocast():
         measured = measure(run.models, run.tokenizer, [p.ids for p in run.eval_prompts],
-                           num_samples=c.default_job.samples_per_eval_prompt, max_new_tokens=c.sample.max_new_tokens,
+                           num_samples=per_prompt, max_new_tokens=c.sample.max_new_tokens,
                            seed=c.train.seed + 7, reward=run.eval_reward,
                            prompts=[p.given for p in run.eval_prompts])
-    policy, reference = summarize(measured.policy_rewards), summarize(measured.reference_rewards)
+    policy = summarize(measured.policy_rewards, per_prompt)
+    reference = summarize(measured.reference_rewards, per_prompt)
+    gain = paired_gain(measured.policy_rewards, measured.reference_rewards, per_prompt)
     return {
         "method": run.objective.command,
         "reward": run.eval_reward_name,
         "trained_on_reward": run.reward_name,
         "held_out_prompts": len(run.eval_prompts),
-        "samples_per_prompt": c.default_job.samples_per_eval_prompt,
+        "samples_per_prompt": per_prompt,
         "reference_reward": reference,
         "policy_reward": policy,
-        "reward_gain": policy["mean"] - reference["mean"],
-        "reward_gain_stderr": math.hypot(policy["stderr"], reference["stderr"]),  # independent samples
+        "reward_gain": gain["mean"],
+        "reward_gain_stderr": gain["stderr"],  # paired by prompt, clustered by prompt
         "kl_policy_reference": {"mean": measured.kl.mean, "stderr": measured.kl.stderr,
                                 "num_samples": measured.kl.num_samples},
+        "rewards": {"policy": measured.policy_rewards, "reference": measured.reference_rewards},
         "steps": run.state.step,
         "completions_generated": completions_generated(run),
         "examples": [{"prompt": run.eval_prompts[i].text,
-                      "reference": measured.reference_samples[i * c.default_job.samples_per_eval_prompt].text,
-                      "policy": measured.policy_samples[i * c.default_job.samples_per_eval_prompt].text}
+                      "reference": measured.reference_samples[i * per_prompt].text,
+                      "policy": measured.policy_samples[i * per_prompt].text}
                      for i in range(min(5, len(run.eval_prompts)))],
     }
 
@@ -446,9 +466,11 @@ def save(run: OnlineRun) -> None:
         rows = [f"| {cell(e['prompt'])} | {cell(e['reference'])} | {cell(e['policy'])} |" for e in report["examples"]]
         summary = [f"Held-out reward ({run.eval_reward_name}, {report['held_out_prompts']} prompts x "
                    f"{report['samples_per_prompt']} samples): reference {ref['mean']:+.3f} +- {ref['stderr']:.3f}, "
-                   f"policy {pol['mean']:+.3f} +- {pol['stderr']:.3f}; KL(policy || reference) {kl['mean']:.2f} +- "
+                   f"policy {pol['mean']:+.3f} +- {pol['stderr']:.3f}, gain {report['reward_gain']:+.3f} +- "
+                   f"{report['reward_gain_stderr']:.3f}; KL(policy || reference) {kl['mean']:.2f} +- "
                    f"{kl['stderr']:.2f} nats per completion; {report['steps']} rollouts, "
-                   f"{report['completions_generated']} completions generated."]
+                   f"{report['completions_generated']} completions generated. Standard errors take each prompt's "
+                   "samples as one cluster; the gain's pairs policy and reference by prompt."]
         write_report(run.folder, c.to_dict(), summary, rows, f"preftune {run.objective.command} run {run.folder.name}")
     group.wait()
 

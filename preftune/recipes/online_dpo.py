@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from preftune.config import Config, loss_params
+from preftune.config import Config, loss_params, optimizer_steps_per_rollout
 from preftune.logprobs import SequenceLogps
 from preftune.losses import LossParams, compute_loss
 from preftune.recipes import online
@@ -73,8 +73,10 @@ class OnlineDPOObjective:
                 "objective/scores_margin": (chosen - rejected).mean().item(),
                 "objective/tie_rate": 1.0 - decided.float().mean().item()}
 
-    def loss(self, model: torch.nn.Module, minibatch: Rollout) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The DPO-family loss of the minibatch's decided pairs (rows 2i, 2i + 1 are one prompt's)."""
+    def loss(self, model: torch.nn.Module, minibatch: Rollout,
+             on_policy: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The DPO-family loss of the minibatch's decided pairs (rows 2i, 2i + 1 are one prompt's); it has no
+        ratio to the sampling policy, so `on_policy` changes nothing."""
         mask = minibatch.mask
         tokens = mask.sum(1)
         logps = (token_logps(model, minibatch.samples, self.pad_token_id, minibatch.width, mask.device,
@@ -105,9 +107,11 @@ def setup(config: Config, reward: RewardFunction | None = None) -> OnlineRun:
 
 
 def sync_reference(run: OnlineRun) -> None:
-    """TR-DPO's reference update every --ref-model-sync-steps rollouts (iterative DPO: alpha 1, every round)."""
+    """After a rollout: TR-DPO's reference update every --ref-model-sync-steps optimizer steps (TRL's
+    SyncRefModelCallback; validation makes it a multiple of a rollout's steps; iterative DPO: alpha 1, every
+    round)."""
     t = run.config.train
-    if run.state.step % t.ref_model_sync_steps == 0:
+    if run.state.step * optimizer_steps_per_rollout(run.config, run.objective.command) % t.ref_model_sync_steps == 0:
         sync_reference_model(run.models.policy, run.models.reference, t.ref_model_mixup_alpha)
 
 

@@ -137,10 +137,12 @@ class PPOObjective:
         rollout.extras.update(values=values, advantages=whiten(advantages, rollout.mask), returns=returns)
         return {"val/returns": masked_mean(returns, rollout.mask).item()}
 
-    def loss(self, model: torch.nn.Module, minibatch: Rollout) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss(self, model: torch.nn.Module, minibatch: Rollout,
+             on_policy: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         r, mask, extras = self.config.rl, minibatch.mask, minibatch.extras
         logps, values = model(minibatch.samples, minibatch.width)
-        policy = clipped_policy_loss(logps, minibatch.logps, extras["advantages"], mask, r.cliprange)
+        policy = clipped_policy_loss(logps, None if on_policy else minibatch.logps, extras["advantages"], mask,
+                                     r.cliprange)
         value_loss, value_clipfrac = clipped_value_loss(values, extras["values"], extras["returns"], mask,
                                                         r.cliprange_value)
         metrics = {"loss/policy": policy.loss.detach(), "loss/value": value_loss.detach(),

@@ -4,8 +4,9 @@ current RLHF loop: setup -> train -> save -> cleanup.
 Per rollout (the loop is `online.train`, shared with PPO): k = num_generations samples per prompt; each sample's
 reward is its score less kl_coef * sum_t (log pi - log pi_ref) (the KL as a sequence-level penalty, first-order
 estimate, as TRL 1.16's RLOOTrainer); its advantage is that reward less the mean reward of the other k - 1 samples
-of its prompt (optionally normalised over the batch); the loss is PPO's clipped surrogate on sequence log-probs.
-No critic. The math is in policy_gradient.py; per-step losses equal TRL 1.16's (tests/test_rloo_trl.py).
+of its prompt (optionally normalised over the whole rollout, every process's samples); the loss is PPO's clipped
+surrogate on sequence log-probs. No critic. The math is in policy_gradient.py; per-step losses equal TRL 1.16's
+(tests/test_rloo_trl.py).
 """
 
 from __future__ import annotations
@@ -47,18 +48,19 @@ class RLOOObjective:
     def score(self, run: OnlineRun, rollout: Rollout) -> dict[str, float]:
         rewards = sequence_rewards(rollout, run.state.kl_coef)
         advantages = leave_one_out_advantages(rewards, self.config.rl.num_generations)
-        if self.config.rl.normalize_advantages:
-            advantages = normalized(advantages)
+        if self.config.rl.normalize_advantages:  # over every process's advantages, as TRL (after gathering them)
+            advantages = normalized(advantages, lambda tensor: run.group.accelerator.reduce(tensor, reduction="sum"))
         rollout.extras.update(advantages=advantages, old_sequence_logps=(rollout.logps * rollout.mask).sum(1))
         return {"objective/advantage_std": advantages.std().item() if len(advantages) > 1 else 0.0}
 
-    def loss(self, model: torch.nn.Module, minibatch: Rollout) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss(self, model: torch.nn.Module, minibatch: Rollout,
+             on_policy: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         device = minibatch.mask.device
         logps = (token_logps(model, minibatch.samples, self.pad_token_id, minibatch.width, device,
                              self.config.train.batch_layout) * minibatch.mask).sum(1)
         every = torch.ones_like(logps, dtype=torch.bool)
-        policy = clipped_policy_loss(logps, minibatch.extras["old_sequence_logps"], minibatch.extras["advantages"],
-                                     every, self.config.rl.cliprange)
+        old_logps = None if on_policy else minibatch.extras["old_sequence_logps"]
+        policy = clipped_policy_loss(logps, old_logps, minibatch.extras["advantages"], every, self.config.rl.cliprange)
         return policy.loss, {"loss/policy": policy.loss.detach(), "policy/approxkl": policy.approxkl,
                              "policy/clipfrac": policy.clipfrac, "policy/ratio": policy.ratio}
 
