@@ -60,7 +60,11 @@ class ModelConfig:
         "QLoRA: load the base weights in 4-bit NF4 (bitsandbytes, CUDA GPUs only) and train a LoRA adapter on them.",
         False,
     )
-    lora: bool = doc("Train a LoRA adapter (peft) instead of all weights.", False)
+    lora: bool = doc(
+        "Train a LoRA adapter (peft) instead of all weights. PPO: the actor and the critic are two adapters on one "
+        "frozen base (the critic's value head beside its adapter), the reference is the base with both off.",
+        False,
+    )
     lora_r: int = doc("LoRA rank.", 16)
     lora_alpha: int = doc("LoRA scaling numerator (the update is scaled by lora_alpha / lora_r).", 32)
     lora_dropout: float = doc(
@@ -330,7 +334,9 @@ class RLConfig:
     )
     value_model: str | None = doc(
         "PPO's critic to start from: a reward-model folder (`preftune reward-model`) or any model with a one-output "
-        "sequence-classification head. Unset: the policy's starting weights with a new value head."
+        "sequence-classification head. Unset: the policy's starting weights with a new value head. With --lora the "
+        "critic is an adapter on the policy's base: a LoRA reward model on that base gives its adapter and head, a "
+        "full one its head alone."
     )
 
 

@@ -105,8 +105,10 @@ class ModelPair:
     @contextlib.contextmanager
     def reference_model(self) -> Iterator[torch.nn.Module]:
         if self.adapter_off:
-            with self.policy.disable_adapter():
-                yield self.policy
+            from preftune.models import adapters_off
+
+            with adapters_off(self.policy) as reference:
+                yield reference
             return
         if self.reference is None:
             if self.load_reference is None:
