@@ -1,9 +1,13 @@
-"""Data parallel (DDP) against FSDP2 on CPU processes: the same model, pairs and steps; prints one JSON object.
+"""Data parallel (DDP) against FSDP2 on CPU processes: the same model, data and steps; prints one JSON object.
 
 Each engine trains the embedded SmolLM2-135M-Instruct for a few steps in N processes (gloo), launched as
 `accelerate launch --config_file configs/accelerate/<config>.yaml` would launch them (its FSDP settings), and
-reports: median seconds per optimizer step after the first, the peak RSS of the largest process (the whole
-process tree's largest resident set, from getrusage), and the per-step losses, which must agree across engines.
+reports: median seconds per step after the first, the peak RSS of the largest process (the whole process tree's
+largest resident set, from getrusage), and a per-step metric that must agree across engines (the loss; for RLOO
+objective/kl, as its policy loss is 0 to rounding at ratio 1: leave-one-out advantages sum to 0 per prompt).
+`--recipe`: DPO (`train`, on the pairs) or an online recipe (`rloo`, `online-dpo`: rollouts of the pairs'
+prompts, --batch-size prompts per process, --max-new-tokens each, scored by the default reward), one optimizer
+step per rollout.
 What FSDP saves per process is the slice of weights, gradients and Adam moments it no longer holds: with N
 processes, (N - 1) / N of 16 bytes per policy parameter plus 4 per reference parameter, less what the gathered
 layers cost while they are in use.
@@ -11,6 +15,7 @@ layers cost while they are in use.
 Needs the HH-RLHF file in ../shared/data (or --data). Example:
     .venv/bin/python benchmarks/bench_sharding.py                      # ddp, fsdp, fsdp-shard-grad-op; 2 processes
     .venv/bin/python benchmarks/bench_sharding.py --engines ddp fsdp --steps 4
+    .venv/bin/python benchmarks/bench_sharding.py --recipe rloo --engines ddp fsdp --steps 4
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
 ENGINES = ("ddp", "fsdp", "fsdp-shard-grad-op")
+COMPARED = {"train": "loss", "rloo": "objective/kl", "online-dpo": "loss"}  # the per-step metric engines must agree on
 
 # Runs `argv` and prints the largest resident set of any process it started (kB on Linux), as JSON.
 MEASURE = """
@@ -56,10 +62,12 @@ def launch_environment(engine: str, processes: int) -> dict[str, str]:
 def run(engine: str, args: argparse.Namespace, folder: Path) -> dict:
     output = folder / engine
     model = ["--model", args.model] if args.model else []
-    command = [sys.executable, "-m", "preftune.cli", "train", *model, "--data", str(args.data), "--num-processes",
-               str(args.processes), "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
-               "--max-steps", str(args.steps), "--logging-steps", "1", "--no-shuffle", "--skip-invalid", "--output-dir",
-               str(output)]
+    sizes = (["--batch-size", str(args.batch_size), "--max-length", str(args.max_length)] if args.recipe == "train"
+             else ["--rollout-batch-size", str(args.batch_size), "--max-new-tokens", str(args.max_new_tokens),
+                   "--num-mini-batches", "1"])
+    command = [sys.executable, "-m", "preftune.cli", args.recipe, *model, "--data", str(args.data), "--num-processes",
+               str(args.processes), *sizes, "--max-steps", str(args.steps), "--logging-steps", "1", "--no-shuffle",
+               "--skip-invalid", "--output-dir", str(output)]
     environment = {**os.environ, **launch_environment(engine, args.processes)}
     finished = subprocess.run([sys.executable, "-c", MEASURE, *command], env=environment, capture_output=True,
                               text=True, cwd=REPO)
@@ -67,38 +75,42 @@ def run(engine: str, args: argparse.Namespace, folder: Path) -> dict:
         sys.exit(f"{engine} failed:\n{finished.stdout[-3000:]}\n{finished.stderr[-3000:]}")
     measured = json.loads(finished.stdout.strip().splitlines()[-1])
     rows = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in rows if "loss" in r]
+    steps = [r for r in rows if COMPARED[args.recipe] in r]
     seconds = [b["time"] - a["time"] for a, b in zip(steps, steps[1:])]
     return {
         "seconds_per_step": round(statistics.median(seconds), 2),
         "peak_rss_gb_largest_process": round(measured["max_rss_kb"] / 1e6, 2),
-        "losses": [round(r["loss"], 6) for r in steps],
+        "per_step": [round(r[COMPARED[args.recipe]], 6) for r in steps],
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipe", choices=sorted(COMPARED), default="train", help="what each engine runs")
     parser.add_argument("--engines", nargs="+", choices=ENGINES, default=list(ENGINES))
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--model", help="a model folder or hub id (default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--processes", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=2, help="pairs per process per step")
-    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=2, help="pairs (online: prompts) per process per step")
+    parser.add_argument("--max-length", type=int, default=512, help="train: tokens per pair")
+    parser.add_argument("--max-new-tokens", type=int, default=32, help="online recipes: tokens per completion")
     parser.add_argument("--steps", type=int, default=5)
     args = parser.parse_args()
     if not args.data.is_file():
         sys.exit(f"no data at {args.data}; pass --data")
     with tempfile.TemporaryDirectory(prefix="bench-sharding-") as folder:
         results = {engine: run(engine, args, Path(folder)) for engine in args.engines}
-    losses = [r["losses"] for r in results.values()]
+    per_step = [r["per_step"] for r in results.values()]
     print(json.dumps({
         "date": date.today().isoformat(),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
         "model": args.model or "SmolLM2-135M-Instruct (embedded), fp32",
-        "processes": args.processes, "batch_size_per_process": args.batch_size, "max_length": args.max_length,
+        "recipe": args.recipe, "processes": args.processes, "batch_size_per_process": args.batch_size,
+        **({"max_length": args.max_length} if args.recipe == "train" else {"max_new_tokens": args.max_new_tokens}),
         "steps": args.steps,
-        "max_loss_difference_between_engines": max(abs(a - b) for run in losses[1:] for a, b in zip(losses[0], run))
-        if len(losses) > 1 else 0.0,
+        "compared": COMPARED[args.recipe],
+        "max_difference_between_engines": max(abs(a - b) for run in per_step[1:] for a, b in zip(per_step[0], run))
+        if len(per_step) > 1 else 0.0,
         "engines": results,
     }, indent=1))
 

@@ -60,7 +60,11 @@ class ModelConfig:
         "QLoRA: load the base weights in 4-bit NF4 (bitsandbytes, CUDA GPUs only) and train a LoRA adapter on them.",
         False,
     )
-    lora: bool = doc("Train a LoRA adapter (peft) instead of all weights.", False)
+    lora: bool = doc(
+        "Train a LoRA adapter (peft) instead of all weights. PPO: the actor and the critic are two adapters on one "
+        "frozen base (the critic's value head beside its adapter), the reference is the base with both off.",
+        False,
+    )
     lora_r: int = doc("LoRA rank.", 16)
     lora_alpha: int = doc("LoRA scaling numerator (the update is scaled by lora_alpha / lora_r).", 32)
     lora_dropout: float = doc(
@@ -248,8 +252,9 @@ class SampleConfig:
     reward: str = doc(
         "Ground-truth reward for `judge`, and what `ppo` and `rloo` maximise: 'sentiment' (VADER), "
         "'module:function' (a Python callable taking "
-        "(prompt, completion) texts and returning a float; imported only when named here), or a folder / hub id of "
-        "a sequence-classification reward model.",
+        "(prompt, completion) texts and returning a float, or None where it cannot judge: skipped in training; "
+        "imported only when named here), or a folder / hub id of a sequence-classification reward model. A reward "
+        "that raises or returns anything else (a string, NaN, infinity) stops the command (exit 2).",
         "sentiment",
     )
     eval_reward: str | None = doc(
@@ -292,6 +297,14 @@ class RLConfig:
         "completions (--rollout-batch-size x --num-generations; online-dpo: its pairs, --rollout-batch-size).",
         1,
     )
+    local_rollout_forward_batch_size: int = doc(
+        "Samples per forward in every phase of a rollout (sampling with its log-probs, the reference's log-probs, "
+        "PPO's critic, a reward model) and per forward/backward of the loss (a minibatch's micro-batches, their "
+        "gradients accumulated to the minibatch's exactly; online-dpo's losses that couple pairs, aot and sft, run "
+        "a minibatch whole): peak memory follows this size, not the rollout's (TRL's name; TRL micro-batches the "
+        "loss by per_device_train_batch_size).",
+        64,
+    )
     kl_coef: float = doc(
         "Weight of the KL penalty -kl_coef * (log pi - log pi_ref) in the reward (the starting value with "
         "--kl-target).",
@@ -321,7 +334,9 @@ class RLConfig:
     )
     value_model: str | None = doc(
         "PPO's critic to start from: a reward-model folder (`preftune reward-model`) or any model with a one-output "
-        "sequence-classification head. Unset: the policy's starting weights with a new value head."
+        "sequence-classification head. Unset: the policy's starting weights with a new value head. With --lora the "
+        "critic is an adapter on the policy's base: a LoRA reward model on that base gives its adapter and head, a "
+        "full one its head alone."
     )
 
 
@@ -725,6 +740,8 @@ def _check_rl(config: Config, command: str, need: Check, unused: Unused) -> None
          f"{r.num_generations}")
     need(r.rollout_batch_size >= 1, f"--rollout-batch-size must be >= 1, got {r.rollout_batch_size}")
     need(r.num_ppo_epochs is None or r.num_ppo_epochs >= 1, f"--num-ppo-epochs must be >= 1, got {r.num_ppo_epochs}")
+    need(r.local_rollout_forward_batch_size >= 1,
+         f"--local-rollout-forward-batch-size must be >= 1, got {r.local_rollout_forward_batch_size}")
     need(math.isfinite(r.kl_coef) and r.kl_coef >= 0, f"--kl-coef must be >= 0, got {r.kl_coef}")
     need(r.kl_target is None or r.kl_target > 0, f"--kl-target must be > 0, got {r.kl_target}")
     need(r.kl_horizon >= 1, f"--kl-horizon must be >= 1, got {r.kl_horizon}")

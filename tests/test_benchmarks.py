@@ -38,20 +38,23 @@ def test_bench_vs_trl_runs_both_sides_on_the_same_batches(tmp_path, tiny_model_d
         assert sides["ratios"]["pairs_per_second"] > 0
 
 
-def test_bench_sharding_trains_the_same_steps_under_ddp_and_fsdp(tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("recipe", ["train", "rloo"])
+def test_bench_sharding_trains_the_same_steps_under_ddp_and_fsdp(tmp_path, tiny_model_dir, recipe):
     data = write_jsonl(tmp_path / "pairs.jsonl", PAIRS * 2)
     result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "bench_sharding.py"), "--engines", "ddp", "fsdp", "--steps", "3",
-         "--max-length", "64", "--data", str(data), "--model", str(tiny_model_dir)],
+        [sys.executable, str(ROOT / "benchmarks" / "bench_sharding.py"), "--recipe", recipe, "--engines", "ddp",
+         "fsdp", "--steps", "3", "--max-length", "64", "--max-new-tokens", "6", "--data", str(data), "--model",
+         str(tiny_model_dir)],
         capture_output=True, text=True, timeout=600, cwd=ROOT,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout)
     for engine in ("ddp", "fsdp"):
         measured = report["engines"][engine]
-        assert len(measured["losses"]) == 3
+        assert len(measured["per_step"]) == 3
         assert measured["seconds_per_step"] > 0 and measured["peak_rss_gb_largest_process"] > 0
-    assert report["max_loss_difference_between_engines"] < 1e-4
+    assert report["compared"] == ("loss" if recipe == "train" else "objective/kl")
+    assert report["max_difference_between_engines"] < 1e-4
 
 
 def test_bench_rloo_vs_trl_smoke_times_both_sides_on_the_same_prompts(tmp_path):
@@ -74,3 +77,21 @@ def test_bench_rloo_vs_trl_smoke_times_both_sides_on_the_same_prompts(tmp_path):
         assert abs(measured["mean_loss"]) < 1e-4  # one update per rollout: -mean(leave-one-out advantage) = 0
     assert report["same_prompts_each_step"]
     assert report["ratios"]["steps_per_second"] > 0 and report["ratios"]["completion_tokens_per_second"] > 0
+
+
+def test_bench_rollout_memory_smoke_measures_one_step_per_rollout_size(tmp_path):
+    output = tmp_path / "rollout-memory.json"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_rollout_memory.py"), "--smoke", "--output", str(output)],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    assert json.loads(output.read_text()) == report
+    assert report["settings"]["local_rollout_forward_batch_size"] == 2 and report["machine"]["matmul_fp32_gflops"] > 0
+    assert list(report["rollouts"]) == ["4", "8"]
+    for samples, measured in report["rollouts"].items():
+        assert measured["completions"] == int(samples)
+        assert 0 < measured["completion_tokens"] <= int(samples) * 4
+        assert measured["step_peak_rss_gb"] >= measured["setup_peak_rss_gb"] > 0 and measured["step_seconds"] > 0
+    assert report["step_peak_spread"] >= 0

@@ -5,6 +5,8 @@ updates, and user errors (exit 2, no traceback, nothing written)."""
 from __future__ import annotations
 
 import json
+import math
+import re
 import shutil
 from pathlib import Path
 
@@ -15,6 +17,7 @@ from transformers import AutoModelForCausalLM
 
 from preftune.cli import main
 from preftune.recipes.model_card import read_front_matter
+from preftune.runtime.run_folder import CONFIG_FILE
 from tests.conftest import PAIRS, write_jsonl
 
 PROMPTS = [{"prompt": p["prompt"]} for p in PAIRS]
@@ -228,6 +231,19 @@ def test_bad_options_exit_2_before_anything_is_written(tmp_path, tiny_model_dir,
     assert message in err and "Traceback" not in err
 
 
+def test_ppo_under_fsdp_is_refused_before_anything_is_written(tmp_path, tiny_model_dir, files, capsys, monkeypatch):
+    """PPO trains its policy and critic as one module, which FSDP would shard as one root: sampling and the critic's
+    values call each part alone, outside the root's forward that gathers its weights. Refused when the launcher asks
+    for FSDP (the variable `accelerate launch --config_file configs/accelerate/fsdp.yaml` sets), before the run
+    folder exists; RLOO and online DPO run under FSDP (the two-process test)."""
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    out = tmp_path / "run"
+    assert main(args_for("ppo", tiny_model_dir, files, out)) == 2
+    err = capsys.readouterr().err
+    assert "preftune ppo under FSDP is not supported: its policy and critic" in err and "Traceback" not in err
+    assert "configs/accelerate/ddp.yaml" in err and not out.exists()
+
+
 def test_a_bad_prompts_line_is_named(tmp_path, tiny_model_dir, files, capsys):
     files["prompts"].write_text('{"prompt": "fine"}\n{"text": "no prompt here"}\n')
     assert main(args_for("rloo", tiny_model_dir, files, tmp_path / "run")) == 2
@@ -369,35 +385,282 @@ def test_resume_after_kill_9_equals_the_uninterrupted_run(tmp_path, tiny_model_d
                                                       if "objective/scores" in r]
 
 
+NORMALIZED = ("--normalize-advantages",)  # RLOO normalises its advantages over both processes' (TRL gathers them)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize(("command", "loss", "extra"), [("rloo", "loss/policy", ["--normalize-advantages"]),
-                                                    ("online-dpo", "loss", [])])
+@pytest.mark.parametrize(("command", "loss", "engine", "options"), [
+    ("rloo", "loss/policy", "ddp", NORMALIZED),
+    ("online-dpo", "loss", "ddp", ()),
+    ("rloo", "loss/policy", "fsdp", NORMALIZED),
+    ("online-dpo", "loss", "fsdp", ()),
+    # the reference: the sharded policy with its adapter off; the first forward is peft's generate, past the root
+    ("rloo", "loss/policy", "fsdp", (*NORMALIZED, "--lora", "--merge", "--learning-rate", "1e-2")),
+], ids=["rloo-ddp", "online-dpo-ddp", "rloo-fsdp", "online-dpo-fsdp", "rloo-fsdp-lora-merged"])
 def test_two_processes_sample_and_train_as_one_process_with_twice_the_prompts(tmp_path, tiny_model_dir, files,
-                                                                              monkeypatch, command, loss, extra):
+                                                                              monkeypatch, capfd, command, loss,
+                                                                              engine, options):
     """Rollouts sharded over 2 processes (2 prompts each) equal 1 process with 4 prompts: each sample comes from its
     own seed, so both sample the same completions, and DDP averages the two halves' gradients; RLOO normalises its
-    advantages over both processes' (as TRL, after gathering them). Scores, KL and losses at every step, and the
-    saved weights, equal to 1e-5. (PPO whitens its advantages over each process's rollout and
-    averages its losses over each process's tokens, as TRL's PPOTrainer did, so there 2 x b equals 1 x 2b only in
-    expectation.)"""
+    advantages over both processes' (as TRL, after gathering them). Scores, KL and losses at every step, the
+    held-out measurements and report, and the saved weights, equal to 1e-5. (PPO whitens its advantages over each
+    process's rollout and averages its losses over each process's tokens, as TRL's PPOTrainer did, so there 2 x b
+    equals 1 x 2b only in expectation.)
+
+    FSDP2 (configs/accelerate/fsdp.yaml, as `accelerate launch` sets it up, on CPU processes over gloo): the policy
+    and the reference sharded, sampling with synced_gpus, every process in the held-out measurement, the saved
+    model gathered whole; and a resumed run ends on the same weights to the bit."""
+    from benchmarks.bench_sharding import launch_environment
+
     monkeypatch.setenv("PYTHONPATH", f"{tmp_path}:{Path(__file__).resolve().parents[1]}")  # the reward, for torchrun's
     common = [command, "--model", str(tiny_model_dir), "--prompts", str(files["prompts"]), "--max-new-tokens", "6",
               "--max-steps", "3", "--learning-rate", "1e-3", "--num-mini-batches", "1", "--report-to", "none",
-              "--seed", "3", *extra, *LENGTH_REWARD]
+              "--seed", "3", "--eval-data", str(files["pairs"]), "--samples-per-eval-prompt", "2", "--eval-steps", "2",
+              "--save-steps", "2", *LENGTH_REWARD, *options]
     one, two = tmp_path / "one", tmp_path / "two"
     assert main([*common, "--output-dir", str(one), "--rollout-batch-size", "4"]) == 0
-    assert main([*common, "--output-dir", str(two), "--rollout-batch-size", "2", "--num-processes", "2"]) == 0
+    for name, value in launch_environment(engine, processes=2).items():  # read by the processes torchrun starts
+        monkeypatch.setenv(name, value)
+    two_processes = [*common, "--output-dir", str(two), "--rollout-batch-size", "2", "--num-processes", "2"]
+    capfd.readouterr()
+    assert main(two_processes) == 0
+    if engine == "fsdp":
+        held, total = (int(n.replace(",", "")) for n in re.search(
+            r"FSDP: each process holds a slice of the weights \(([\d,]+) of ([\d,]+)", capfd.readouterr().out).groups())
+        assert held <= total // 2 + 64  # sharded: half of every weight, up to rounding of odd first dimensions
     one_rows, two_rows = rows_of(one), rows_of(two)
-    assert [r["step"] for r in one_rows] == [r["step"] for r in two_rows] == [1, 2, 3]
+    assert [r["step"] for r in one_rows] == [r["step"] for r in two_rows] == [1, 2, 2, 3, 3]  # eval at 2 and 3
     for a, b in zip(one_rows, two_rows, strict=True):
-        assert a["episode"] == b["episode"]
-        for name in ("objective/scores", "objective/kl", "objective/entropy", loss):
-            assert abs(a[name] - b[name]) <= 1e-5 * max(1.0, abs(a[name])), (a["step"], name, a[name], b[name])
+        assert a.get("episode") == b.get("episode")
+        for name in ("objective/scores", "objective/kl", "objective/entropy", loss, "eval_reward", "eval_kl"):
+            if name in a:
+                assert abs(a[name] - b[name]) <= 1e-5 * max(1.0, abs(a[name])), (a["step"], name, a[name], b[name])
+    reports = [json.loads((run / "rl_report.json").read_text()) for run in (one, two)]
+    assert reports[0]["examples"] == reports[1]["examples"]  # the same held-out samples
+    for name in ("policy_reward", "reference_reward", "kl_policy_reference"):
+        assert reports[1][name]["mean"] == pytest.approx(reports[0][name]["mean"], abs=1e-5), name
     weights_one, weights_two = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
     start = load_file(tiny_model_dir / "model.safetensors")
     assert max((weights_one[n] - start[n]).abs().max() for n in start) > 1e-4  # training moved the weights
     for name, tensor in weights_one.items():
         torch.testing.assert_close(weights_two[name], tensor, atol=1e-5, rtol=0.0)
+    if engine == "fsdp":  # step 3 again from checkpoint-2: its optimizer state gathered to the file and sliced back
+        assert main([*two_processes, "--resume"]) == 0
+        resumed = load_file(two / "model.safetensors")
+        assert all(torch.equal(weights_two[name], resumed[name]) for name in weights_two)
+        assert [r["step"] for r in rows_of(two)] == [1, 2, 2, 3, 3]  # each step logged once
+
+
+USER_REWARDS = '''import math
+
+calls = [0]
+
+
+def nan(prompt, completion):
+    return float("nan")
+
+
+def infinite(prompt, completion):
+    return -math.inf
+
+
+def text(prompt, completion):
+    return "good"
+
+
+def raises(prompt, completion):
+    raise ValueError("cannot parse " + repr(completion[:3]))
+
+
+def late_nan(prompt, completion):  # fine for two rollouts of 4 samples, then NaN
+    calls[0] += 1
+    return 1.0 if calls[0] <= 8 else float("nan")
+
+
+def never(prompt, completion):  # cannot judge anything
+    return None
+
+
+def picky(prompt, completion):  # cannot judge a completion of odd length
+    return None if len(completion) % 2 else len(completion) + 1e-3 * sum(map(ord, completion))
+'''
+
+
+@pytest.fixture
+def user_rewards(tmp_path, files):
+    """`--reward user_rewards:NAME`: rewards a new user might write, some of them wrong."""
+    (tmp_path / "user_rewards.py").write_text(USER_REWARDS)
+    import user_rewards
+
+    user_rewards.calls[0] = 0
+    return user_rewards
+
+
+def named_sample(err: str) -> bool:
+    """The message quotes one of the prompts and a completion."""
+    return any(f"  prompt: {p['prompt']!r}\n  completion: '" in err for p in PROMPTS)
+
+
+@pytest.mark.parametrize(("function", "problem"), [
+    ("nan", "returned nan"), ("infinite", "returned -inf"), ("text", "returned str 'good', not a number"),
+    ("raises", "raised ValueError: cannot parse"),
+])
+def test_a_reward_that_misbehaves_stops_the_run_with_exit_2_naming_the_prompt_and_completion(
+        tmp_path, tiny_model_dir, files, user_rewards, capsys, function, problem):
+    """It once trained on NaN (exit 0, `score=+nan`) or ended in preftune's traceback (a string, an exception)."""
+    out = tmp_path / "run"
+    assert main(args_for("rloo", tiny_model_dir, files, out, "--reward", f"user_rewards:{function}")) == 2
+    err = capsys.readouterr().err
+    assert f"stopped at step 0 of 4, in step 1's rollout: the reward user_rewards:{function} {problem}" in err
+    assert named_sample(err) and "No checkpoint was written yet" in err
+    if function == "raises":  # the user's own traceback, not preftune's
+        assert "The reward's traceback:" in err and 'user_rewards.py", line 19, in raises' in err
+        assert "preftune/forward/rewards.py" not in err
+    else:
+        assert "Traceback" not in err
+    assert not list(out.glob("checkpoint-*")) and not (out / "model.safetensors").exists()
+
+
+def test_a_reward_failing_mid_run_keeps_the_last_checkpoint_and_says_how_to_resume(tmp_path, tiny_model_dir, files,
+                                                                                 user_rewards, capsys):
+    out = tmp_path / "run"
+    assert main(args_for("ppo", tiny_model_dir, files, out, "--save-steps", "2", "--eval-reward", "sentiment",
+                         "--reward", "user_rewards:late_nan")) == 2
+    err = capsys.readouterr().err
+    assert "stopped at step 2 of 4, in step 3's rollout: the reward user_rewards:late_nan returned nan" in err
+    assert named_sample(err) and f"The last checkpoint is {out / 'checkpoint-2'}" in err
+    assert f"preftune ppo --config {out / CONFIG_FILE} --resume" in err
+    assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-2"] and not (out / "model.safetensors").exists()
+
+
+def test_a_reward_giving_the_wrong_count_is_named():
+    from preftune.errors import UserError
+    from preftune.forward.rewards import checked
+
+    reward = checked(lambda prompts, completions: [1.0], "<in-memory reward: one>")
+    with pytest.raises(UserError, match=r"(?s)the reward <in-memory reward: one> returned a list of 1 for 2 "
+                                        r"completions, the first:\n  prompt: 'a'\n  completion: ' b'"):
+        reward(["a", "c"], [" b", " d"])
+    assert reward(["a"], [" b"]) == [1.0]
+
+
+@pytest.mark.parametrize("command", ["ppo", "rloo", "online-dpo"])
+def test_a_reward_that_judges_nothing_trains_nothing(tmp_path, tiny_model_dir, files, user_rewards, command):
+    """None ("cannot judge", TRL's form) skips a completion: no loss. A reward that judges none of them leaves the
+    policy as it started (zero gradients: AdamW does not move it); the measurement uses --eval-reward."""
+    out = tmp_path / "run"
+    assert main(args_for(command, tiny_model_dir, files, out, "--reward", "user_rewards:never",
+                         "--eval-reward", "sentiment")) == 0
+    trained, start = load_file(out / "model.safetensors"), load_file(tiny_model_dir / "model.safetensors")
+    assert all(torch.equal(trained[name], start[name]) for name in start)
+    train = [r for r in rows_of(out) if "objective/scores" in r]
+    assert len(train) == 4 and all(r["objective/unjudged_fraction"] == 1.0 for r in train)
+
+
+@pytest.mark.parametrize("command", ["ppo", "rloo", "online-dpo"])
+def test_a_reward_that_cannot_judge_some_completions_trains_on_the_others(tmp_path, tiny_model_dir, files,
+                                                                          user_rewards, command):
+    out = tmp_path / "run"
+    assert main(args_for(command, tiny_model_dir, files, out, "--reward", "user_rewards:picky",
+                         "--eval-reward", "sentiment", "--max-new-tokens", "12")) == 0
+    train = [r for r in rows_of(out) if "objective/scores" in r]
+    assert all(math.isfinite(value) for r in train for value in r.values() if isinstance(value, float))
+    assert 0 < sum(r["objective/unjudged_fraction"] for r in train) < 4
+
+
+def test_a_held_out_measurement_needs_every_completion_judged(tmp_path, tiny_model_dir, files, user_rewards, capsys):
+    """Held-out means leaving out what the reward cannot judge would compare the policy and the reference on
+    different samples: an error that says what to do."""
+    out = tmp_path / "run"
+    assert main(args_for("rloo", tiny_model_dir, files, out, "--reward", "user_rewards:never")) == 2
+    err = capsys.readouterr().err
+    assert "the reward user_rewards:never returned None (cannot judge) in a held-out measurement" in err
+    assert "--eval-reward" in err and named_sample(err) and "Traceback" not in err
+
+
+def test_rloo_baselines_each_judged_sample_by_the_other_judged_samples_of_its_prompt():
+    from preftune.objectives.policy_gradient import leave_one_out_advantages
+    from preftune.recipes.rloo import judged_leave_one_out
+
+    rewards = torch.tensor([1.0, 2.0, 6.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0])
+    judged = torch.tensor([True, True, True, True, False, True, True, False, False])
+    advantages, trained = judged_leave_one_out(rewards, judged, 3)
+    # prompt 1: all three (r - mean of the other two); prompt 2: 4 and 6 against each other; prompt 3: one judged
+    # sample has no baseline, so none of the prompt's samples trains
+    assert advantages.tolist() == [1 - 4.0, 2 - 3.5, 6 - 1.5, 4 - 6.0, 0.0, 6 - 4.0, 0.0, 0.0, 0.0]
+    assert trained.tolist() == [True, True, True, True, False, True, False, False, False]
+    every = torch.ones(9, dtype=torch.bool)
+    assert torch.equal(judged_leave_one_out(rewards, every, 3)[0], leave_one_out_advantages(rewards, 3))
+
+
+def tiny_rollout(tokenizer, judged: list[bool]):
+    from preftune.forward.rollout import Sample, completion_mask
+    from preftune.recipes.online import Rollout
+
+    torch.manual_seed(0)
+    prompt = tokenizer("The movie was")["input_ids"]
+    completions = [[300, 301], [302], [303, 304, 305], [306, 307]]
+    samples = [Sample(i // 2, prompt, ids, "") for i, ids in enumerate(completions)]
+    mask = completion_mask(samples, 3)
+    logps, ref_logps = -torch.rand(4, 3) * mask, -torch.rand(4, 3) * mask
+    scores = torch.tensor([0.1, 0.7, 0.3, 0.9])
+    return Rollout(samples, mask, logps, ref_logps, scores, scores.clone(), torch.tensor(judged))
+
+
+def test_ppo_trains_on_the_judged_samples_as_if_the_others_were_not_sampled(tiny_model_dir):
+    """A sample the reward could not judge: its rows leave the advantages' whitening, the value and policy losses;
+    the rollout scores and trains as the rollout without it."""
+    import contextlib
+    import warnings
+    from types import SimpleNamespace
+
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from preftune.config import Config
+    from preftune.recipes.ppo import PolicyAndValue, PPOObjective
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        critic = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1)
+    model = PolicyAndValue(AutoModelForCausalLM.from_pretrained(tiny_model_dir), critic, tokenizer.pad_token_id)
+    group = SimpleNamespace(unwrap=lambda m: m, accelerator=SimpleNamespace(autocast=contextlib.nullcontext))
+    run = SimpleNamespace(group=group, model=model, tokenizer=tokenizer, state=SimpleNamespace(kl_coef=0.05))
+    objective = PPOObjective(Config())
+    with_unjudged = tiny_rollout(tokenizer, [True, False, True, True])
+    without = with_unjudged.rows(torch.tensor([0, 2, 3]))
+    without.judged = torch.ones(3, dtype=torch.bool)
+    results = []
+    for rollout in (with_unjudged, without):
+        scored = objective.score(run, rollout)
+        loss, metrics = objective.loss(model, rollout)
+        results.append((loss.item(), {**scored, **{k: v.item() for k, v in metrics.items()}}))
+    assert results[0][0] == pytest.approx(results[1][0], abs=1e-6)
+    assert results[0][1] == pytest.approx(results[1][1], abs=1e-6)
+    assert with_unjudged.extras["advantages"][1].abs().sum() == 0
+
+
+def test_online_dpo_leaves_a_pair_undecided_when_a_sample_is_unjudged(tiny_model_dir):
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from preftune.config import Config, loss_params
+    from preftune.recipes.online_dpo import OnlineDPOObjective
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    policy = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    config = Config()
+    objective = OnlineDPOObjective(config, loss_params(config.loss), pad_token_id=tokenizer.pad_token_id)
+    rollout = tiny_rollout(tokenizer, [True, True, True, False])
+    scored = objective.score(SimpleNamespace(), rollout)
+    assert rollout.extras["decided"].tolist() == [True, True, False, False]
+    assert scored == pytest.approx({"objective/chosen_scores": 0.7, "objective/rejected_scores": 0.1,
+                                    "objective/scores_margin": 0.6, "objective/tie_rate": 0.0})
+    loss, _ = objective.loss(policy, rollout)
+    first_pair = rollout.rows(torch.tensor([0, 1]))
+    objective.score(SimpleNamespace(), first_pair)
+    assert loss.item() == pytest.approx(objective.loss(policy, first_pair)[0].item(), abs=1e-6)
 
 
 SEVEN_PROMPTS = [{"prompt": p} for p in ["The movie was", "I think the ending", "Review:", "Honestly, this film",

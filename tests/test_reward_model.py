@@ -204,3 +204,39 @@ def test_the_default_job_reward_model_fits_longer_unless_told(tmp_path, tiny_mod
                      "--report-to", "none", *extra]) == 0
         train = yaml.safe_load((out / "preftune_config.yaml").read_text())["train"]
         assert (train["num_epochs"], train["learning_rate"], train["batch_size"]) == expected
+
+
+@pytest.mark.parametrize("model_pad_id", [None, 0], ids=["no-pad-id", "pad-not-eos"])
+def test_a_hub_reward_model_reads_each_row_of_a_batch_where_it_reads_it_alone(tmp_path, tiny_model_dir,
+                                                                              model_pad_id):
+    """A reward model from elsewhere whose tokenizer has no pad token, and whose config has no pad id (transformers
+    refuses a batch > 1) or a pad id other than EOS (rows padded with EOS were read at their padding): each row of
+    a batch scores as the model scores it alone, read at its last token (EOS, for a text prompt)."""
+    from preftune.data.tokenize import tokenize_completion
+    from preftune.forward.rewards import load_reward
+
+    torch.manual_seed(3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1)
+    with torch.no_grad():
+        model.score.weight.normal_(0, 0.5)
+    model.config.pad_token_id = model_pad_id
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.pad_token = None
+    tokenizer.save_pretrained(tmp_path)
+    assert AutoTokenizer.from_pretrained(tmp_path).pad_token is None
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
+
+    prompts = [p["prompt"] for p in PAIRS] * 2
+    completions = [p["chosen"] for p in PAIRS] + [p["rejected"] for p in PAIRS]  # of different lengths
+    alone = []
+    for prompt, completion in zip(prompts, completions):
+        ids, completion_ids = tokenize_completion(prompt, completion, tokenizer)
+        assert completion_ids[-1] == tokenizer.eos_token_id
+        with torch.no_grad():
+            alone.append(model(input_ids=torch.tensor([ids + completion_ids])).logits[0, 0].item())
+    score = load_reward(str(tmp_path))
+    assert score(prompts, completions) == pytest.approx(alone, abs=1e-5)
+    assert [score([p], [c])[0] for p, c in zip(prompts, completions)] == pytest.approx(alone, abs=1e-5)

@@ -22,7 +22,7 @@ from transformers import PreTrainedTokenizerBase
 
 from preftune.config import ModelConfig
 from preftune.data.read import Text
-from preftune.forward.rewards import RewardFunction
+from preftune.forward.rewards import RewardFunction, all_judged
 from preftune.forward.rollout import Sample, sample, sequence_logps_of_samples
 
 
@@ -105,8 +105,10 @@ class ModelPair:
     @contextlib.contextmanager
     def reference_model(self) -> Iterator[torch.nn.Module]:
         if self.adapter_off:
-            with self.policy.disable_adapter():
-                yield self.policy
+            from preftune.models.load import adapters_off
+
+            with adapters_off(self.policy) as reference:
+                yield reference
             return
         if self.reference is None:
             if self.load_reference is None:
@@ -191,7 +193,8 @@ def measure(
             tokenizer.decode(ids, skip_special_tokens=True) for ids in prompt_ids]
 
         def score(samples: list[Sample]) -> list[float]:
-            return reward([given[s.prompt_index] for s in samples], [s.text for s in samples])
+            prompts, completions = [given[s.prompt_index] for s in samples], [s.text for s in samples]
+            return all_judged(reward(prompts, completions), reward, prompts, completions)
 
         result.policy_rewards = score(policy_samples)
         if reference_samples is not None:

@@ -6,7 +6,7 @@ here, so their samples agree for the same seed and batch size.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -45,6 +45,32 @@ class SeededRows(LogitsProcessor):
         return scores.float() / self.temperature + gumbel.to(scores.device)
 
 
+class DrawnTokenLogps(LogitsProcessor):
+    """Records log pi(y_t | x, y_<t) of each drawn token from the sampling forward's own logits, one step at a time:
+    at step t it keeps log-softmax of the step's logits (rows, vocabulary), and at step t + 1 reduces it to the
+    log-prob of the token drawn at t (the last column of that call's input_ids), so one step's (rows, vocabulary)
+    is held, not every step's. First in the processor list: it reads the logits before any other processor and
+    returns them unchanged."""
+
+    def __init__(self) -> None:
+        self.steps: list[torch.Tensor] = []  # (rows,) per reduced step
+        self.pending: torch.Tensor | None = None  # (rows, vocabulary): the last step's log-softmax
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.pending is not None:
+            self.steps.append(self.pending.gather(1, input_ids[:, -1:])[:, 0])
+        self.pending = torch.log_softmax(scores.float(), dim=-1)
+        return scores
+
+    def token_logps(self, generated: torch.Tensor) -> torch.Tensor:
+        """(rows, steps) log-probs of `generated` (rows, steps), the tokens generate returned; reduces the last
+        step's logits at its drawn token."""
+        if len(self.steps) < generated.shape[1]:
+            self.steps.append(self.pending.gather(1, generated[:, len(self.steps) : len(self.steps) + 1])[:, 0])
+        self.pending = None
+        return torch.stack(self.steps[: generated.shape[1]], dim=1).cpu()
+
+
 def sample(
     model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -63,11 +89,15 @@ def sample(
     whatever the model's generation_config ships (`neutral_generation_config`). With the defaults (temperature 1,
     top-p 1) the samples follow the model's own distribution, as a KL estimate needs. Deterministic for a given
     seed and batch size. `with_logps`: also each token's log-prob from the logits the sampling computed (what
-    `token_logps` computes again with a forward pass, to float rounding), in `Sample.token_logps`. `row_seeds`: one
-    seed per sample (prompt-major, `num_samples` per prompt; `SeededRows`, no top-p), so that each sample depends on
-    its own seed only, not on `seed` or the batch."""
+    `token_logps` computes again with a forward pass, to float rounding; `DrawnTokenLogps`, one step's logits held
+    at a time), in `Sample.token_logps`. `row_seeds`: one seed per sample (prompt-major, `num_samples` per prompt;
+    `SeededRows`, no top-p), so that each sample depends on its own seed only, not on `seed` or the batch (nor on
+    `batch_size`)."""
     if row_seeds is not None and (len(row_seeds) != len(prompt_ids) * num_samples or top_p < 1.0):
         raise ValueError("row_seeds: one seed per sample, and top_p 1")
+    if with_logps and row_seeds is None and (temperature != 1.0 or top_p < 1.0):
+        # generate's own temperature and top-p warpers run before DrawnTokenLogps (SeededRows' temperature after)
+        raise ValueError("with_logps without row_seeds: temperature 1 and top_p 1")
     was_training = model.training
     model.eval()
     generator_state = torch.random.get_rng_state()
@@ -85,6 +115,10 @@ def sample(
         chunk = jobs[start : start + batch_size]
         input_ids, attention_mask = left_padded([ids for _, ids in chunk], tokenizer.pad_token_id)
         seeds = None if row_seeds is None else row_seeds[start : start + batch_size]
+        options = draw_options(temperature, top_p, seeds)
+        recorder = DrawnTokenLogps() if with_logps else None
+        if recorder is not None:
+            options["logits_processor"] = LogitsProcessorList([recorder, *options.get("logits_processor", [])])
         with torch.no_grad(), neutral_generation_config(model):
             output = model.generate(
                 input_ids=input_ids.to(device),
@@ -92,15 +126,14 @@ def sample(
                 # sharded weights (FSDP): every forward is a collective, so a process whose samples all ended
                 # keeps running forwards until every process's have
                 synced_gpus=sharded,
-                **draw_options(temperature, top_p, seeds),
+                **options,
                 max_new_tokens=max_new_tokens,
                 pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=eos,
-                output_logits=with_logps,
                 return_dict_in_generate=True,
             )
         generated = output.sequences[:, input_ids.shape[1] :]
-        logps = logps_of_generated(output.logits, generated) if with_logps else None
+        logps = None if recorder is None else recorder.token_logps(generated)
         for row, (prompt_index, ids) in enumerate(chunk):
             completion = generated[row].tolist()
             if eos in completion:
@@ -155,12 +188,12 @@ def draw_options(temperature: float, top_p: float, seeds: Sequence[int] | None) 
             "temperature": None, "top_k": None, "top_p": None}
 
 
-def logps_of_generated(logits: Sequence[torch.Tensor], tokens: torch.Tensor) -> torch.Tensor:
-    """log-softmax of each generation step's raw logits (rows, vocabulary) at the token drawn, (rows, steps). generate
-    keeps every step's logits until it returns (the size of the loss's completion logits); each step is reduced
-    here to one number per row."""
-    return torch.stack([torch.log_softmax(step.float(), dim=-1).gather(1, tokens[:, t : t + 1])[:, 0]
-                        for t, step in enumerate(logits)], dim=1).cpu()
+def in_micro_batches(compute: Callable[[Sequence[Sample]], torch.Tensor], samples: Sequence[Sample],
+                     size: int) -> torch.Tensor:
+    """`compute` (samples -> (len, ...)) over consecutive slices of at most `size` samples, concatenated along
+    rows: what one call over all the samples gives (each row depends on its own sample only), with at most `size`
+    samples' activations alive at once."""
+    return torch.cat([compute(samples[start : start + size]) for start in range(0, len(samples), size)])
 
 
 def sequence_logps_of_samples(

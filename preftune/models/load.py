@@ -8,12 +8,14 @@ same config, whose logits are checked against the loaded one, and that is saved 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import importlib.util
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -159,19 +161,71 @@ def load_model(
     return model
 
 
-def add_lora(model: PreTrainedModel, config: ModelConfig, task_type: str = "CAUSAL_LM") -> torch.nn.Module:
-    """A LoRA adapter on `model`; task_type SEQ_CLS (reward models) also trains the new score head in full."""
-    from peft import LoraConfig, get_peft_model
+def lora_config(config: ModelConfig, task_type: str = "CAUSAL_LM") -> object:
+    """peft's LoraConfig from --lora-r, --lora-alpha, --lora-dropout and --lora-target-modules."""
+    from peft import LoraConfig
 
     targets = config.lora_target_modules
-    lora_config = LoraConfig(
+    return LoraConfig(
         r=config.lora_r,
         lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout,
         target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",")],
         task_type=task_type,
     )
-    return get_peft_model(model, lora_config)
+
+
+def add_lora(model: PreTrainedModel, config: ModelConfig, task_type: str = "CAUSAL_LM") -> torch.nn.Module:
+    """A LoRA adapter on `model`; task_type SEQ_CLS (reward models) also trains the new score head in full."""
+    from peft import get_peft_model
+
+    return get_peft_model(model, lora_config(config, task_type))
+
+
+def add_trainable_adapter(model: torch.nn.Module, name: str, adapter_config: object) -> list[torch.nn.Parameter]:
+    """A second LoRA adapter `name` on the peft `model`, trainable beside the active one (peft freezes an adapter
+    it does not activate); the active adapter stays as it was. Returns the new adapter's parameters."""
+    model.add_adapter(name, adapter_config)
+    params = [p for n, p in model.named_parameters() if f".{name}." in n]
+    for param in params:
+        param.requires_grad_(True)
+    return params
+
+
+@contextlib.contextmanager
+def keeping_trainable(model: torch.nn.Module) -> Iterator[None]:
+    """Which parameters of `model` train stays as it was after the block: peft's set_adapter and the end of its
+    disable_adapter freeze every adapter that is not active (PPO's --lora critic is a second, trained one)."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    try:
+        yield
+    finally:
+        for param in trainable:
+            param.requires_grad_(True)
+
+
+@contextlib.contextmanager
+def active_adapter(model: torch.nn.Module, name: str) -> Iterator[None]:
+    """Run `model` (a peft model with several adapters) with adapter `name` alone active, then switch back; which
+    parameters train is left as it was."""
+    before = model.active_adapter
+    if name == before:
+        yield
+        return
+    with keeping_trainable(model):
+        model.set_adapter(name)  # the peft model's, which its `active_adapter` follows (its base model's does not)
+        try:
+            yield
+        finally:
+            model.set_adapter(before)
+
+
+@contextlib.contextmanager
+def adapters_off(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """The base model under a peft `model`: every adapter switched off in the block; which parameters train is left
+    as it was."""
+    with keeping_trainable(model), model.disable_adapter():
+        yield model
 
 
 def frozen(model: torch.nn.Module) -> torch.nn.Module:
@@ -234,11 +288,15 @@ def load_policy_and_reference(
     return policy, reference, tokenizer, source
 
 
-def enable_checkpointing(model: torch.nn.Module) -> None:
-    """Recompute activations in the backward pass (--gradient-checkpointing)."""
+def enable_checkpointing(model: torch.nn.Module, context_fn: Callable[[], tuple] | None = None) -> None:
+    """Recompute activations in the backward pass (--gradient-checkpointing). `context_fn`: torch's checkpoint hook
+    giving (the forward's context, the recomputation's context), e.g. to recompute under the adapter the forward
+    ran with."""
     # non-reentrant: works with frozen inputs (LoRA) without enable_input_require_grads. transformers 5.x renamed the
     # method (the old name warns until v6); the fallback serves older 5.x releases
-    kwargs = {"use_reentrant": False}
+    kwargs: dict = {"use_reentrant": False}
+    if context_fn is not None:
+        kwargs["context_fn"] = context_fn
     if hasattr(model, "activation_checkpointing_enable"):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
@@ -293,8 +351,10 @@ def save_model(
     from peft import PeftModel
 
     tokenizer.save_pretrained(output_dir)
+    # the active adapter alone: the policy's (PPO's --lora critic is a second adapter on the same model)
+    only_policy = {"selected_adapters": [policy.active_adapter]} if isinstance(policy, PeftModel) else {}
     if isinstance(policy, PeftModel) and merge:
-        policy.save_pretrained(output_dir / "adapter", safe_serialization=True, state_dict=state_dict)
+        policy.save_pretrained(output_dir / "adapter", safe_serialization=True, state_dict=state_dict, **only_policy)
         if state_dict is None:
             # merge a copy: the trained adapter in memory stays usable for evaluation afterwards
             merged = copy.deepcopy(policy).merge_and_unload()
@@ -309,4 +369,4 @@ def save_model(
             aliases = ({name for name, _ in policy.named_parameters(remove_duplicate=False)}
                        - {name for name, _ in policy.named_parameters()})
             state_dict = {name: value for name, value in state_dict.items() if name not in aliases}
-        policy.save_pretrained(output_dir, safe_serialization=True, state_dict=state_dict)
+        policy.save_pretrained(output_dir, safe_serialization=True, state_dict=state_dict, **only_policy)

@@ -10,6 +10,7 @@ The run folder, process group, trackers, optimizer and checkpoint files are runt
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import warnings
@@ -29,10 +30,11 @@ from preftune.data.batching import process_batches
 from preftune.data.prompts import Prompt, distinct_prompts, distinct_texts
 from preftune.errors import UserError
 from preftune.evaluation.measure import ModelPair, measure, paired_gain, summarize
-from preftune.forward.rewards import RewardFunction
-from preftune.forward.rollout import Sample, completion_mask, sample, sampled_token_logps, token_logps
-from preftune.objectives.policy_gradient import adaptive_kl_coef
-from preftune.runtime.checkpoint import restore_run_checkpoint, write_run_checkpoint
+from preftune.forward.rewards import RewardError, RewardFunction
+from preftune.forward.rollout import Sample, completion_mask, in_micro_batches, sample, sampled_token_logps, token_logps
+from preftune.objectives.policy_gradient import adaptive_kl_coef, masked_mean
+from preftune.runtime.accelerator import fsdp_requested, init_sharded_root, weights_held
+from preftune.runtime.checkpoint import latest_checkpoint, restore_run_checkpoint, write_run_checkpoint
 from preftune.runtime.logging import MetricLogger
 from preftune.runtime.processes import ProcessGroup, full_value
 from preftune.runtime.run_folder import CONFIG_FILE
@@ -53,13 +55,19 @@ class Rollout:
     logps: torch.Tensor  # log pi_old(y_t), the policy's at sampling time (no gradient)
     ref_logps: torch.Tensor
     scores: torch.Tensor  # (B,) the reward (less the missing-EOS penalty)
-    raw_scores: torch.Tensor  # (B,) the reward as the reward function gave it
+    raw_scores: torch.Tensor  # (B,) the reward as the reward function gave it (0 where it could not judge)
+    judged: torch.Tensor | None = None  # (B,) bool: the reward judged the sample (unset: all); a sample it could
+    # not judge (None) contributes no loss and no reward statistics
     extras: dict[str, torch.Tensor] = field(default_factory=dict)  # the objective's: values, advantages, returns
+
+    def __post_init__(self) -> None:
+        if self.judged is None:
+            self.judged = torch.ones_like(self.scores, dtype=torch.bool)
 
     def rows(self, index: torch.Tensor) -> Rollout:
         picked = [self.samples[i] for i in index.tolist()]
         return Rollout(picked, self.mask[index], self.logps[index], self.ref_logps[index], self.scores[index],
-                       self.raw_scores[index], {k: v[index] for k, v in self.extras.items()})
+                       self.raw_scores[index], self.judged[index], {k: v[index] for k, v in self.extras.items()})
 
     @property
     def width(self) -> int:
@@ -70,6 +78,9 @@ class OnlineObjective(Protocol):
     command: str  # the CLI command (for the resume hint)
     metric_names: tuple[str, ...]  # the per-minibatch metrics `loss` returns, averaged per step
     minibatch_unit: int  # consecutive rollout rows a minibatch keeps together (online DPO's pairs: 2)
+    # whether a minibatch's loss is the weighted mean of its micro-batches' (False: the loss couples its rows, as a
+    # loss that sorts the batch: the minibatch runs as one forward/backward)
+    splits_minibatch: bool
     kl_coef: float  # the KL weight the rollout metrics (and PPO's, RLOO's reward) start from
 
     def policy_of(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -82,6 +93,10 @@ class OnlineObjective(Protocol):
              on_policy: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The loss of a minibatch (with gradients), and its metrics (detached scalars). `on_policy`: no optimizer
         step since the rollout was sampled, so log pi_old is the current log-prob, detached (the ratio exactly 1)."""
+
+    def loss_count(self, minibatch: Rollout) -> float:
+        """What the loss and its metrics are means over, counted in `minibatch` (RLOO: samples; PPO: completion
+        tokens; online DPO: decided pairs): a micro-batch weighs count / the minibatch's count."""
 
 
 @dataclass
@@ -177,6 +192,11 @@ def start(session: Session, *, tokenizer: PreTrainedTokenizerBase, model_source:
         total_steps=total_steps, eval_every=evaluation_interval(c.train.eval_steps, total_steps),
         logger=session.logger(state.step), state=state,
     )
+    if group.sharded:
+        init_sharded_root(model)  # before the first rollout samples through peft's generate, past the root
+        held, total = weights_held(model)
+        group.print(f"FSDP: each process holds a slice of the weights ({held:,} of {total:,} on the main one), and "
+                    "of their gradients and optimizer state; the reference is sharded too")
     processes = f" in each of {group.world_size} processes" if group.world_size > 1 else ""
     group.print(f"{objective.command}: training {model_source} on {len(train_prompts)} prompts for {total_steps} "
                 f"rollouts ({c.rl.rollout_batch_size} prompts x {c.rl.num_generations} samples{processes}); "
@@ -210,10 +230,11 @@ def sample_seeds(run: OnlineRun, positions: list[int]) -> list[int]:
 def collect(run: OnlineRun, positions: list[int]) -> Rollout:
     """Sample `num_generations` completions of each prompt (by position in `run.train_prompts`) from the policy
     (batched, KV-cached, each sample from its own seed), their per-token log-probs under the policy and the
-    reference, and their reward."""
+    reference, and their reward. Every forward holds at most --local-rollout-forward-batch-size samples (each
+    sample's tokens and log-probs are its own whatever shares its micro-batch)."""
     r, models, pad = run.config.rl, run.models, run.tokenizer.pad_token_id
     prompts = [run.train_prompts[i] for i in positions]
-    layout, device = run.config.train.batch_layout, run.group.device
+    layout, device, size = run.config.train.batch_layout, run.group.device, r.local_rollout_forward_batch_size
     # In fp32 the sampling forward's own logits give log pi_old (equal to a separate forward's to ~1e-6), which
     # saves a forward pass per rollout; under bf16/fp16 the cached and the full forward round differently, so
     # log pi_old comes from a full forward as the loss's (the minibatches after an update use it; the one before,
@@ -221,45 +242,108 @@ def collect(run: OnlineRun, positions: list[int]) -> Rollout:
     from_sampling = run.group.accelerator.mixed_precision == "no"
     with run.group.accelerator.autocast():
         samples = sample(models.policy, run.tokenizer, [p.ids for p in prompts], num_samples=r.num_generations,
-                         max_new_tokens=run.config.sample.max_new_tokens, batch_size=len(prompts) * r.num_generations,
+                         max_new_tokens=run.config.sample.max_new_tokens, batch_size=size,
                          with_logps=from_sampling, row_seeds=sample_seeds(run, positions))
         width = max(len(s.completion_ids) for s in samples)
         with torch.no_grad():
             if from_sampling:
                 logps = sampled_token_logps(samples, width, device)
             else:
-                logps = token_logps(models.policy, samples, pad, width, device, layout)
+                logps = in_micro_batches(lambda part: token_logps(models.policy, part, pad, width, device, layout),
+                                         samples, size)
             with models.reference_model() as reference:
-                ref_logps = token_logps(reference, samples, pad, width, device, layout)
-    raw = torch.tensor(run.reward([prompts[s.prompt_index].given for s in samples], [s.text for s in samples]),
-                       dtype=torch.float32, device=run.group.device)
+                ref_logps = in_micro_batches(lambda part: token_logps(reference, part, pad, width, device, layout),
+                                             samples, size)
+    raw, judged = judged_rewards(run, [prompts[s.prompt_index].given for s in samples], [s.text for s in samples])
     scores = raw.clone()
     if r.missing_eos_penalty is not None:  # a completion cut off at max_new_tokens
         ended = torch.tensor([s.completion_ids[-1] == run.tokenizer.eos_token_id for s in samples],
                              device=raw.device)
         scores = torch.where(ended, scores, scores - r.missing_eos_penalty)
     mask = completion_mask(samples, width).to(device)
-    return Rollout(samples, mask, logps.float(), ref_logps.float(), scores, raw)
+    return Rollout(samples, mask, logps.float(), ref_logps.float(), scores, raw, judged)
+
+
+def judged_rewards(run: OnlineRun, prompts: list, completions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reward of each completion (0 where the reward returned None, cannot judge) and which it judged, (B,)
+    each. A failing reward (`rewards.RewardError`) stops the run before this step's update, naming the last
+    checkpoint to resume from."""
+    try:
+        values = run.reward(prompts, completions)
+    except RewardError as error:
+        path = latest_checkpoint(run.folder, warn=False)
+        resume = ("No checkpoint was written yet: a new run starts from the beginning." if path is None else
+                  f"The last checkpoint is {path}; once the reward is fixed, resume with:\n  preftune "
+                  f"{run.objective.command} --config {run.folder / CONFIG_FILE} --resume")
+        raise RewardError(f"stopped at step {run.state.step} of {run.total_steps}, in step {run.state.step + 1}'s "
+                          f"rollout: {error}\n\n{resume}") from None
+    judged = torch.tensor([v is not None for v in values], device=run.group.device)
+    raw = torch.tensor([0.0 if v is None else v for v in values], dtype=torch.float32, device=run.group.device)
+    return raw, judged
 
 
 def rollout_metrics(rollout: Rollout, kl_coef: float) -> dict[str, float]:
     """The names TRL's PPO logs: objective/kl (sum over tokens of log pi - log pi_ref, mean over completions),
     objective/entropy (sum of -log pi of the sampled tokens), objective/non_score_reward, objective/rlhf_reward,
     objective/scores (the reward less the missing-EOS penalty, as in objective/rlhf_reward); and the completions'
-    mean length."""
+    mean length. The reward's two are means over the samples it judged (0 if none), objective/unjudged_fraction
+    the share it returned None for; the KL, entropy and length are over all samples."""
     kl = ((rollout.logps - rollout.ref_logps) * rollout.mask).sum(1)
     lengths = rollout.mask.sum(1).float()
+    judged = rollout.judged.float()  # the reward's statistics leave out the samples it could not judge
     return {
         "objective/kl": kl.mean().item(),
         "objective/entropy": (-(rollout.logps * rollout.mask).sum(1)).mean().item(),
         "objective/non_score_reward": (-kl_coef * kl).mean().item(),
-        "objective/rlhf_reward": (rollout.scores - kl_coef * kl).mean().item(),
-        "objective/scores": rollout.scores.mean().item(),
+        "objective/rlhf_reward": masked_mean(rollout.scores - kl_coef * kl, judged).item(),
+        "objective/scores": masked_mean(rollout.scores, judged).item(),
+        "objective/unjudged_fraction": 1.0 - judged.mean().item(),
         "completions/mean_length": lengths.mean().item(),
     }
 
 
 # ---- the loop ----------------------------------------------------------------------------------------------------
+def micro_batches(objective: Any, minibatch: Rollout, size: int) -> list[Rollout]:
+    """The minibatch as micro-batches of at most `size` rows (whole units of the objective's `minibatch_unit`, at
+    least one unit), or whole where it fits or the objective's loss couples its rows. Split, its rows are first
+    put in prompt order (stable: a unit stays whole), so that a prompt's samples share a micro-batch and its
+    prompt is computed once (--batch-layout shared_prefix, packed), as in the rollout: the tokens per micro-batch,
+    and so its memory, do not grow with the shuffled minibatch's prompts. The order of a mean's terms is all it
+    changes."""
+    rows, unit = len(minibatch.samples), objective.minibatch_unit
+    step = max(unit, size // unit * unit) if objective.splits_minibatch else rows
+    if step >= rows:
+        return [minibatch]
+    order = torch.tensor(sorted(range(rows), key=lambda row: minibatch.samples[row].prompt_index))
+    return [minibatch.rows(order[start : start + step]) for start in range(0, rows, step)]
+
+
+def accumulate_gradients(objective: Any, model: torch.nn.Module, minibatch: Rollout, size: int,
+                         accelerator: Any, on_policy: bool = False) -> tuple[float, dict[str, float]]:
+    """Forward and backward of one minibatch in micro-batches of at most `size` samples, gradients accumulated:
+    the loss is a mean over the minibatch's count n (samples, tokens or pairs: `objective.loss_count`), and
+    mean = sum_i (n_i / n) mean_i over micro-batches i, so each micro-batch's loss is weighted by n_i / n and the
+    accumulated gradient is the whole minibatch's. The processes' gradients are averaged (DDP) once, at the last
+    micro-batch. `on_policy`: the objective's (log pi_old = the current log-prob, detached, row by row). Returns
+    (the minibatch's loss, its metrics: the same weighted sums)."""
+    parts = micro_batches(objective, minibatch, size)
+    counts = [float(objective.loss_count(part)) for part in parts]
+    total = sum(counts)
+    loss_value, metrics = 0.0, {}
+    for i, (part, count) in enumerate(zip(parts, counts)):
+        share = count / total if total > 0 else 1.0 / len(parts)  # nothing counted (all ties): every part's is 0
+        with contextlib.ExitStack() as stack:
+            if i < len(parts) - 1:
+                stack.enter_context(accelerator.no_sync(model))
+            with accelerator.autocast():
+                loss, values = objective.loss(model, part, on_policy=on_policy)
+            accelerator.backward(loss * share)  # one part: share 1.0, the loss unchanged
+        loss_value += share * loss.item()
+        for name, value in values.items():
+            metrics[name] = metrics.get(name, 0.0) + share * float(value)
+    return loss_value, metrics
+
+
 def minibatch_rows(run: OnlineRun, num_rows: int) -> Iterator[torch.Tensor]:
     """The rollout rows of each optimizer step, in order: num_ppo_epochs passes, each over the rows reshuffled
     (seeded by step) into num_mini_batches minibatches; the objective's `minibatch_unit` rows stay together."""
@@ -281,11 +365,11 @@ def optimise(run: OnlineRun, rollout: Rollout) -> tuple[dict[str, float], float,
     count, skipped, stepped, grad_norm = 0, False, False, float("nan")
     max_norm = run.config.train.max_grad_norm if run.config.train.max_grad_norm > 0 else float("inf")
     for index in minibatch_rows(run, len(rollout.samples)):
-        with accelerator.autocast():
-            loss, metrics = run.objective.loss(model, rollout.rows(index), on_policy=not stepped)
-        accelerator.backward(loss)
+        loss, metrics = accumulate_gradients(run.objective, model, rollout.rows(index),
+                                             run.config.rl.local_rollout_forward_batch_size, accelerator,
+                                             on_policy=not stepped)
         grad_norm = float(full_value(accelerator.clip_grad_norm_(run.trainable, max_norm)))
-        if math.isfinite(grad_norm) and math.isfinite(loss.item()):
+        if math.isfinite(grad_norm) and math.isfinite(loss):
             run.optimizer.step()
             stepped, state.bad_steps_in_row = True, 0
         else:
@@ -431,24 +515,30 @@ def setup(config: Config, objective: Any, build_model: ModelBuilder | None = Non
     (`build_model`: the policy with whatever the recipe trains beside it; unset: the policy alone). `reward`: a
     callable given in memory (the Python API) in place of --reward."""
     from preftune.evaluation.measure import reference_pair
-    from preftune.forward.rewards import load_reward
+    from preftune.forward.rewards import checked, load_reward
     from preftune.models.load import load_policy_and_reference
     from preftune.runtime.accelerator import process_state
     from preftune.runtime.session import open_session, prepare_training
 
     c = config
     train_texts, eval_texts = prompt_sources(c)
+    if build_model is not None and fsdp_requested():
+        # FSDP gathers a module's weights in its own forward: the policy and the critic would be sharded as one
+        # module, and sampling and the critic's values call each of them alone, outside that forward
+        raise UserError(f"preftune {objective.command} under FSDP is not supported: its policy and critic would be "
+                        "sharded as one module, which sampling and the critic's values cannot run part of. Use data "
+                        "parallelism (configs/accelerate/ddp.yaml or --num-processes); RLOO and online DPO run "
+                        "under FSDP")
     check_world_size(c, len(distinct_texts(train_texts)), process_state().num_processes)  # before anything is written
     session = open_session(c)
     group = session.group
-    if group.sharded:  # the held-out measurement and report sample on the main process alone
-        raise UserError(f"preftune {objective.command} under FSDP is not supported yet: use data parallelism "
-                        "(configs/accelerate/ddp.yaml or --num-processes)")
     if reward is None:
-        reward = load_reward(c.sample.reward, group.device)  # a bad --reward fails before the policy loads
+        # a bad --reward fails before the policy loads
+        reward = load_reward(c.sample.reward, group.device, c.rl.local_rollout_forward_batch_size)
+    reward = checked(reward, c.sample.reward)
     eval_reward = reward
     if c.sample.eval_reward not in (None, c.sample.reward):
-        eval_reward = load_reward(c.sample.eval_reward, group.device)
+        eval_reward = load_reward(c.sample.eval_reward, group.device, c.rl.local_rollout_forward_batch_size)
     policy, reference, tokenizer, source = load_policy_and_reference(c.model)
     train_prompts, eval_prompts = distinct_prompts(train_texts, tokenizer), distinct_prompts(eval_texts, tokenizer)
     _, total_steps = count_rollout_steps(c, len(train_prompts), group.world_size)
@@ -472,15 +562,20 @@ def save(run: OnlineRun) -> None:
     from preftune.runtime.run_folder import save_config
 
     group, c = run.group, run.config
+    # under FSDP the whole weights, gathered onto the main process (every process takes part)
+    state_dict = group.accelerator.get_state_dict(run.model) if group.sharded else None
     if group.is_main:
-        save_model(run.models.policy, run.tokenizer, run.folder, merge=c.model.merge)
+        save_model(run.models.policy, run.tokenizer, run.folder, merge=c.model.merge, state_dict=state_dict)
         save_config(c, run.folder)
         if run.final_eval is not None:
             (run.folder / "eval_results.json").write_text(json.dumps(run.final_eval, indent=2) + "\n")
         write_model_cards(run, run.objective.command, run.models.policy, merge=c.model.merge)
         print(f"saved the trained model to {run.folder}", flush=True)
-    if run.eval_prompts and group.is_main:
-        report = held_out_report(run)
+    del state_dict
+    # sharded models sample only with every process taking part: each measures the same prompts with the same
+    # seeds (as `evaluate` does in every process), and the main process writes
+    report = held_out_report(run) if run.eval_prompts and (group.is_main or group.sharded) else None
+    if report is not None and group.is_main:
         (run.folder / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         ref, pol, kl = report["reference_reward"], report["policy_reward"], report["kl_policy_reference"]
         print(f"held-out reward ({run.eval_reward_name}): reference {ref['mean']:+.3f} +- {ref['stderr']:.3f}, policy "

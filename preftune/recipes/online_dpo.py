@@ -6,7 +6,8 @@ Per rollout (the loop is `online.train`, shared with PPO and RLOO): two samples 
 ranked by --reward into (chosen, rejected); any loss of the DPO family (`losses.compute_loss`, --loss-type, --beta)
 on their summed log-probs under the policy and the frozen reference. A pair whose two scores are equal says nothing
 about which is better: it is left out of the loss (TRL counts it with the first sample as chosen) and counted in
-`objective/tie_rate`. Iterative DPO (Xiong et al. 2024, arXiv:2312.11456) is the same loop with one rollout per
+`objective/tie_rate`; so is a pair with a sample the reward could not judge (None), which no statistic counts.
+Iterative DPO (Xiong et al. 2024, arXiv:2312.11456) is the same loop with one rollout per
 round over all prompts (--rollout-batch-size), several passes over its pairs (--num-ppo-epochs, --num-mini-batches)
 and the reference moved to the policy after each round (--sync-ref-model, TR-DPO's update with alpha 1).
 """
@@ -22,7 +23,8 @@ from preftune.forward.reference import sync_reference_model
 from preftune.forward.rewards import RewardFunction
 from preftune.forward.rollout import token_logps
 from preftune.objectives.logps import SequenceLogps
-from preftune.objectives.losses import LossParams, compute_loss
+from preftune.objectives.losses import LOSSES, LossParams, compute_loss
+from preftune.objectives.policy_gradient import masked_mean
 from preftune.recipes import online
 from preftune.recipes.online import OnlineRun, Rollout
 
@@ -55,6 +57,12 @@ class OnlineDPOObjective:
     minibatch_unit: int = 2  # a minibatch holds whole pairs
 
     @property
+    def splits_minibatch(self) -> bool:
+        """The loss is a mean over decided pairs, unless a loss type couples the pairs: AOT sorts the batch, sft
+        averages the NLL over all the batch's chosen tokens."""
+        return all(LOSSES[name].per_pair and name != "sft" for name in self.params.loss_types)
+
+    @property
     def kl_coef(self) -> float:
         return self.params.beta  # DPO's beta is the KL weight of the objective it solves (TRL logs it so)
 
@@ -62,16 +70,20 @@ class OnlineDPOObjective:
         return model
 
     def score(self, run: OnlineRun, rollout: Rollout) -> dict[str, float]:
-        """Rank each prompt's two samples; metrics of the scores of chosen and rejected, their gap, the tie rate."""
+        """Rank each prompt's two samples; metrics of the scores of chosen and rejected, their gap, the tie rate,
+        over the pairs whose two samples the reward judged (a pair with a None reward is undecided)."""
         first_is_chosen, decided = ranked_pairs(rollout.scores)
+        judged = rollout.judged.view(-1, 2).all(1)
+        decided = decided & judged
         # kept per row (both rows of a pair) so that `Rollout.rows` slices them with the samples
         rollout.extras.update(first_is_chosen=first_is_chosen.repeat_interleave(2),
                               decided=decided.repeat_interleave(2))
         pairs = rollout.scores.view(-1, 2)
         chosen, rejected = pairs.max(1).values, pairs.min(1).values
-        return {"objective/chosen_scores": chosen.mean().item(), "objective/rejected_scores": rejected.mean().item(),
-                "objective/scores_margin": (chosen - rejected).mean().item(),
-                "objective/tie_rate": 1.0 - decided.float().mean().item()}
+        return {"objective/chosen_scores": masked_mean(chosen, judged).item(),
+                "objective/rejected_scores": masked_mean(rejected, judged).item(),
+                "objective/scores_margin": masked_mean(chosen - rejected, judged).item(),
+                "objective/tie_rate": masked_mean((~decided).float(), judged).item()}
 
     def loss(self, model: torch.nn.Module, minibatch: Rollout,
              on_policy: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -97,6 +109,10 @@ class OnlineDPOObjective:
                       "rewards/rejected": mean(output.rejected_rewards), "rewards/margins": mean(margins),
                       "rewards/accuracies": mean((margins > 0).float()),
                       "logps/chosen": mean(policy.chosen.detach()), "logps/rejected": mean(policy.rejected.detach())}
+
+
+    def loss_count(self, minibatch: Rollout) -> float:
+        return minibatch.extras["decided"][0::2].sum().item()
 
 
 def setup(config: Config, reward: RewardFunction | None = None) -> OnlineRun:

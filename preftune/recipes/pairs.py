@@ -28,7 +28,7 @@ from preftune.data.read import LoadResult, load_and_report
 from preftune.data.tokenize import TokenizedPair, tokenize_for
 from preftune.errors import UserError
 from preftune.objectives.metrics import MetricTotals
-from preftune.runtime.accelerator import reshard
+from preftune.runtime.accelerator import weights_held
 from preftune.runtime.checkpoint import restore_run_checkpoint, write_run_checkpoint
 from preftune.runtime.logging import MetricLogger, tracker_names
 from preftune.runtime.processes import ProcessGroup, full_value
@@ -196,9 +196,7 @@ def start(opened: Opened, *, tokenizer: PreTrainedTokenizerBase, model_source: s
 def announce(run: PairRun) -> None:
     c, group = run.config.train, run.group
     if group.sharded:
-        reshard(run.model)  # a precomputing forward may have left the root's weights gathered
-        held = sum(p.to_local().numel() for p in run.model.parameters())
-        total = sum(p.numel() for p in run.model.parameters())
+        held, total = weights_held(run.model)  # after a precomputing forward that left the root's weights gathered
         group.print(f"FSDP: each process holds a slice of the weights ({held:,} of {total:,} on the main one), and "
                     "of their gradients and optimizer state")
     processes = f" in each of {group.world_size} processes" if group.world_size > 1 else ""

@@ -104,6 +104,25 @@ def reshard(model: torch.nn.Module) -> None:
             module.reshard()
 
 
+def init_sharded_root(model: torch.nn.Module) -> None:
+    """Under FSDP2, make `model` the root of its sharded modules now, as its first forward would; else nothing.
+
+    FSDP takes the first sharded module to run a forward as the root. A loop whose first forward is peft's
+    generate (the online loop's first rollout under LoRA) reaches an inner one first, the tied embedding and output
+    head's shared unit, which FSDP refuses as a root. torch 2.13 has no public call for this."""
+    if sharded_model(model):
+        model._get_fsdp_state()._lazy_init()
+
+
+def weights_held(model: torch.nn.Module) -> tuple[int, int]:
+    """(elements of the weights this process holds, elements of the whole weights). Under FSDP each parameter is a
+    DTensor whose local part is this process's slice (the root's gathered weights are freed first); else both are
+    the whole count."""
+    reshard(model)
+    held = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in model.parameters())
+    return held, sum(p.numel() for p in model.parameters())
+
+
 def check_engine(engine: str, fsdp_version: int | None = None) -> None:
     """Refuse an engine preftune's loop does not handle (DeepSpeed, FSDP version 1) before any model loads."""
     from preftune.errors import UserError
