@@ -69,6 +69,17 @@ WARMUP_STEPS = 1  # left out of the timings
 
 
 # ---- the parent: model, runs, results ------------------------------------------------------------------------
+def model_under_test(args: argparse.Namespace, folder: Path) -> str:
+    """The model a benchmark runs: a tiny random one in `folder` with --smoke, else --model (the default model
+    converted once into the cache when unset)."""
+    from preftune.models.load import resolve_model
+
+    if args.smoke:
+        (folder / "tiny-model").mkdir()
+        return smoke_model(folder / "tiny-model")
+    return resolve_model(args.model, args.cache_dir)
+
+
 def smoke_model(folder: Path) -> str:
     """A 2-layer random Llama with SmolLM2-135M-Instruct's tokenizer (and chat template), read from the embedded
     GGUF file (as tests/conftest.py builds its tiny models)."""
@@ -155,16 +166,10 @@ def main() -> None:
     import transformers
     import trl
 
-    from preftune.models.load import resolve_model
-
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="bench-rloo-vs-trl-") as tmp:
         folder = Path(tmp)
-        if args.smoke:
-            (folder / "tiny-model").mkdir()
-            args.model = smoke_model(folder / "tiny-model")
-        else:
-            args.model = resolve_model(args.model, args.cache_dir)
+        args.model = model_under_test(args, folder)
         report = {
             "date": date.today().isoformat(),
             "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),

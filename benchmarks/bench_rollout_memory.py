@@ -37,7 +37,7 @@ from datetime import date
 from pathlib import Path
 
 import torch
-from bench_rloo_vs_trl import smoke_model
+from bench_rloo_vs_trl import model_under_test
 from bench_vs_trl import matmul_peak_gflops
 from worker_process import peak_rss_kb, run_side
 
@@ -86,16 +86,10 @@ def main() -> None:
 
     import transformers
 
-    from preftune.models.load import resolve_model
-
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="bench-rollout-memory-") as tmp:
         folder = Path(tmp)
-        if args.smoke:
-            (folder / "tiny-model").mkdir()
-            args.model = smoke_model(folder / "tiny-model")
-        else:
-            args.model = resolve_model(args.model, args.cache_dir)
+        args.model = model_under_test(args, folder)
         report = {
             "date": date.today().isoformat(),
             "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
