@@ -676,7 +676,7 @@ def test_prompts_that_leave_a_remainder_give_only_full_rollouts(tmp_path, tiny_m
     write_jsonl(files["prompts"], SEVEN_PROMPTS)
     sizes, minibatches = [], []
     collect, rows = online.collect, online.Rollout.rows
-    monkeypatch.setattr(online, "collect", lambda run, at: sizes.append(len(at)) or collect(run, at))
+    monkeypatch.setattr(online.loop, "collect", lambda run, at: sizes.append(len(at)) or collect(run, at))
     monkeypatch.setattr(online.Rollout, "rows", lambda self, index: minibatches.append(len(index)) or rows(self, index))
     out = tmp_path / "run"
     assert main(args_for("rloo", tiny_model_dir, files, out, "--max-steps", "-1", "--num-epochs", "2",
