@@ -263,6 +263,19 @@ def test_objective_scores_are_the_scores_less_the_missing_eos_penalty():
     assert metrics["objective/rlhf_reward"] == pytest.approx(1.0 - 0.1 * 1.5)
 
 
+def test_the_missing_eos_penalty_falls_on_the_completions_cut_off_alone():
+    """A completion that does not end on EOS (cut off at --max-new-tokens) loses the penalty; the scores given are
+    left as they were; unset, the scores are unchanged."""
+    from preftune.forward.rollout import Sample
+    from preftune.recipes.online import missing_eos_penalized
+
+    samples = [Sample(0, [1], [5, 2], "a"), Sample(0, [1], [5, 6], "b"), Sample(1, [1], [2], "")]  # EOS: 2
+    scores = torch.tensor([1.0, 3.0, -1.0])
+    assert missing_eos_penalized(scores, samples, 2, 2.0).tolist() == [1.0, 1.0, -1.0]
+    assert missing_eos_penalized(scores, samples, 2, None).tolist() == [1.0, 3.0, -1.0]
+    assert scores.tolist() == [1.0, 3.0, -1.0]
+
+
 @pytest.mark.parametrize("command", ["ppo", "rloo"])
 def test_the_minibatch_before_the_first_update_has_ratio_exactly_1_under_bf16(tmp_path, tiny_model_dir, files,
                                                                              command):
@@ -676,7 +689,8 @@ def test_prompts_that_leave_a_remainder_give_only_full_rollouts(tmp_path, tiny_m
     write_jsonl(files["prompts"], SEVEN_PROMPTS)
     sizes, minibatches = [], []
     collect, rows = online.collect, online.Rollout.rows
-    monkeypatch.setattr(online, "collect", lambda run, at: sizes.append(len(at)) or collect(run, at))
+    # the loop's own name for it (train is in online/loop.py)
+    monkeypatch.setattr(online.loop, "collect", lambda run, at: sizes.append(len(at)) or collect(run, at))
     monkeypatch.setattr(online.Rollout, "rows", lambda self, index: minibatches.append(len(index)) or rows(self, index))
     out = tmp_path / "run"
     assert main(args_for("rloo", tiny_model_dir, files, out, "--max-steps", "-1", "--num-epochs", "2",

@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from transformers import PreTrainedTokenizerBase
 
 from preftune.config import Config, loss_params, optimizer_steps_per_rollout
 from preftune.forward.reference import sync_reference_model
@@ -51,7 +52,7 @@ def pair_logps(per_sequence: torch.Tensor, tokens: torch.Tensor, first_is_chosen
 class OnlineDPOObjective:
     config: Config
     params: LossParams
-    pad_token_id: int = 0
+    pad_token_id: int = 0  # the tokenizer's: `setup` builds the objective once it is loaded, and never changes it
     command: str = "online-dpo"
     metric_names: tuple[str, ...] = ONLINE_DPO_METRICS
     minibatch_unit: int = 2  # a minibatch holds whole pairs
@@ -116,10 +117,11 @@ class OnlineDPOObjective:
 
 
 def setup(config: Config, reward: RewardFunction | None = None) -> OnlineRun:
-    objective = OnlineDPOObjective(config, loss_params(config.loss))
-    run = online.setup(config, objective, reward=reward)
-    objective.pad_token_id = run.tokenizer.pad_token_id
-    return run
+    """The run, its objective built once the tokenizer is loaded (the pad id its loss's forward needs)."""
+    def make_objective(tokenizer: PreTrainedTokenizerBase) -> OnlineDPOObjective:
+        return OnlineDPOObjective(config, loss_params(config.loss), tokenizer.pad_token_id)
+
+    return online.setup(config, "online-dpo", make_objective, reward=reward)
 
 
 def sync_reference(run: OnlineRun) -> None:

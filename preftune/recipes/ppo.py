@@ -260,7 +260,7 @@ def setup(config: Config, reward: RewardFunction | None = None) -> OnlineRun:
         critic = adapter_critic(config, policy) if config.model.lora else load_critic(config, tokenizer)
         return PolicyAndValue(policy, critic, tokenizer.pad_token_id, config.train.batch_layout)
 
-    return online.setup(config, PPOObjective(config), build_model=with_critic, reward=reward)
+    return online.setup(config, "ppo", lambda tokenizer: PPOObjective(config), build_model=with_critic, reward=reward)
 
 
 def run(config: Config, reward: RewardFunction | None = None) -> OnlineRun:

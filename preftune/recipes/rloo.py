@@ -49,7 +49,7 @@ def judged_leave_one_out(rewards: torch.Tensor, judged: torch.Tensor, k: int) ->
 @dataclass
 class RLOOObjective:
     config: Config
-    pad_token_id: int = 0
+    pad_token_id: int = 0  # the tokenizer's: `setup` builds the objective once it is loaded, and never changes it
     command: str = "rloo"
     metric_names: tuple[str, ...] = RLOO_METRICS
     minibatch_unit: int = 1
@@ -90,10 +90,9 @@ class RLOOObjective:
 
 
 def setup(config: Config, reward: RewardFunction | None = None) -> OnlineRun:
-    objective = RLOOObjective(config)
-    run = online.setup(config, objective, reward=reward)
-    objective.pad_token_id = run.tokenizer.pad_token_id
-    return run
+    """The run, its objective built once the tokenizer is loaded (the pad id its loss's forward needs)."""
+    return online.setup(config, "rloo", lambda tokenizer: RLOOObjective(config, tokenizer.pad_token_id),
+                        reward=reward)
 
 
 def run(config: Config, reward: RewardFunction | None = None) -> OnlineRun:
