@@ -14,7 +14,7 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 
-from preftune import commands
+from preftune import __version__, commands
 from preftune.config import DEFAULT_JOB_OVERRIDES, Config, apply_yaml, field_type, iter_fields, set_option, validate
 from preftune.errors import EXIT_USER_ERROR, RunInterrupted, UserError
 from preftune.runtime.accelerator import launch_processes, launched
@@ -107,6 +107,7 @@ def add_config_flags(parser: argparse.ArgumentParser, only: dict[str, str | None
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="preftune", description="Direct Preference Optimization for causal LMs.")
+    parser.add_argument("--version", action="version", version=f"preftune {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser(
         "train",

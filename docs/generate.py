@@ -1,0 +1,329 @@
+"""Writes the generated blocks of the documentation's pages: the configuration reference (from the config tree),
+the loss table (from `LOSSES`' rows, as `--help` is), the library reference (one mkdocstrings directive per module
+of the package) and the results pages (from the committed result files in docs/results/, which
+benchmarks/record.py writes).
+
+    python docs/generate.py           # rewrite the generated blocks of every page
+    python docs/generate.py --check   # exit 1, naming the stale pages, if a committed page differs
+
+A generated block sits between two markers in a page; the text around it is written by hand:
+
+    <!-- generated: NAME (docs/generate.py writes this block; edit the generator or its inputs) -->
+    ...
+    <!-- end generated: NAME -->
+
+The pages are committed with their blocks filled, so that they read the same on GitHub, in the sdist and on the
+site; tests/test_docs.py fails when a committed block differs from what this script makes of the code and the
+result files (a number edited by hand, a result file replaced without regenerating, a changed option or loss).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pkgutil
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+DOCS = Path(__file__).resolve().parent
+ROOT = DOCS.parent
+RESULTS = DOCS / "results"
+BLOCK = re.compile(
+    r"(?P<start><!-- generated: (?P<name>[a-z0-9-]+) \(docs/generate.py writes this block; edit the generator or "
+    r"its inputs\) -->\n)(?P<body>.*?)(?P<end><!-- end generated: (?P=name) -->)",
+    re.DOTALL,
+)
+# The package's layers, bottom to top (tests/test_layers.py holds the order): the library reference's sections.
+LAYERS = ("errors", "data", "objectives", "config", "runtime", "models", "forward", "evaluation", "tasks",
+          "recipes", "study", "commands", "api", "cli")
+
+
+# ---- the code's own tables ---------------------------------------------------------------------------------------
+def config_reference() -> str:
+    """Every option once: its flag, YAML key, default and meaning, by section (`preftune.config`)."""
+    from preftune.config import reference_markdown
+
+    return reference_markdown()
+
+
+def cell(text: str) -> str:
+    """Text as one Markdown table cell: a single line, literal bars escaped."""
+    return " ".join(text.split()).replace("|", "\\|")
+
+
+def loss_formula(function: Callable) -> str:
+    """A loss function's first docstring paragraph: its formula in words (the paper and shapes follow it)."""
+    return cell((function.__doc__ or "").strip().split("\n\n")[0])
+
+
+def loss_options(spec) -> str:
+    """The loss options a `LossSpec` row reads, as flags."""
+    read = []
+    if spec.label_smoothing is not None:
+        low, high, low_included = spec.label_smoothing
+        read.append(f"`--label-smoothing` in {'[' if low_included else '('}{low:g}, {high:g})")
+    if spec.f_divergence is True:
+        read.append("`--f-divergence-type`")
+    if spec.ld_alpha:
+        read.append("`--ld-alpha`")
+    if spec.per_pair:
+        read.append("`--use-weighting`")
+    read += [f"`--{option.replace('_', '-')}`" for option in spec.reads]
+    return ", ".join(read)
+
+
+def loss_table() -> str:
+    """One row per `LOSSES` entry: name, what it is (--help's line), the loss per pair, the paper, the options."""
+    from preftune.objectives.losses import LOSSES
+
+    lines = ["| `--loss-type` | what it is | loss per pair | paper | options it reads |", "|---|---|---|---|---|"]
+    for name, spec in LOSSES.items():
+        lines.append(f"| `{name}` | {cell(spec.meaning)} | {loss_formula(spec.function)} | {cell(spec.paper)} | "
+                     f"{loss_options(spec)} |")
+    return "\n".join(lines) + "\n"
+
+
+def package_modules() -> list[str]:
+    """Every module of the package (a package's `__init__` as the package), layer by layer, bottom to top; the
+    package itself, whose members are `preftune.api`'s functions, is the API reference's page."""
+    import preftune
+
+    names = [m.name for m in pkgutil.walk_packages(preftune.__path__, "preftune.")]
+
+    def layer(name: str) -> int:
+        parts = name.split(".")
+        return LAYERS.index(parts[1]) if len(parts) > 1 and parts[1] in LAYERS else -1
+
+    return sorted(names, key=lambda name: (layer(name), name))
+
+
+def library_reference() -> str:
+    """One mkdocstrings directive per module: every public function, class and constant of the package."""
+    lines = []
+    for name in package_modules():
+        lines += [f"::: {name}", "    options:", "      show_submodules: false", ""]
+    return "\n".join(lines)
+
+
+# ---- the results pages -------------------------------------------------------------------------------------------
+def read_result(name: str) -> dict | None:
+    """docs/results/NAME.json, the file benchmarks/record.py wrote; None when it is not committed."""
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+
+
+def duration(seconds: float) -> str:
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds} s"
+    hours, rest = divmod(seconds, 3600)
+    return (f"{hours} h " if hours else "") + f"{rest // 60} min {rest % 60} s"
+
+
+def provenance(result: dict) -> str:
+    """When, on what machine and with which command a result was measured."""
+    machine = result["machine"]
+    rate = machine.get("matmul_fp32_gflops")
+    parts = [f"{machine['cores']} CPU cores" + (f" ({machine['cpu']})" if machine.get("cpu") else "")]
+    if machine.get("gpu"):
+        parts.append(machine["gpu"])
+    if machine.get("memory_gib"):
+        parts.append(f"{machine['memory_gib']:g} GiB of memory")
+    parts.append(f"fp32 matmul {rate:g} GFLOP/s measured before the run" if rate is not None
+                 else "fp32 matmul rate not recorded")
+    versions = ", ".join(f"{key} {machine[key]}" for key in ("python", "torch") if machine.get(key))
+    commit = f", code at commit `{machine['commit'][:12]}`" if machine.get("commit") else ""
+    lines = [f"Measured on {result['date']} on {', '.join(parts)}; {versions}{commit}. "
+             f"The command ({duration(result['wall_seconds'])}):" if result.get("wall_seconds") else
+             f"Measured on {result['date']} on {', '.join(parts)}; {versions}{commit}. The command:",
+             "", "```bash", result["command"], "```"]
+    if result.get("note"):
+        lines += ["", result["note"]]
+    return "\n".join(lines) + "\n"
+
+
+def missing(name: str, command: str) -> str:
+    return (f"Not yet recorded: `docs/results/{name}.json` is not committed. Record it with\n\n```bash\n{command}\n"
+            "```\n\nthen run `python docs/generate.py`.\n")
+
+
+def default_job(result: dict) -> str:
+    report = result["files"]["sentiment_report.json"]
+    per_prompt, prompts = report["samples_per_prompt"], report["held_out_prompts"]
+    ref, pol, kl = report["reference_reward"], report["policy_reward"], report["kl_policy_reference"]
+    lines = [f"| held-out requests ({prompts} x {per_prompt} samples) | mean reward | std | share positive |",
+             "|---|---|---|---|"]
+    for label, row in (("reference (the starting model)", ref), ("DPO policy", pol)):
+        lines.append(f"| {label} | {row['mean']:+.3f} +- {row['stderr']:.3f} | {row['std']:.3f} | "
+                     f"{row['positive_fraction']:.0%} |")
+    accuracy = report.get("held_out_preference_accuracy")
+    pairs = report.get("held_out_eval", {}).get("num_pairs")
+    lines += ["", f"Reward gain **{report['reward_gain']:+.3f} +- {report['reward_gain_stderr']:.3f}** (paired by "
+              f"prompt); KL(policy \\|\\| reference) {kl['mean']:.2f} +- {kl['stderr']:.2f} nats per reply"
+              + (f"; held-out preference accuracy {accuracy:.3f}" + (f" ({pairs} pairs)" if pairs else "")
+                 if accuracy is not None else "")
+              + f"; the job took {duration(report['total_seconds'])} by its own count."]
+    return provenance(result) + "\n" + "\n".join(lines) + "\n"
+
+
+def dpo_vs_trl(result: dict) -> str:
+    report = result["stdout"]
+    settings = report["settings"]
+    lines = [f"{settings['model'].split('/')[-1]}, batch {settings['batch_size']}, max_length "
+             f"{settings['max_length']}, {settings['steps']} steps a side ({settings['warmup_steps_left_out']} "
+             f"warm-up steps left out), {settings['dtype']}, activation checkpointing "
+             f"{'on' if settings['activation_checkpointing'] else 'off'} on both sides, preftune's "
+             f"`{settings['preftune_batch_layout']}` layout; TRL {report['machine']['trl']}, transformers "
+             f"{report['machine']['transformers']}.", "",
+             "| mode | TRL s/step | preftune s/step | pairs/s ratio | peak RSS TRL / preftune | MFU TRL / preftune "
+             "| max loss difference |", "|---|---|---|---|---|---|---|"]
+    for mode, sides in report["modes"].items():
+        trl, ours = sides["trl"], sides["preftune"]
+        lines.append(f"| {mode} | {trl['median_step_seconds']:.1f} | {ours['median_step_seconds']:.1f} | "
+                     f"**{sides['ratios']['pairs_per_second']:.2f}x** | {trl['peak_rss_gb']:.2f} / "
+                     f"{ours['peak_rss_gb']:.2f} GB ({sides['ratios']['peak_rss']:.2f}x) | "
+                     f"{trl['mfu_of_matmul_peak']:.0%} / {ours['mfu_of_matmul_peak']:.0%} | "
+                     f"{sides['max_abs_loss_difference']:.0e} |")
+    if report.get("scaling_seconds_per_step"):
+        lines += ["", "Seconds per step (live reference; the median of steps 2 and 3 of a 3-step run) and peak RSS "
+                  "over max_length and batch size:", "",
+                  "| max_length | batch | TRL s/step | preftune s/step | speed ratio | peak RSS TRL / preftune |",
+                  "|---|---|---|---|---|---|"]
+        for row in report["scaling_seconds_per_step"]:
+            lines.append(f"| {row['max_length']} | {row['batch_size']} | {row['trl_seconds']:.2f} | "
+                         f"{row['preftune_seconds']:.2f} | {row['speed_ratio']:.2f}x | "
+                         f"{row['trl_peak_rss_gb']:.2f} / {row['preftune_peak_rss_gb']:.2f} GB |")
+    return provenance(result) + "\n" + "\n".join(lines) + "\n"
+
+
+def rloo_vs_trl(result: dict) -> str:
+    report = result["stdout"]
+    settings = report["settings"]
+    lines = [f"{settings['model'].split('/')[-1]}, {settings['prompts_per_step']} prompts x "
+             f"{settings['num_generations']} samples a step, {settings['max_new_tokens']} new tokens, learning rate "
+             f"{settings['learning_rate']:g}, KL coefficient {settings['kl_coef']:g}, {settings['dtype']}; "
+             f"{settings['steps']} steps a side, the first {settings['warmup_steps_left_out']} left out; TRL "
+             f"{report['machine']['trl']}. The same prompts at every step on both sides: "
+             f"{'yes' if report['same_prompts_each_step'] else 'NO'}.", "",
+             "| side | median s/step | steps/s | completion tokens/s | peak RSS | mean score |",
+             "|---|---|---|---|---|---|"]
+    for side, label in (("trl", "TRL RLOOTrainer"), ("preftune", "preftune rloo")):
+        row = report[side]
+        lines.append(f"| {label} | {row['median_step_seconds']:.1f} | {row['steps_per_second']:.4f} | "
+                     f"{row['completion_tokens_per_second']:.1f} | {row['peak_rss_gb']:.2f} GB | "
+                     f"{row['mean_score']:+.3f} |")
+    ratios = report["ratios"]
+    lines += ["", f"preftune / TRL: **{ratios['steps_per_second']:.2f}x the steps per second**, "
+              f"{ratios['completion_tokens_per_second']:.2f}x the completion tokens per second, "
+              f"{ratios['peak_rss']:.2f}x the peak RSS."]
+    return provenance(result) + "\n" + "\n".join(lines) + "\n"
+
+
+def plus_minus(row: dict, key: str, digits: int, sign: bool = False) -> str:
+    value, stderr = float(row[key]), float(row[f"{key}_stderr"])
+    return f"{value:{'+' if sign else ''}.{digits}f} +- {stderr:.{digits}f}"
+
+
+def frontier(result: dict) -> str:
+    points, costs = result["files"]["frontier.csv"], result["files"]["costs.csv"]
+    gain = bool(points) and "gain" in points[0]
+    lines = ["| method | steps | N | KL (nats) | mean reward |" + (" gain (paired by prompt) |" if gain else ""),
+             "|---|---|---|---|---|" + ("---|" if gain else "")]
+    for p in points:
+        lines.append(f"| {p['method']} | {p['step']} | {p['n']} | {plus_minus(p, 'kl', 2)} | "
+                     f"{plus_minus(p, 'reward', 3, sign=True)} |" + (f" {plus_minus(p, 'gain', 3, True)} |"
+                                                                      if gain else ""))
+    lines += ["", "What each method cost (training time excludes loading and the held-out measurements; process "
+              "wall time is the method's whole process; peak RSS includes the frozen reference every process holds "
+              "for the measurement):", "",
+              "| method | training time | process wall time | peak RSS | models held | completions sampled | "
+              "reward queries | preference labels |", "|---|---|---|---|---|---|---|---|"]
+    for c in costs:
+        uses_rm = c["uses_reward_model"] == "True"
+        lines.append(f"| {c['method']} | {duration(float(c['train_seconds']))}{' + reward model' if uses_rm else ''} "
+                     f"| {duration(float(c['wall_seconds']))} | {int(c['peak_rss_bytes']) / 1e9:.2f} GB | "
+                     f"{c['model_copies']} ({c['copies']}) | {c['completions']} | {c['reward_queries']} | "
+                     f"{c['labels']} |")
+    return provenance(result) + "\n" + "\n".join(lines) + "\n"
+
+
+RESULTS_PAGES: dict[str, tuple[Callable[[dict], str], str]] = {
+    "default-job": (default_job, "python benchmarks/record.py docs/results/default-job.json "
+                                 "--collect WORKDIR/run/sentiment_report.json -- preftune train --output-dir WORKDIR/run"),
+    "dpo-vs-trl": (dpo_vs_trl, "python benchmarks/record.py docs/results/dpo-vs-trl.json -- "
+                               "python benchmarks/bench_vs_trl.py"),
+    "rloo-vs-trl": (rloo_vs_trl, "python benchmarks/record.py docs/results/rloo-vs-trl.json -- "
+                                 "python benchmarks/bench_rloo_vs_trl.py"),
+    "frontier": (frontier, "python benchmarks/record.py docs/results/frontier.json --collect "
+                           "WORKDIR/frontier/frontier.csv --collect WORKDIR/frontier/costs.csv -- "
+                           "preftune frontier --output-dir WORKDIR/frontier"),
+}
+
+
+def results_files() -> str:
+    """A link to each committed result file, with the page generated from it."""
+    lines = [f"- [{name}.json]({name}.json): [{name}]({name}.md)" for name in RESULTS_PAGES
+             if (RESULTS / f"{name}.json").exists()]
+    return "\n".join(lines) + "\n" if lines else "(none recorded yet)\n"
+
+
+def result_block(name: str) -> str:
+    render, command = RESULTS_PAGES[name]
+    result = read_result(name)
+    return missing(name, command) if result is None else render(result)
+
+
+GENERATORS: dict[str, Callable[[], str]] = {
+    "config-reference": config_reference,
+    "loss-table": loss_table,
+    "library-reference": library_reference,
+    **{f"results-{name}": (lambda name=name: result_block(name)) for name in RESULTS_PAGES},
+    "results-files": results_files,
+}
+
+
+# ---- pages -------------------------------------------------------------------------------------------------------
+def render_page(text: str) -> str:
+    """A page with every generated block rewritten; an unknown block name is an error."""
+
+    def replace(match: re.Match) -> str:
+        name = match["name"]
+        if name not in GENERATORS:
+            raise KeyError(f"unknown generated block {name!r}; known: {', '.join(GENERATORS)}")
+        return match["start"] + GENERATORS[name]() + match["end"]
+
+    return BLOCK.sub(replace, text)
+
+
+def pages() -> list[Path]:
+    """The documentation's Markdown pages that hold a generated block."""
+    return sorted(p for p in DOCS.rglob("*.md") if BLOCK.search(p.read_text(encoding="utf-8")))
+
+
+def stale_pages() -> list[Path]:
+    """The pages whose committed text differs from what the generator writes."""
+    return [p for p in pages() if render_page(p.read_text(encoding="utf-8")) != p.read_text(encoding="utf-8")]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--check", action="store_true", help="only check; exit 1 naming the stale pages")
+    args = parser.parse_args()
+    sys.path.insert(0, str(ROOT))
+    if args.check:
+        stale = stale_pages()
+        for page in stale:
+            print(f"stale: {page.relative_to(ROOT)} (run python docs/generate.py)", file=sys.stderr)
+        sys.exit(1 if stale else 0)
+    for page in pages():
+        text = page.read_text(encoding="utf-8")
+        rendered = render_page(text)
+        if rendered != text:
+            page.write_text(rendered, encoding="utf-8")
+            print(f"wrote {page.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()
