@@ -72,10 +72,11 @@ def memory_gib() -> float | None:
 
 
 def commit() -> str | None:
-    """The git commit of the code measured, with '+changes' when the work tree differs from it; None outside git."""
+    """The git commit of the code measured, with '+changes' when the package or the benchmarks in the work tree
+    differ from it; None outside git."""
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "preftune", "benchmarks"], cwd=ROOT,
                                capture_output=True, text=True, check=True)
     except (OSError, subprocess.CalledProcessError):
         return None

@@ -250,8 +250,8 @@ def frontier(result: dict) -> str:
 
 
 RESULTS_PAGES: dict[str, tuple[Callable[[dict], str], str]] = {
-    "default-job": (default_job, "python benchmarks/record.py docs/results/default-job.json "
-                                 "--collect WORKDIR/run/sentiment_report.json -- preftune train --output-dir WORKDIR/run"),
+    "default-job": (default_job, "python benchmarks/record.py docs/results/default-job.json --collect "
+                                 "WORKDIR/run/sentiment_report.json -- preftune train --output-dir WORKDIR/run"),
     "dpo-vs-trl": (dpo_vs_trl, "python benchmarks/record.py docs/results/dpo-vs-trl.json -- "
                                "python benchmarks/bench_vs_trl.py"),
     "rloo-vs-trl": (rloo_vs_trl, "python benchmarks/record.py docs/results/rloo-vs-trl.json -- "
