@@ -108,7 +108,7 @@ def evaluate(
     config: ConfigLike = None, *, model: Any = None, ref_model: Any = None, tokenizer: Any = None, data: Any = None,
     **options: Any,
 ) -> dict[str, float]:
-    """The preference metrics (loss, rewards/*, logps/*) of `model` against `ref_model` (default: the model
+    """The preference metrics (`loss`, `rewards/*`, `logps/*`) of `model` against `ref_model` (default: the model
     itself) on `data`, as `preftune eval` prints them."""
     from preftune.commands import run_eval
 
