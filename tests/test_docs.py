@@ -7,6 +7,8 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import inspect
+import json
+import os
 import re
 import subprocess
 import sys
@@ -34,7 +36,7 @@ generate = load_generator()
 def mkdocs(config: Path, site: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--config-file", str(config),
                            "--site-dir", str(site)], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**__import__("os").environ, "NO_MKDOCS_2_WARNING": "1"})
+                          env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
 
 
 def test_generated_pages_are_current():
@@ -134,3 +136,22 @@ def test_the_strict_build_fails_on_a_broken_link_or_a_missing_object(tmp_path, c
     built = mkdocs(config, tmp_path / "site")
     assert built.returncode != 0
     assert ("no-such-page.md" if case == "broken link" else "preftune.no_such_function") in built.stderr
+
+
+def test_record_keeps_the_command_its_machine_and_what_it_wrote(tmp_path):
+    """benchmarks/record.py runs a command in a fresh WORKDIR and writes the result file the results pages read:
+    the command as given, the date, the machine (cores, measured matmul rate), the JSON it printed and the files
+    it wrote (JSON parsed, CSV as rows)."""
+    script = ("import json, pathlib, sys; d = pathlib.Path(sys.argv[1]); d.mkdir(); "
+              "(d / 'r.json').write_text(json.dumps({'gain': 0.25})); (d / 't.csv').write_text('a,b\\n1,x\\n'); "
+              "print(json.dumps({'steps': 3}))")
+    output = tmp_path / "result.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "record.py"), str(output), "--collect",
+                    "WORKDIR/out/r.json", "--collect", "WORKDIR/out/t.csv", "--", "python", "-c", script,
+                    "WORKDIR/out"], cwd=ROOT, check=True, capture_output=True, text=True, timeout=300)
+    result = json.loads(output.read_text())
+    assert result["command"].startswith("python -c ") and result["command"].endswith(" WORKDIR/out")
+    assert result["machine"]["cores"] >= 1 and result["machine"]["matmul_fp32_gflops"] > 0
+    assert result["date"] and result["wall_seconds"] >= 0
+    assert result["stdout"] == {"steps": 3}
+    assert result["files"] == {"r.json": {"gain": 0.25}, "t.csv": [{"a": "1", "b": "x"}]}
