@@ -20,6 +20,7 @@ result files (a number edited by hand, a result file replaced without regenerati
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import pkgutil
 import re
@@ -115,7 +116,8 @@ def read_result(name: str) -> dict | None:
 
 
 def duration(seconds: float) -> str:
-    seconds = round(seconds)
+    """Whole seconds, cut as `preftune frontier`'s costs.md cuts them: '9 min 14 s'."""
+    seconds = int(seconds)
     if seconds < 60:
         return f"{seconds} s"
     hours, rest = divmod(seconds, 3600)
@@ -226,6 +228,20 @@ def plus_minus(row: dict, key: str, digits: int, sign: bool = False) -> str:
     return f"{value:{'+' if sign else ''}.{digits}f} +- {stderr:.{digits}f}"
 
 
+def last_point(cost: dict, points: list[dict]) -> str:
+    """A method's last held-out point (the reward model: its held-out accuracy), as `preftune frontier`'s costs.md
+    writes it."""
+    extra = ast.literal_eval(cost.get("extra") or "{}")
+    if cost["method"] == "reward model" and extra.get("held_out_accuracy") is not None:
+        return f"held-out accuracy {extra['held_out_accuracy']:.3f} +- {extra['held_out_accuracy_stderr']:.3f}"
+    own = [p for p in points if p["method"] == cost["method"]
+           or (cost["method"] == "best-of-N" and p["method"] == "reference")]
+    if not own:
+        return ""
+    last = max(own, key=lambda p: (int(p["step"] or 0), int(p["n"] or 0)))
+    return f"{plus_minus(last, 'reward', 3, sign=True)}, {float(last['kl']):.2f} nats"
+
+
 def frontier(result: dict) -> str:
     points, costs = result["files"]["frontier.csv"], result["files"]["costs.csv"]
     gain = bool(points) and "gain" in points[0]
@@ -237,15 +253,15 @@ def frontier(result: dict) -> str:
                                                                       if gain else ""))
     lines += ["", "What each method cost (training time excludes loading and the held-out measurements; process "
               "wall time is the method's whole process; peak RSS includes the frozen reference every process holds "
-              "for the measurement):", "",
+              "for the measurement; \"+ reward model\": the reward model's time and labels come first):", "",
               "| method | training time | process wall time | peak RSS | models held | completions sampled | "
-              "reward queries | preference labels |", "|---|---|---|---|---|---|---|---|"]
+              "reward queries | preference labels | last point: reward, KL |", "|---|---|---|---|---|---|---|---|---|"]
     for c in costs:
         uses_rm = c["uses_reward_model"] == "True"
         lines.append(f"| {c['method']} | {duration(float(c['train_seconds']))}{' + reward model' if uses_rm else ''} "
                      f"| {duration(float(c['wall_seconds']))} | {int(c['peak_rss_bytes']) / 1e9:.2f} GB | "
                      f"{c['model_copies']} ({c['copies']}) | {c['completions']} | {c['reward_queries']} | "
-                     f"{c['labels']} |")
+                     f"{c['labels']} | {last_point(c, points)} |")
     return provenance(result) + "\n" + "\n".join(lines) + "\n"
 
 
