@@ -34,9 +34,11 @@ generate = load_generator()
 
 
 def mkdocs(config: Path, site: Path) -> subprocess.CompletedProcess:
+    """`mkdocs build --strict` of `config` into `site`, reading this checkout's package wherever the config is."""
+    env = {**os.environ, "NO_MKDOCS_2_WARNING": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     return subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--config-file", str(config),
-                           "--site-dir", str(site)], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
+                           "--site-dir", str(site)], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
 
 
 def test_generated_pages_are_current():
