@@ -66,6 +66,7 @@ def test_the_sdist_and_the_wheel_carry_the_package_and_its_metadata(dist):
     with tarfile.open(sdist) as archive:
         members = {m.name.split("/", 1)[1] for m in archive.getmembers() if "/" in m.name}
     assert {"README.md", "LICENSE", "pyproject.toml", "preftune/__init__.py", "CHANGELOG.md"} <= members
+    assert not [m for m in members if m.startswith("tests/")]  # they need the repository: fixtures, shared data
 
 
 def test_the_wheel_in_a_fresh_virtualenv_trains(dist, tmp_path, tiny_model_dir):
