@@ -148,16 +148,20 @@ def record(output: Path, command: list[str], collect: list[str]) -> dict:
     return result
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--" not in argv:
+        sys.exit("usage: record.py OUTPUT.json [--collect FILE ...] -- COMMAND ...")
+    split = argv.index("--")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     usage="%(prog)s OUTPUT.json [--collect FILE ...] -- COMMAND ...")
     parser.add_argument("output", type=Path, help="the result file to write (JSON)")
     parser.add_argument("--collect", action="append", default=[], metavar="FILE",
                         help="a file the command writes (WORKDIR/...) to keep in the result; repeatable")
-    parser.add_argument("command", nargs=argparse.REMAINDER, help="-- then the command")
-    args = parser.parse_args()
-    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    args = parser.parse_args(argv[:split])
+    command = argv[split + 1:]
     if not command:
-        parser.error("no command: give it after --")
+        parser.error("no command after --")
     result = record(args.output, command, args.collect)
     print(f"recorded {result['command']} ({result['wall_seconds']:.0f} s) in {args.output}", flush=True)
 

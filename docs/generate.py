@@ -92,20 +92,32 @@ def package_modules() -> list[str]:
     import preftune
 
     names = [m.name for m in pkgutil.walk_packages(preftune.__path__, "preftune.")]
-
-    def layer(name: str) -> int:
-        parts = name.split(".")
-        return LAYERS.index(parts[1]) if len(parts) > 1 and parts[1] in LAYERS else -1
-
-    return sorted(names, key=lambda name: (layer(name), name))
+    unplaced = [name for name in names if name.split(".")[1] not in LAYERS]
+    if unplaced:
+        raise ValueError(f"modules outside the layers {LAYERS}: {unplaced}")
+    return sorted(names, key=lambda name: (LAYERS.index(name.split(".")[1]), name))
 
 
-def library_reference() -> str:
-    """One mkdocstrings directive per module: every public function, class and constant of the package."""
+def layer_modules(layer: str) -> list[str]:
+    """The modules of one layer (a folder's modules, or the one module of that name)."""
+    return [name for name in package_modules() if name.split(".")[1] == layer]
+
+
+def library_layer(layer: str) -> str:
+    """One mkdocstrings directive per module of the layer: its public functions, classes and constants."""
     lines = []
-    for name in package_modules():
+    for name in layer_modules(layer):
         lines += [f"::: {name}", "    options:", "      show_submodules: false", ""]
     return "\n".join(lines)
+
+
+def library_index() -> str:
+    """A table of the layers, bottom to top, each page's modules listed."""
+    lines = ["| layer | modules |", "|---|---|"]
+    for layer in LAYERS:
+        modules = ", ".join(f"`{name}`" for name in layer_modules(layer))
+        lines.append(f"| [{layer}]({layer}.md) | {modules} |")
+    return "\n".join(lines) + "\n"
 
 
 # ---- the results pages -------------------------------------------------------------------------------------------
@@ -294,7 +306,8 @@ def result_block(name: str) -> str:
 GENERATORS: dict[str, Callable[[], str]] = {
     "config-reference": config_reference,
     "loss-table": loss_table,
-    "library-reference": library_reference,
+    "library-index": library_index,
+    **{f"library-{layer}": (lambda layer=layer: library_layer(layer)) for layer in LAYERS},
     **{f"results-{name}": (lambda name=name: result_block(name)) for name in RESULTS_PAGES},
     "results-files": results_files,
 }

@@ -115,7 +115,7 @@ def test_the_site_builds_strictly_and_lists_every_public_function(site):
     api = (site / "reference" / "api" / "index.html").read_text(encoding="utf-8")
     for name in preftune.__all__:
         assert f'id="preftune.{name}"' in api, name
-    library = (site / "reference" / "library" / "index.html").read_text(encoding="utf-8")
+    library = "".join(page.read_text(encoding="utf-8") for page in (site / "reference" / "library").rglob("*.html"))
     modules = [importlib.import_module(name) for name in generate.package_modules()]
     functions = [name for module in modules for name in public_functions(module)]
     assert len(functions) > 100
