@@ -218,7 +218,7 @@ def rloo_vs_trl(result: dict) -> str:
     lines = [f"{settings['model'].split('/')[-1]}, {settings['prompts_per_step']} prompts x "
              f"{settings['num_generations']} samples a step, {settings['max_new_tokens']} new tokens, learning rate "
              f"{settings['learning_rate']:g}, KL coefficient {settings['kl_coef']:g}, {settings['dtype']}; "
-             f"{settings['steps']} steps a side, the first {settings['warmup_steps_left_out']} left out; TRL "
+             f"{settings['steps']} steps a side ({settings['warmup_steps_left_out']} warm-up steps left out); TRL "
              f"{report['machine']['trl']}. The same prompts at every step on both sides: "
              f"{'yes' if report['same_prompts_each_step'] else 'NO'}.", "",
              "| side | median s/step | steps/s | completion tokens/s | peak RSS | mean score |",
