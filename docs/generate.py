@@ -188,7 +188,7 @@ def dpo_vs_trl(result: dict) -> str:
     lines = [f"{settings['model'].split('/')[-1]}, batch {settings['batch_size']}, max_length "
              f"{settings['max_length']}, {settings['steps']} steps a side ({settings['warmup_steps_left_out']} "
              f"warm-up steps left out), {settings['dtype']}, activation checkpointing "
-             f"{'on' if settings['activation_checkpointing'] else 'off'} on both sides, preftune's "
+             f"{'on' if settings['activation_checkpointing'] else 'off'} (both sides), preftune's "
              f"`{settings['preftune_batch_layout']}` layout; TRL {report['machine']['trl']}, transformers "
              f"{report['machine']['transformers']}.", "",
              "| mode | TRL s/step | preftune s/step | pairs/s ratio | peak RSS TRL / preftune | MFU TRL / preftune "
@@ -218,7 +218,7 @@ def rloo_vs_trl(result: dict) -> str:
     lines = [f"{settings['model'].split('/')[-1]}, {settings['prompts_per_step']} prompts x "
              f"{settings['num_generations']} samples a step, {settings['max_new_tokens']} new tokens, learning rate "
              f"{settings['learning_rate']:g}, KL coefficient {settings['kl_coef']:g}, {settings['dtype']}; "
-             f"{settings['steps']} steps a side ({settings['warmup_steps_left_out']} warm-up steps left out); TRL "
+             f"{settings['steps']} steps a side (warm-up steps left out: {settings['warmup_steps_left_out']}); TRL "
              f"{report['machine']['trl']}. The same prompts at every step on both sides: "
              f"{'yes' if report['same_prompts_each_step'] else 'NO'}.", "",
              "| side | median s/step | steps/s | completion tokens/s | peak RSS | mean score |",
