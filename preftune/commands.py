@@ -206,14 +206,14 @@ def run_judge(config: Config) -> tuple[dict, list[dict]]:
     """`preftune judge`: win rate of --model over --ref-model under --reward, and KL(policy || reference)."""
     from preftune.data.tokenize import prompt_ids
     from preftune.evaluation.judge import judge
-    from preftune.forward.rewards import load_reward
+    from preftune.forward.rewards import load_rewards
 
     s = config.sample
     if s.temperature != 1.0 or s.top_p != 1.0:
         raise UserError("judge samples from the models' own distributions (its KL estimate needs them): "
                         "leave --temperature and --top-p at 1")
     accelerator = accelerator_of(config)
-    reward = load_reward(s.reward, accelerator.device)  # before the models: a bad --reward fails fast
+    reward = load_rewards(s.reward, s.reward_weights, accelerator.device)  # before the models: a bad --reward fails
     models, tokenizer = inference_models(config, accelerator.device)
     prompts = load_prompts(s.prompts)
     with accelerator.autocast():
