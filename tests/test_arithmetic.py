@@ -106,3 +106,63 @@ def test_rloo_runs_the_arithmetic_task_and_reports_held_out_accuracy(tmp_path, t
     assert report["held_out_prompts"] == 3
     assert len(report["rewards"]["policy"]) == 6 and set(report["rewards"]["policy"]) <= {0.0, 1.0}
     assert "held-out reward (accuracy)" in capsys.readouterr().out
+
+
+def test_pairs_put_the_first_correct_answer_over_the_first_wrong_one_of_each_problem():
+    rows = [([{"role": "user", "content": "What is 2 + 3?"}], {"answer": "5"}),
+            ([{"role": "user", "content": "What is 4 x 2?"}], {"answer": "8"}),
+            ([{"role": "user", "content": "What is 9 - 9?"}], {"answer": "0"})]
+    texts = ["6", "2 + 3 = 5", "5", "no idea",  # right and wrong: one pair, (2 + 3 = 5) over 6
+             "8", "8.", "8", "8",  # all right: no pair
+             "1", "", " ", "2"]  # all wrong (blank samples are never paired)
+    records, unpaired = arithmetic.checked_pairs(rows, texts, 4)
+    assert unpaired == 2 and records == [{
+        "prompt": rows[0][0], "chosen": [{"role": "assistant", "content": "2 + 3 = 5"}],
+        "rejected": [{"role": "assistant", "content": "6"}], "answer": "5", "correct_samples": 2}]
+
+
+def test_train_with_the_arithmetic_task_runs_dpo_on_the_checkers_pairs_and_reports_accuracy(
+        tmp_path, tiny_model_dir, monkeypatch, capsys):
+    """A random tiny model never answers right: its samples are made half right (the answer) and half wrong, so
+    that every problem gives a pair; the rest of the path (cache, DPO, held-out report) is the real one."""
+    import dataclasses
+
+    from preftune.tasks import arithmetic as task
+
+    real_sample = task.sample
+
+    answers = dict(task.problem_pool(False) + task.problem_pool(True))
+
+    def answer_in(prompt: str) -> str:
+        return str(answers[re.search(r"(?:What|How much) is [^?]*\?", prompt).group(0)])
+
+    def half_right(model, tokenizer, prompt_ids, *, num_samples, **settings):
+        samples = real_sample(model, tokenizer, prompt_ids, num_samples=num_samples, **settings)
+        return [dataclasses.replace(s, text=answer_in(tokenizer.decode(s.prompt_ids)) if i % 2 else f"no {i}")
+                for i, s in enumerate(samples)]
+
+    monkeypatch.setattr(task, "sample", half_right)
+    monkeypatch.setattr(task, "EVAL_PAIR_PROMPTS", 3)
+    out = tmp_path / "run"
+    args = ["train", "--task", "arithmetic", "--model", str(tiny_model_dir), "--output-dir", str(out),
+            "--num-prompts", "4", "--num-eval-prompts", "3", "--max-new-tokens", "4", "--batch-size", "2",
+            "--cache-dir", str(tmp_path / "cache"), "--report-to", "none"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "sampled 4 training checker-labelled pairs (0 problems all right or all wrong)" in printed
+    assert "reference accuracy" in printed and "policy accuracy" in printed
+    report = json.loads((out / task.REPORT_FILE).read_text())
+    assert report["pairs"] == 4 and report["held_out_prompts"] == 3 and report["samples_per_prompt"] == 2
+    assert report["samples"]["completions_generated"] == (4 + 3) * task.SAMPLES_PER_PAIR_PROMPT
+    assert report["peak_rss_gb"] > 0 and report["total_seconds"] > 0
+    for name in ("reference_accuracy", "policy_accuracy"):
+        assert 0.0 <= report[name]["mean"] <= 1.0 and report[name]["stderr"] >= 0.0
+    assert set(report["rewards"]["policy"]) <= {0.0, 1.0} and len(report["rewards"]["policy"]) == 6
+    assert report["accuracy_gain"] == pytest.approx(report["policy_accuracy"]["mean"]
+                                                    - report["reference_accuracy"]["mean"])
+    assert (out / "model.safetensors").is_file() and json.loads((out / "eval_results.json").read_text())
+    pairs = [json.loads(line) for line in (tmp_path / "cache").glob("data/arithmetic-*/train.jsonl").__next__().open()]
+    assert all(p["chosen"][0]["content"] == p["answer"] for p in pairs)
+    # a second run reuses the cached pairs
+    assert main([*args[:5], str(tmp_path / "run2"), *args[6:]]) == 0
+    assert "using cached checker-labelled pairs" in capsys.readouterr().out
