@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from preftune.config import Config, apply_yaml, set_option, validate
+from preftune.config import Config, apply_command_defaults, apply_yaml, set_option, validate
 from preftune.errors import UserError
 
 if TYPE_CHECKING:  # the recipe imports torch: `import preftune` (and the CLI's --help) stays quick
@@ -162,17 +162,25 @@ def rloo(config: ConfigLike = None, *, reward: Any = None, **options: Any) -> On
     return online_recipe("rloo", config, reward, options)
 
 
+def grpo(config: ConfigLike = None, *, reward: Any = None, **options: Any) -> OnlineRun:
+    """Group-relative policy optimisation (`preftune grpo`, TRL 1.16's GRPOTrainer and defaults: loss_type dapo,
+    beta 0) on the prompts, against `reward` (as in `ppo`)."""
+    return online_recipe("grpo", config, reward, options)
+
+
 def online_dpo(config: ConfigLike = None, *, reward: Any = None, **options: Any) -> OnlineRun:
     """Online DPO (`preftune online-dpo`): pairs of the policy's own samples ranked by `reward` (as in `ppo`)."""
     return online_recipe("online-dpo", config, reward, options)
 
 
 def online_recipe(command: str, config: ConfigLike, reward: Any, options: Mapping[str, Any]) -> OnlineRun:
+    from preftune.recipes import grpo as grpo_recipe
     from preftune.recipes import online_dpo as online_dpo_recipe
     from preftune.recipes import ppo as ppo_recipe
     from preftune.recipes import rloo as rloo_recipe
 
     resolved = build_config(config, options, command.replace("-", "_"))
+    apply_command_defaults(resolved, command)
     in_memory = None
     if callable(reward):
         from preftune.forward.rewards import on_texts
@@ -183,7 +191,7 @@ def online_recipe(command: str, config: ConfigLike, reward: Any, options: Mappin
     elif reward is not None:
         set_option(resolved, "sample.reward", os.fspath(reward), "preftune API")
     validate(resolved, command)
-    recipe = {"ppo": ppo_recipe, "rloo": rloo_recipe, "online-dpo": online_dpo_recipe}[command]
+    recipe = {"ppo": ppo_recipe, "rloo": rloo_recipe, "grpo": grpo_recipe, "online-dpo": online_dpo_recipe}[command]
     return recipe.run(resolved, reward=in_memory)
 
 
