@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from preftune.config import Config, apply_yaml, set_option, validate
+from preftune.config import Config, apply_command_defaults, apply_yaml, set_option, validate
 from preftune.errors import UserError
 
 if TYPE_CHECKING:  # the recipe imports torch: `import preftune` (and the CLI's --help) stays quick
@@ -165,6 +165,12 @@ def rloo(config: ConfigLike = None, *, reward: Any = None, reward_funcs: Any = N
     return online_recipe("rloo", config, reward, options, reward_funcs)
 
 
+def grpo(config: ConfigLike = None, *, reward: Any = None, reward_funcs: Any = None, **options: Any) -> OnlineRun:
+    """Group-relative policy optimisation (`preftune grpo`, TRL 1.16's GRPOTrainer and defaults: loss_type dapo,
+    beta 0) on the prompts, against `reward` or `reward_funcs` (as in `ppo`)."""
+    return online_recipe("grpo", config, reward, options, reward_funcs)
+
+
 def online_dpo(config: ConfigLike = None, *, reward: Any = None, reward_funcs: Any = None,
                **options: Any) -> OnlineRun:
     """Online DPO (`preftune online-dpo`): pairs of the policy's own samples ranked by `reward` or `reward_funcs`
@@ -198,6 +204,7 @@ def in_memory_rewards(resolved: Config, funcs: list) -> Any:
 
 def online_recipe(command: str, config: ConfigLike, reward: Any, options: Mapping[str, Any],
                   reward_funcs: Any = None) -> OnlineRun:
+    from preftune.recipes import grpo as grpo_recipe
     from preftune.recipes import online_dpo as online_dpo_recipe
     from preftune.recipes import ppo as ppo_recipe
     from preftune.recipes import rloo as rloo_recipe
@@ -206,6 +213,7 @@ def online_recipe(command: str, config: ConfigLike, reward: Any, options: Mappin
     if isinstance(options.get("reward_weights"), list | tuple):  # TRL's reward_weights is a list
         options["reward_weights"] = ",".join(str(float(w)) for w in options["reward_weights"])
     resolved = build_config(config, options, command.replace("-", "_"))
+    apply_command_defaults(resolved, command)
     in_memory = funcs = None
     if reward is not None and reward_funcs is not None:
         raise UserError("give reward or reward_funcs, not both")
@@ -222,7 +230,7 @@ def online_recipe(command: str, config: ConfigLike, reward: Any, options: Mappin
     validate(resolved, command)
     if funcs is not None:
         in_memory = in_memory_rewards(resolved, funcs)
-    recipe = {"ppo": ppo_recipe, "rloo": rloo_recipe, "online-dpo": online_dpo_recipe}[command]
+    recipe = {"ppo": ppo_recipe, "rloo": rloo_recipe, "grpo": grpo_recipe, "online-dpo": online_dpo_recipe}[command]
     return recipe.run(resolved, reward=in_memory)
 
 

@@ -15,7 +15,16 @@ import sys
 from collections.abc import Callable, Sequence
 
 from preftune import __version__, commands
-from preftune.config import DEFAULT_JOB_OVERRIDES, Config, apply_yaml, field_type, iter_fields, set_option, validate
+from preftune.config import (
+    DEFAULT_JOB_OVERRIDES,
+    Config,
+    apply_command_defaults,
+    apply_yaml,
+    field_type,
+    iter_fields,
+    set_option,
+    validate,
+)
 from preftune.errors import EXIT_USER_ERROR, RunInterrupted, UserError
 from preftune.runtime.accelerator import launch_processes, launched
 
@@ -59,6 +68,8 @@ RL_OPTIONS = {
     "sample.max_new_tokens": None, "default_job.num_prompts": None, "default_job.num_eval_prompts": None,
     "default_job.samples_per_eval_prompt": None, "default_job.task": None,
 }
+# grpo: ppo's and rloo's options, and its --loss-type and --beta (TRL GRPOConfig's names)
+GRPO_OPTIONS = {**RL_OPTIONS, "loss.loss_type": None, "loss.beta": None}
 # online-dpo: ppo's and rloo's options, DPO's loss and TR-DPO reference updates (iterative DPO) where they apply
 ONLINE_DPO_OPTIONS = {
     **RL_OPTIONS,
@@ -154,6 +165,12 @@ def build_parser() -> argparse.ArgumentParser:
         ("rloo", RL_OPTIONS, "RLHF with RLOO: REINFORCE with a leave-one-out baseline against --reward",
          "As ppo, without a critic: --num-generations samples per prompt, each baselined by the mean reward of the "
          "others (Ahmadian et al. 2024), the KL to the reference as a penalty on the reward, as TRL's RLOOTrainer."),
+        ("grpo", GRPO_OPTIONS, "RLHF with GRPO: group-relative advantages, no critic, as TRL's GRPOTrainer",
+         "As rloo: --num-generations samples per prompt; each sample's advantage is its reward less its group's "
+         "mean, over the group's std (--scale-rewards), and the policy minimises --loss-type's surrogate (dapo, "
+         "grpo, bnpo, dr_grpo, cispo, sapo) of the importance weight per token or per sequence "
+         "(--importance-sampling-level), clipped by --epsilon / --epsilon-high, plus --beta times the k3 KL to the "
+         "reference (Shao et al. 2024; TRL 1.16's GRPOTrainer, its defaults)."),
         ("online-dpo", ONLINE_DPO_OPTIONS, "online DPO: DPO on pairs of the policy's own samples ranked by --reward",
          "Each rollout samples two completions per prompt from the current policy, ranks them with --reward (ties "
          "are left out of the loss) and takes a step of --loss-type (any DPO-family loss) against the reference "
@@ -189,6 +206,7 @@ def build_config(args: argparse.Namespace) -> Config:
     for key, value in vars(args).items():
         if "." in key:
             set_option(config, key, value, "command line")
+    apply_command_defaults(config, args.command)
     validate(config, args.command)
     return config
 
@@ -217,6 +235,7 @@ COMMANDS: dict[str, Callable[[Config], object]] = {
     "reward-model": commands.run_reward_model,
     "ppo": lambda config: commands.run_online(config, "ppo"),
     "rloo": lambda config: commands.run_online(config, "rloo"),
+    "grpo": lambda config: commands.run_online(config, "grpo"),
     "online-dpo": lambda config: commands.run_online(config, "online-dpo"),
 }
 
@@ -234,7 +253,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(commands.run_export(args.run_dir, args.gguf, args.outtype, args.force), flush=True)
             return 0
         config = build_config(args)
-        trains = args.command in ("train", "reward-model", "ppo", "rloo", "online-dpo")
+        trains = args.command in ("train", "reward-model", "ppo", "rloo", "grpo", "online-dpo")
         if trains and config.train.num_processes > 1 and not launched():
             # checked above, before any process starts; each process parses the same arguments again
             return launch_processes(config.train.num_processes, argv)

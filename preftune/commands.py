@@ -130,11 +130,11 @@ def run_reward_model(config: Config, **inputs) -> PairRun:
 
 
 def run_online(config: Config, command: str) -> Path:
-    """`preftune ppo` / `rloo` / `online-dpo`: training on the policy's samples scored by --reward; prints the
-    held-out result."""
-    from preftune.recipes import online_dpo, ppo, rloo
+    """`preftune ppo` / `rloo` / `grpo` / `online-dpo`: training on the policy's samples scored by --reward; prints
+    the held-out result."""
+    from preftune.recipes import grpo, online_dpo, ppo, rloo
 
-    finished = {"ppo": ppo, "rloo": rloo, "online-dpo": online_dpo}[command].run(config)
+    finished = {"ppo": ppo, "rloo": rloo, "grpo": grpo, "online-dpo": online_dpo}[command].run(config)
     return finished.folder
 
 

@@ -284,8 +284,8 @@ class RewardModelConfig:
 
 @dataclass
 class RLConfig:
-    """`preftune ppo`, `rloo` and `online-dpo`: training on the policy's own samples, scored by --reward (TRL's
-    names)."""
+    """`preftune ppo`, `rloo`, `online-dpo` and `grpo`: training on the policy's own samples, scored by --reward
+    (TRL's names)."""
 
     num_generations: int = doc(
         "Completions sampled per prompt in each rollout (RLOO's k, at least 2: each is baselined by the others).", 2
@@ -340,6 +340,44 @@ class RLConfig:
     missing_eos_penalty: float | None = doc(
         "Subtract this from the score of a completion that did not end (no EOS within --max-new-tokens)."
     )
+    num_iterations: int = doc(
+        "GRPO: optimisation passes over each rollout (TRL GRPO's num_iterations, mu; ppo, rloo and online-dpo: "
+        "--num-ppo-epochs). Past the first, the ratio to the sampling policy moves and the clip acts.",
+        1,
+    )
+    epsilon: float = doc(
+        "GRPO: lower clip of the importance weight, 1 - epsilon (TRL's epsilon; ppo and rloo: --cliprange).", 0.2
+    )
+    epsilon_high: float | None = doc(
+        "GRPO: upper clip, 1 + epsilon_high (DAPO's clip-higher: 0.28); cispo's cap of the weight itself (ScaleRL: "
+        "5). Unset: --epsilon."
+    )
+    delta: float | None = doc(
+        "GRPO: two-sided clipping (INTELLECT-2): the unclipped weight is capped at delta (> 1; above 1 + "
+        "epsilon_high, as TRL recommends). Unset: none."
+    )
+    scale_rewards: str = doc(
+        "GRPO: divide each advantage r - mean(group) by the group's reward std (group), the whole rollout's over "
+        "every process (batch), or nothing (none, Dr. GRPO); + 1e-4, as TRL.",
+        "group",
+    )
+    importance_sampling_level: str = doc(
+        "GRPO: the importance weight pi / pi_old per token (token), or one per completion, the exp of its tokens' "
+        "mean log-ratio (sequence: GSPO).",
+        "token",
+    )
+    mask_truncated_completions: bool = doc(
+        "GRPO: leave out of the loss the completions that did not end (no EOS within --max-new-tokens), as DAPO; "
+        "they still count in their group's advantages.",
+        False,
+    )
+    top_entropy_quantile: float = doc(
+        "GRPO: train only on the tokens whose entropy is in this top quantile of a micro-batch's (every process's) "
+        "completion tokens (Beyond the 80/20 Rule: 0.2); 1: all tokens.",
+        1.0,
+    )
+    sapo_temperature_pos: float = doc("GRPO --loss-type sapo: the gate's temperature where the advantage is > 0.", 1.0)
+    sapo_temperature_neg: float = doc("GRPO --loss-type sapo: the gate's temperature elsewhere.", 1.05)
     value_model: str | None = doc(
         "PPO's critic to start from: a reward-model folder (`preftune reward-model`) or any model with a one-output "
         "sequence-classification head. Unset: the policy's starting weights with a new value head. With --lora the "
@@ -637,7 +675,8 @@ Unused = typing.Callable[[str, typing.Iterable[str], str], None]  # unused(secti
 def _check_reference(config: Config, command: str, need: Check, unused: Unused) -> None:
     """The loss options and the reference model: TR-DPO, reference-free, precomputed."""
     m, lo, t = config.model, config.loss, config.train
-    check_loss_options(lo, need, unused)
+    if command != "grpo":  # grpo's --loss-type and --beta are its own (`_check_grpo`)
+        check_loss_options(lo, need, unused)
     if lo.reference_free:
         unused("model", ["ref_model"], "with --reference-free (no reference model is used)")
     if t.sync_ref_model:
@@ -772,7 +811,19 @@ def _check_sampling(config: Config, command: str, need: Check, unused: Unused) -
          f"--task {task} runs in {', '.join(TASK_COMMANDS)}, not in {command}")
 
 
-RL_COMMANDS = ("ppo", "rloo", "online-dpo")
+RL_COMMANDS = ("ppo", "rloo", "online-dpo", "grpo")
+# RLConfig's fields that only grpo reads (TRL GRPOConfig's names)
+GRPO_FIELDS = ("num_iterations", "epsilon", "epsilon_high", "delta", "scale_rewards", "importance_sampling_level",
+               "mask_truncated_completions", "top_entropy_quantile", "sapo_temperature_pos", "sapo_temperature_neg")
+# grpo's own defaults, where they differ from the shared fields' (TRL GRPOConfig's)
+GRPO_DEFAULTS = {"loss.loss_type": "dapo", "loss.beta": 0.0}
+
+
+def apply_command_defaults(config: Config, command: str) -> None:
+    """The command's own defaults of the options the user left unset (grpo: --loss-type dapo, --beta 0, as TRL):
+    the CLI and the API apply them before `validate`."""
+    if command == "grpo":
+        apply_unset(config, GRPO_DEFAULTS)
 # the commands that run on the default job's pairs or prompts when given no --data
 DEFAULT_JOB_COMMANDS = ("train", "reward-model", *RL_COMMANDS)
 # the commands that run any built-in task (--task), grpo's included once it exists
@@ -784,8 +835,12 @@ def _check_rl(config: Config, command: str, need: Check, unused: Unused) -> None
     r = config.rl
     if command not in RL_COMMANDS:
         unused("rl", [f.name for f in dataclasses.fields(RLConfig)],
-               f"in {command} (it configures ppo, rloo and online-dpo)")
+               f"in {command} (it configures ppo, rloo, online-dpo and grpo)")
         return
+    if command == "grpo":
+        _check_grpo(config, need, unused)
+    else:
+        unused("rl", GRPO_FIELDS, f"in {command} (TRL GRPO's options: they configure grpo)")
     need(r.num_generations >= 1, f"--num-generations must be >= 1, got {r.num_generations}")
     need(command != "online-dpo" or r.num_generations == 2,
          f"online-dpo ranks two samples per prompt into a pair: --num-generations must be 2, got {r.num_generations}")
@@ -815,12 +870,51 @@ def _check_rl(config: Config, command: str, need: Check, unused: Unused) -> None
     elif command == "rloo":
         unused("rl", ["cliprange_value", "vf_coef", "gamma", "lam", "whiten_rewards", "value_model"],
                "in rloo (it has no critic)")
+    elif command == "grpo":
+        unused("rl", ["kl_coef", "kl_target", "kl_horizon", "cliprange", "cliprange_value", "vf_coef", "gamma", "lam",
+                      "whiten_rewards", "normalize_advantages", "value_model", "num_ppo_epochs"],
+               "in grpo (TRL GRPO's names: --beta, --epsilon, --scale-rewards, --num-iterations)")
     else:
         unused("rl", ["normalize_advantages"], "in ppo (it whitens its GAE advantages)")
     if config.sample.prompts is not None:
         unused("default_job", ["num_prompts", "num_eval_prompts", "task"], "with --prompts")
     need(not (config.sample.prompts is not None and config.data.data is not None),
          f"preftune {command} reads prompts from --prompts or from the pairs of --data, not both")
+
+
+def _check_grpo(config: Config, need: Check, unused: Unused) -> None:
+    """grpo's options: its loss type (objectives/group_relative.py's GRPO_LOSSES), --beta >= 0, the clip, the
+    reward scaling, and the DPO loss options it does not read."""
+    from preftune.objectives.group_relative import GRPO_LOSSES, IMPORTANCE_SAMPLING_LEVELS, SCALE_REWARDS
+
+    r, lo = config.rl, config.loss
+    need(r.num_generations >= 2, f"grpo compares each sample with the other samples of its prompt: "
+                                 f"--num-generations must be >= 2, got {r.num_generations}")
+    need(lo.loss_type in GRPO_LOSSES, f"--loss-type '{lo.loss_type}' is not a grpo loss type; choose one of: "
+                                      f"{', '.join(GRPO_LOSSES)}")
+    need(math.isfinite(lo.beta) and lo.beta >= 0, f"--beta must be >= 0 in grpo (0: no KL term, no reference "
+                                                   f"model held), got {lo.beta}")
+    unused("loss", [f.name for f in dataclasses.fields(LossConfig) if f.name not in ("loss_type", "beta")],
+           "in grpo (DPO's loss options)")
+    need(r.num_iterations >= 1, f"--num-iterations must be >= 1, got {r.num_iterations}")
+    need(r.epsilon > 0, f"--epsilon must be > 0, got {r.epsilon}")
+    need(r.epsilon_high is None or r.epsilon_high > 0, f"--epsilon-high must be > 0, got {r.epsilon_high}")
+    need(r.delta is None or r.delta > 1, f"--delta caps the importance weight: it must be > 1, got {r.delta}")
+    need(r.scale_rewards in SCALE_REWARDS,
+         f"--scale-rewards must be one of {', '.join(SCALE_REWARDS)}, got '{r.scale_rewards}'")
+    need(r.importance_sampling_level in IMPORTANCE_SAMPLING_LEVELS, f"--importance-sampling-level must be one of "
+         f"{', '.join(IMPORTANCE_SAMPLING_LEVELS)}, got '{r.importance_sampling_level}'")
+    need(0 <= r.top_entropy_quantile <= 1, f"--top-entropy-quantile must be in [0, 1], got {r.top_entropy_quantile}")
+    need(r.sapo_temperature_pos > 0 and r.sapo_temperature_neg > 0,
+         f"--sapo-temperature-pos and --sapo-temperature-neg must be > 0, got {r.sapo_temperature_pos}, "
+         f"{r.sapo_temperature_neg}")
+    spec = GRPO_LOSSES.get(lo.loss_type)
+    if spec is not None and not spec.clipped:
+        unused("rl", ["delta"], f"with --loss-type {lo.loss_type} (only the clipped surrogate reads it)")
+    if lo.loss_type != "sapo":
+        unused("rl", ["sapo_temperature_pos", "sapo_temperature_neg"], f"with --loss-type {lo.loss_type}")
+    else:
+        unused("rl", ["epsilon", "epsilon_high"], "with --loss-type sapo (its soft gate does not clip)")
 
 
 def _check_lora_dropout(config: Config, command: str, need: Check, unused: Unused) -> None:
@@ -882,7 +976,9 @@ def kl_horizon_problem(config: Config, processes: int) -> str | None:
 
 
 def resolved_num_ppo_epochs(config: Config, command: str) -> int:
-    """--num-ppo-epochs, or its default for the command (TRL's: 4 for PPO, 1 for RLOO)."""
+    """--num-ppo-epochs, or its default for the command (TRL's: 4 for PPO, 1 for RLOO); grpo's --num-iterations."""
+    if command == "grpo":
+        return config.rl.num_iterations
     if config.rl.num_ppo_epochs is not None:
         return config.rl.num_ppo_epochs
     return 4 if command == "ppo" else 1

@@ -104,7 +104,7 @@ def length_reward(prompts: list[str], completions: list[str]) -> list[float]:
     return [len(c) + 1e-3 * sum(map(ord, c)) for c in completions]
 
 
-@pytest.mark.parametrize("command", ["ppo", "rloo", "online-dpo"])
+@pytest.mark.parametrize("command", ["ppo", "rloo", "online-dpo", "grpo"])
 def test_online_recipes_take_an_in_memory_reward_and_equal_the_cli(tmp_path, tiny_model_dir, monkeypatch, command):
     (tmp_path / "text_reward.py").write_text("def length(prompt, completion):\n"
                                              "    return len(completion) + 1e-3 * sum(map(ord, completion))\n")
@@ -115,12 +115,14 @@ def test_online_recipes_take_an_in_memory_reward_and_equal_the_cli(tmp_path, tin
     cli_run = tmp_path / "cli"
     assert main([command, "--reward", "text_reward:length", "--output-dir", str(cli_run),
                  *[f"--{k.replace('_', '-')}={v}" for k, v in settings.items()]]) == 0
-    function = {"ppo": preftune.ppo, "rloo": preftune.rloo, "online-dpo": preftune.online_dpo}[command]
+    function = {"ppo": preftune.ppo, "rloo": preftune.rloo, "online-dpo": preftune.online_dpo,
+                "grpo": preftune.grpo}[command]
     finished = function(settings, reward=length_reward, output_dir=tmp_path / "api")
 
     def trained(folder: Path) -> list[float]:
         rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
-        return [row[name] for row in rows if "objective/scores" in row for name in ("objective/scores", "objective/kl")]
+        names = ("objective/scores", "reward" if command == "grpo" else "objective/kl")  # grpo, beta 0: no KL
+        return [row[name] for row in rows if "objective/scores" in row for name in names]
 
     assert len(trained(cli_run)) == 4  # two rollouts
     assert trained(finished.folder) == pytest.approx(trained(cli_run), abs=1e-6)

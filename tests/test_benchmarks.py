@@ -79,6 +79,26 @@ def test_bench_rloo_vs_trl_smoke_times_both_sides_on_the_same_prompts(tmp_path):
     assert report["ratios"]["steps_per_second"] > 0 and report["ratios"]["completion_tokens_per_second"] > 0
 
 
+def test_bench_grpo_smoke_times_both_sides_on_the_same_prompts(tmp_path):
+    output = tmp_path / "grpo-vs-trl.json"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_grpo.py"), "--smoke", "--output", str(output)],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    assert json.loads(output.read_text()) == report
+    assert report["settings"]["steps"] == 2 and report["settings"]["loss_type"] == "dapo"
+    for side in ("trl", "preftune"):
+        measured = report[side]
+        assert len(measured["step_seconds"]) == len(measured["losses"]) == len(measured["scores"]) == 2
+        assert measured["completions"] == 2 * report["settings"]["completions_per_step"]
+        assert 0 < measured["completion_tokens"] <= measured["completions"] * 4
+        assert measured["median_step_seconds"] > 0 and measured["completion_tokens_per_second"] > 0
+    assert report["same_prompts_each_step"]
+    assert report["ratios"]["steps_per_second"] > 0
+
+
 def test_bench_rollout_memory_smoke_measures_one_step_per_rollout_size(tmp_path):
     output = tmp_path / "rollout-memory.json"
     result = subprocess.run(

@@ -327,7 +327,7 @@ def test_an_adaptive_kl_coefficient_that_stays_positive_is_accepted(argv):
     parse(argv)
 
 
-@pytest.mark.parametrize("command", ["ppo", "rloo", "online-dpo"])
+@pytest.mark.parametrize("command", ["ppo", "rloo", "online-dpo", "grpo"])
 def test_the_online_recipes_refuse_lora_dropout(command):
     with pytest.raises(ConfigError, match=r"--lora-dropout must be 0 in " + command + r" \(dropout would make"):
         parse([command, "--lora", "--lora-dropout", "0.05"])
@@ -355,3 +355,13 @@ def test_the_cli_exits_2_naming_the_option_before_a_model_loads_and_writes_nothi
     err = capsys.readouterr().err
     assert code == 2 and bad[-2] in err and "Traceback" not in err and "no-model" not in err
     assert list(tmp_path.iterdir()) == []  # no run folder
+
+
+def test_grpo_starts_from_trls_defaults_and_keeps_what_the_user_set():
+    """preftune grpo's --loss-type and --beta default to TRL GRPOConfig's (dapo, 0), not DPO's (sigmoid, 0.1); a
+    value the user gives, even DPO's default, stays."""
+    config = parse(["grpo", "--prompts", "p.jsonl"])
+    assert (config.loss.loss_type, config.loss.beta) == ("dapo", 0.0)
+    config = parse(["grpo", "--prompts", "p.jsonl", "--loss-type", "grpo", "--beta", "0.1"])
+    assert (config.loss.loss_type, config.loss.beta) == ("grpo", 0.1)
+    assert parse(["train"]).loss.loss_type == "sigmoid"  # DPO's own default unchanged

@@ -239,3 +239,28 @@ def test_prefix_sharing_layouts_give_the_padded_layouts_values_and_gradients(tin
     difference = sum(((a - b).double() ** 2).sum() for a, b in zip(shared_grads, padded_grads, strict=True))
     norm = sum((b.double() ** 2).sum() for b in padded_grads)
     assert (difference / norm).sqrt().item() < 1e-5
+
+
+def test_token_entropies_are_the_same_from_the_chunked_head_and_the_models_own(tiny_model_dir, monkeypatch):
+    """GRPO's per-token entropy, -sum_v p(v) log p(v) at each scored token's predicting position: by definition from
+    the full logits, from the model's head on the kept positions, and from preftune's chunked head (float64)."""
+    from preftune.forward.logprobs import scored_token_statistics
+
+    pairs = [TokenizedPair([5, 6, 7, 8, 9], [10, 11], [12], 0), TokenizedPair([20], [21, 22, 23], [24, 25], 1)]
+    batch = LAYOUTS["padded"](pairs, pad_token_id=2)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).double()
+    with torch.no_grad():
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        full = torch.distributions.Categorical(logits=logits[batch.token_rows, batch.token_predictors]).entropy()
+    results = {}
+    for path in ("model", "chunked"):
+        with monkeypatch.context() as patch:
+            if path == "model":
+                patch.setattr(preftune.forward.logprobs, "plain_output_head", lambda model: None)
+            else:
+                patch.setattr(preftune.forward.logprobs, "HEAD_CHUNK_ELEMENTS", 2 * model.config.vocab_size)
+            logps, sum_sq, entropies = scored_token_statistics(model, batch, entropy=True)
+        assert sum_sq is None and entropies.grad_fn is None and logps.grad_fn is not None
+        results[path] = entropies
+    torch.testing.assert_close(results["model"], full, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(results["chunked"], full, rtol=1e-10, atol=1e-10)

@@ -1,6 +1,6 @@
-"""`preftune ppo`, `rloo` and `online-dpo` through the CLI on tiny models: what a run writes, TRL's metric names,
-held-out measurement, exact resume, LoRA, learning on a reward the policy can reach, iterative DPO's reference
-updates, and user errors (exit 2, no traceback, nothing written)."""
+"""`preftune ppo`, `rloo`, `grpo` and `online-dpo` through the CLI on tiny models: what a run writes, TRL's metric
+names, held-out measurement, exact resume, LoRA, learning on a reward the policy can reach, iterative DPO's
+reference updates, and user errors (exit 2, no traceback, nothing written)."""
 
 from __future__ import annotations
 
@@ -49,6 +49,8 @@ def rows_of(out: Path) -> list[dict]:
 @pytest.mark.parametrize(("command", "names"), [
     ("ppo", ["loss/policy", "loss/value", "policy/approxkl", "policy/clipfrac", "val/vpred", "val/clipfrac"]),
     ("rloo", ["loss/policy", "policy/approxkl", "policy/clipfrac"]),
+    ("grpo", ["loss", "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "reward",
+              "reward_std", "frac_reward_zero_std", "completions/clipped_ratio", "completions/mean_length"]),
     ("online-dpo", ["loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
                     "logps/chosen", "objective/chosen_scores", "objective/scores_margin", "objective/tie_rate"]),
 ])
@@ -60,8 +62,12 @@ def test_a_run_logs_trl_names_measures_held_out_and_saves_a_loadable_policy(tmp_
     rows = rows_of(out)
     train = [r for r in rows if "objective/scores" in r]
     assert [r["step"] for r in train] == [1, 2, 3, 4]
-    for name in ["objective/kl", "objective/entropy", "objective/scores", "objective/rlhf_reward", "lr", *names]:
+    # grpo with beta 0 (TRL's default) runs no reference in its rollouts: no rollout KL
+    with_kl = ["objective/kl", "objective/rlhf_reward"] if command != "grpo" else []
+    for name in [*with_kl, "objective/entropy", "objective/scores", "lr", *names]:
         assert all(isinstance(r[name], float) for r in train), name
+    if command == "grpo":
+        assert not any("objective/kl" in r or "kl" in r for r in train)
     # every rollout: 2 prompts x 2 samples
     assert [r["episode"] for r in train] == [4, 8, 12, 16]
     evaluations = [r for r in rows if "eval_reward" in r]
@@ -112,10 +118,15 @@ def test_the_held_out_gain_is_paired_by_prompt(tmp_path, tiny_model_dir, files, 
     assert f"gain {report['reward_gain']:+.3f} +- {report['reward_gain_stderr']:.3f}" in (out / "report.md").read_text()
 
 
-@pytest.mark.parametrize("command", ["ppo", "rloo", "online-dpo"])
+# grpo with the KL term and two passes per rollout: the reference's log-probs and the clipped ratios take part
+GRPO_KL = ("--beta", "0.04", "--num-iterations", "2")
+
+
+@pytest.mark.parametrize("command", ["ppo", "rloo", "online-dpo", "grpo"])
 def test_resume_from_a_checkpoint_ends_on_the_same_weights(tmp_path, tiny_model_dir, files, command):
     out = tmp_path / "run"
-    adaptive = ["--kl-target", "0.5", "--kl-horizon", "20"] if command != "online-dpo" else []
+    adaptive = (["--kl-target", "0.5", "--kl-horizon", "20"] if command in ("ppo", "rloo")
+                else list(GRPO_KL) if command == "grpo" else [])
     args = args_for(command, tiny_model_dir, files, out, "--save-steps", "2", *adaptive, *LENGTH_REWARD)
     assert main(args) == 0
     uninterrupted = load_file(out / "model.safetensors")
@@ -132,28 +143,33 @@ def test_resume_from_a_checkpoint_ends_on_the_same_weights(tmp_path, tiny_model_
             assert before.get(name) == after.get(name)
 
 
-@pytest.mark.parametrize("command", ["ppo", "online-dpo"])
+@pytest.mark.parametrize("command", ["ppo", "online-dpo", "grpo"])
 def test_lora_takes_its_reference_from_the_adapter_switched_off(tmp_path, tiny_model_dir, files, command):
     out = tmp_path / "run"
-    assert main(args_for(command, tiny_model_dir, files, out, "--lora", "--lora-r", "4", *LENGTH_REWARD)) == 0
+    kl = GRPO_KL if command == "grpo" else ()
+    assert main(args_for(command, tiny_model_dir, files, out, "--lora", "--lora-r", "4", *kl, *LENGTH_REWARD)) == 0
     assert (out / "adapter_config.json").is_file()
     first = [r for r in rows_of(out) if "objective/kl" in r][0]
     assert first["objective/kl"] == pytest.approx(0.0, abs=1e-5)  # the adapter starts as a no-op
+    if command == "grpo":  # and so does its k3 KL term in the loss
+        assert first["kl"] == pytest.approx(0.0, abs=1e-6)
 
 
-@pytest.mark.parametrize("command", ["ppo", "rloo"])
+@pytest.mark.parametrize("command", ["ppo", "rloo", "grpo"])
 def test_one_update_moves_probability_towards_the_samples_with_positive_advantage(tmp_path, tiny_model_dir, files,
                                                                                    command):
     """The direction of learning, on one rollout: after the update, sum_i A_i * (log pi_new(y_i) - log pi_old(y_i))
-    > 0 (per token for PPO, per sequence for RLOO): the surrogate improved, not only the loss went down."""
+    > 0 (per token for PPO and GRPO, per sequence for RLOO): the surrogate improved, not only the loss went down."""
     from preftune.cli import build_config, build_parser
     from preftune.forward.rollout import token_logps
-    from preftune.recipes import online, ppo, rloo
+    from preftune.recipes import grpo, online, ppo, rloo
 
-    argv = args_for(command, tiny_model_dir, files, tmp_path / "run", "--num-ppo-epochs", "1", "--max-steps", "1",
-                    "--rollout-batch-size", "4", "--num-generations", "4", "--warmup-ratio", "0")
+    passes = ("--num-iterations" if command == "grpo" else "--num-ppo-epochs", "1")
+    argv = args_for(command, tiny_model_dir, files, tmp_path / "run", *passes, "--max-steps", "1",
+                    "--rollout-batch-size", "4", "--num-generations", "4", "--warmup-ratio", "0",
+                    *(LENGTH_REWARD if command == "grpo" else ()))  # grpo: sentiment's zeros would leave no advantage
     config = build_config(build_parser().parse_args(argv))
-    run = (ppo if command == "ppo" else rloo).setup(config)
+    run = {"ppo": ppo, "rloo": rloo, "grpo": grpo}[command].setup(config)
     try:
         rollout = online.collect(run, online.step_positions(run))
         run.objective.score(run, rollout)
@@ -162,7 +178,8 @@ def test_one_update_moves_probability_towards_the_samples_with_positive_advantag
             new = token_logps(run.models.policy, rollout.samples, run.tokenizer.pad_token_id, rollout.width, "cpu")
         change = (new - rollout.logps) * rollout.mask
         advantages = rollout.extras["advantages"]
-        improvement = (advantages * change).sum() if command == "ppo" else (advantages * change.sum(1)).sum()
+        improvement = ((advantages * change).sum() if command == "ppo" else (advantages * change.sum(1)).sum()
+                       if command == "rloo" else (advantages[:, None] * change).sum())
         assert change.abs().max() > 0 and improvement > 0
     finally:
         online.cleanup(run)
@@ -219,10 +236,21 @@ def test_iterative_online_dpo_moves_the_reference_to_the_policy_after_each_round
     (["--kl-horizon", "5"], "--kl-horizon has no effect without --kl-target"),
     (["online-dpo", "--sync-ref-model", "--num-mini-batches", "2", "--ref-model-sync-steps", "3"],
      "it must be a multiple of a rollout's 2 optimizer steps (--num-ppo-epochs x --num-mini-batches), got 3"),
+    (["grpo", "--loss-type", "sigmoid"], "--loss-type 'sigmoid' is not a grpo loss type; choose one of: dapo, grpo"),
+    (["grpo", "--beta", "-0.1"], "--beta must be >= 0 in grpo"),
+    (["grpo", "--scale-rewards", "std"], "--scale-rewards must be one of group, batch, none, got 'std'"),
+    (["grpo", "--importance-sampling-level", "seq"], "--importance-sampling-level must be one of token, sequence"),
+    (["grpo", "--top-entropy-quantile", "1.5"], "--top-entropy-quantile must be in [0, 1], got 1.5"),
+    (["grpo", "--delta", "0.9"], "--delta caps the importance weight: it must be > 1, got 0.9"),
+    (["grpo", "--kl-coef", "0.1"], "--kl-coef has no effect in grpo (TRL GRPO's names: --beta"),
+    (["grpo", "--num-ppo-epochs", "2"], "--num-ppo-epochs has no effect in grpo"),
+    (["grpo", "--loss-type", "cispo", "--delta", "2"], "--delta has no effect with --loss-type cispo"),
+    (["grpo", "--sapo-temperature-pos", "2"], "--sapo-temperature-pos has no effect with --loss-type dapo"),
+    (["--epsilon-high", "0.28"], "--epsilon-high has no effect in ppo (TRL GRPO's options: they configure grpo)"),
 ])
 def test_bad_options_exit_2_before_anything_is_written(tmp_path, tiny_model_dir, files, capsys, extra, message):
     command = "rloo" if "--num-generations" in extra else "ppo"
-    if extra[0] == "online-dpo":
+    if extra[0] in ("online-dpo", "grpo"):
         command, extra = extra[0], extra[1:]
     out = tmp_path / "run"
     extra = [str(files["pairs"]) if value == "PAIRS" else value for value in extra]
@@ -355,7 +383,7 @@ def test_the_iterative_dpo_config_file_validates_as_documented():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("command", ["rloo", "online-dpo"])
+@pytest.mark.parametrize("command", ["rloo", "online-dpo", "grpo"])
 def test_resume_after_kill_9_equals_the_uninterrupted_run(tmp_path, tiny_model_dir, files, command):
     """kill -9 at a seeded random step between checkpoints (PREFTUNE_KILL_SEED, as the DPO test), then --resume: the
     same weights and the same logged rollouts as a run never killed."""
@@ -409,7 +437,11 @@ NORMALIZED = ("--normalize-advantages",)  # RLOO normalises its advantages over 
     ("online-dpo", "loss", "fsdp", ()),
     # the reference: the sharded policy with its adapter off; the first forward is peft's generate, past the root
     ("rloo", "loss/policy", "fsdp", (*NORMALIZED, "--lora", "--merge", "--learning-rate", "1e-2")),
-], ids=["rloo-ddp", "online-dpo-ddp", "rloo-fsdp", "online-dpo-fsdp", "rloo-fsdp-lora-merged"])
+    # dapo's token normaliser and the batch std over both processes' rollouts; the KL term's reference
+    ("grpo", "loss", "ddp", ("--scale-rewards", "batch", "--beta", "0.04")),
+    ("grpo", "loss", "fsdp", ("--loss-type", "dr_grpo", "--importance-sampling-level", "sequence")),
+], ids=["rloo-ddp", "online-dpo-ddp", "rloo-fsdp", "online-dpo-fsdp", "rloo-fsdp-lora-merged", "grpo-ddp",
+        "grpo-fsdp"])
 def test_two_processes_sample_and_train_as_one_process_with_twice_the_prompts(tmp_path, tiny_model_dir, files,
                                                                               monkeypatch, capfd, command, loss,
                                                                               engine, options):
@@ -557,7 +589,7 @@ def test_a_reward_giving_the_wrong_count_is_named():
     assert reward(["a"], [" b"]) == [1.0]
 
 
-@pytest.mark.parametrize("command", ["ppo", "rloo", "online-dpo"])
+@pytest.mark.parametrize("command", ["ppo", "rloo", "online-dpo", "grpo"])
 def test_a_reward_that_judges_nothing_trains_nothing(tmp_path, tiny_model_dir, files, user_rewards, command):
     """None ("cannot judge", TRL's form) skips a completion: no loss. A reward that judges none of them leaves the
     policy as it started (zero gradients: AdamW does not move it); the measurement uses --eval-reward."""
@@ -570,7 +602,7 @@ def test_a_reward_that_judges_nothing_trains_nothing(tmp_path, tiny_model_dir, f
     assert len(train) == 4 and all(r["objective/unjudged_fraction"] == 1.0 for r in train)
 
 
-@pytest.mark.parametrize("command", ["ppo", "rloo", "online-dpo"])
+@pytest.mark.parametrize("command", ["ppo", "rloo", "online-dpo", "grpo"])
 def test_a_reward_that_cannot_judge_some_completions_trains_on_the_others(tmp_path, tiny_model_dir, files,
                                                                           user_rewards, command):
     out = tmp_path / "run"

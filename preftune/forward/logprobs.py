@@ -99,13 +99,14 @@ def at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
 class ChunkedHeadLogps(torch.autograd.Function):
     """log softmax(hidden W^T + b)[label] per row, computed HEAD_CHUNK_ELEMENTS logits at a time, forward and
     backward (which recomputes each chunk's logits): the (rows x vocabulary) logits, and their gradient, are never
-    held whole. (T, H) hidden, (V, H) weight, (V,) bias or None, (T,) labels -> (T,) log-probs (float32 or wider), and
-    (T,) log sum_v p(v)^2 (WPO's normaliser, no gradient) if `with_sum_sq` (else an empty tensor)."""
+    held whole. (T, H) hidden, (V, H) weight, (V,) bias or None, (T,) labels -> (T,) log-probs (float32 or wider),
+    (T,) log sum_v p(v)^2 (WPO's normaliser, no gradient) if `with_sum_sq` and (T,) entropies -sum_v p(v) log p(v)
+    (no gradient) if `with_entropy` (else empty tensors)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, with_sum_sq):  # noqa: ANN001, ANN205 (autograd's signature)
+    def forward(ctx, hidden, weight, bias, labels, with_sum_sq, with_entropy):  # noqa: ANN001, ANN205
         rows = max(1, HEAD_CHUNK_ELEMENTS // weight.shape[0])
-        logps, normalisers, sums_sq = [], [], []
+        logps, normalisers, sums_sq, entropies = [], [], [], []
         for start in range(0, hidden.shape[0], rows):
             logits = torch.nn.functional.linear(hidden[start : start + rows], weight, bias)
             ctx.compute_dtype = logits.dtype  # bf16 under autocast (the same for every chunk); the backward too
@@ -115,14 +116,18 @@ class ChunkedHeadLogps(torch.autograd.Function):
             normalisers.append(normaliser)
             if with_sum_sq:
                 sums_sq.append(torch.logsumexp(2 * logits, dim=-1) - 2 * normaliser)
+            if with_entropy:
+                entropies.append(entropy_of(logits, normaliser))
         ctx.save_for_backward(hidden, weight, bias, labels, torch.cat(normalisers))
         ctx.rows = rows
-        sum_sq = torch.cat(sums_sq) if with_sum_sq else logps[0].new_empty(0)  # empty: not asked for
-        ctx.mark_non_differentiable(sum_sq)
-        return torch.cat(logps), sum_sq
+        empty = logps[0].new_empty(0)  # an output not asked for
+        sum_sq = torch.cat(sums_sq) if with_sum_sq else empty
+        entropy = torch.cat(entropies) if with_entropy else empty.clone()
+        ctx.mark_non_differentiable(sum_sq, entropy)
+        return torch.cat(logps), sum_sq, entropy
 
     @staticmethod
-    def backward(ctx, grad_logps, _grad_sum_sq):  # noqa: ANN001, ANN205
+    def backward(ctx, grad_logps, _grad_sum_sq, _grad_entropy):  # noqa: ANN001, ANN205
         hidden, weight, bias, labels, normaliser = ctx.saved_tensors
         dtype, rows = ctx.compute_dtype, ctx.rows
         needs_hidden, needs_weight, needs_bias = ctx.needs_input_grad[:3]
@@ -145,7 +150,14 @@ class ChunkedHeadLogps(torch.autograd.Function):
             if needs_bias:
                 grad_bias += grad_logits.sum(0)
         return (grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype),
-                None if grad_bias is None else grad_bias.to(bias.dtype), None, None)
+                None if grad_bias is None else grad_bias.to(bias.dtype), None, None, None)
+
+
+def entropy_of(logits: torch.Tensor, normaliser: torch.Tensor) -> torch.Tensor:
+    """-sum_v p(v) log p(v) of each row of (K, V) logits, p = softmax, `normaliser` their logsumexp (K,); no
+    gradient: (K,)."""
+    with torch.no_grad():
+        return normaliser - (torch.softmax(logits, dim=-1) * logits).sum(-1)
 
 
 def sum_per_sequence(values: torch.Tensor, sequences: torch.Tensor, count: int) -> torch.Tensor:
@@ -157,7 +169,18 @@ def scored_token_logps(
     model: torch.nn.Module, batch: Batch, log_sum_sq: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log p(token | what precedes it) of every scored token of `batch`, (T,) float32; with `log_sum_sq`, also
-    log sum_v p(v)^2 at each one's predicting position (WPO's normaliser), detached, else None.
+    log sum_v p(v)^2 at each one's predicting position (WPO's normaliser), detached, else None
+    (`scored_token_statistics`)."""
+    per_token, sum_sq, _ = scored_token_statistics(model, batch, log_sum_sq=log_sum_sq)
+    return per_token, sum_sq
+
+
+def scored_token_statistics(
+    model: torch.nn.Module, batch: Batch, log_sum_sq: bool = False, entropy: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """log p(token | what precedes it) of every scored token of `batch`, (T,) float32; with `log_sum_sq`, also
+    log sum_v p(v)^2 at each one's predicting position (WPO's normaliser), with `entropy` the entropy
+    -sum_v p(v) log p(v) of that position's distribution (GRPO's), both detached, else None.
 
     The output head runs only at the predicting positions: the (tokens x vocabulary) logits of the prompts and
     the padding are never formed, which saves the head's compute there and most of the logits' memory. For the
@@ -176,9 +199,9 @@ def scored_token_logps(
         # worth, where the recomputation would cost more than the memory it saves)
         with output_head_bypassed(model, head):
             hidden = model(**inputs, use_cache=False, logits_to_keep=keep).logits  # (K, H)
-        per_token, sum_sq = ChunkedHeadLogps.apply(hidden[slot], head.weight, head.bias, batch.token_labels,
-                                                   log_sum_sq)
-        return per_token, (sum_sq if log_sum_sq else None)
+        per_token, sum_sq, entropies = ChunkedHeadLogps.apply(hidden[slot], head.weight, head.bias,
+                                                              batch.token_labels, log_sum_sq, entropy)
+        return per_token, (sum_sq if log_sum_sq else None), (entropies if entropy else None)
     if keeps_positions(model):
         logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits  # (K, V)
     else:
@@ -186,11 +209,13 @@ def scored_token_logps(
     logits = at_least_float32(logits)
     normaliser = torch.logsumexp(logits, dim=-1)  # (K,)
     per_token = logits[slot, batch.token_labels] - normaliser[slot]
-    sum_sq = None
+    sum_sq = entropies = None
     if log_sum_sq:
         with torch.no_grad():
             sum_sq = (torch.logsumexp(2 * logits, dim=-1) - 2 * normaliser)[slot]
-    return per_token, sum_sq
+    if entropy:
+        entropies = entropy_of(logits, normaliser)[slot]
+    return per_token, sum_sq, entropies
 
 
 def model_inputs(model: torch.nn.Module, batch: Batch) -> dict[str, torch.Tensor]:

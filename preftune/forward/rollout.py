@@ -14,7 +14,7 @@ import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, PreTrainedTokenizerBase
 
 from preftune.data.batching import Batch, Segment, cheapest_packing, pad_rows, padded_batch, segments_batch
-from preftune.forward.logprobs import completion_logps, scored_token_logps
+from preftune.forward.logprobs import completion_logps, scored_token_logps, scored_token_statistics
 from preftune.runtime.accelerator import sharded_model
 
 
@@ -252,6 +252,17 @@ def token_logps(
     batch = sample_rows(samples, pad_token_id, device, layout)
     values, _ = scored_token_logps(model, batch)
     return per_token(values, batch, len(samples), width)
+
+
+def token_logps_and_entropies(
+    model: torch.nn.Module, samples: Sequence[Sample], pad_token_id: int, width: int, device: torch.device | str,
+    layout: str = "padded",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`token_logps`, and the entropy of the policy's distribution at each completion token's position (GRPO's
+    metric and --top-entropy-quantile; detached), both (B, width), 0 past a completion's end."""
+    batch = sample_rows(samples, pad_token_id, device, layout)
+    values, _, entropies = scored_token_statistics(model, batch, entropy=True)
+    return per_token(values, batch, len(samples), width), per_token(entropies, batch, len(samples), width)
 
 
 def sampled_token_logps(samples: Sequence[Sample], width: int, device: torch.device | str) -> torch.Tensor:

@@ -32,8 +32,8 @@ if TYPE_CHECKING:
     import torch
 
 CARD_FILE = "README.md"
-RECIPES = ("dpo", "reward-model", "ppo", "rloo", "online-dpo")
-POLICY_RECIPES = ("dpo", "ppo", "rloo", "online-dpo")  # the others save a reward model
+RECIPES = ("dpo", "reward-model", "ppo", "rloo", "grpo", "online-dpo")
+POLICY_RECIPES = ("dpo", "ppo", "rloo", "grpo", "online-dpo")  # the others save a reward model
 # what a folder holds: all weights trained; a LoRA adapter merged into the base (a plain model); the adapter itself
 FORMS = ("full", "merged", "adapter")
 # fields of the base model's card that hold for a model trained from it
@@ -61,12 +61,16 @@ GAE_PAPER = ("Schulman et al. 2016, High-Dimensional Continuous Control Using Ge
 RLOO_PAPER = ("Ahmadian et al. 2024, Back to Basics: Revisiting REINFORCE Style Optimization for Learning from Human "
               "Feedback in LLMs, arXiv:2402.14740")
 ONLINE_DPO_PAPER = "Guo et al. 2024, Direct Language Model Alignment from Online AI Feedback, arXiv:2402.04792"
+GRPO_PAPER = ("Shao et al. 2024, DeepSeekMath: Pushing the Limits of Mathematical Reasoning in Open Language Models, "
+              "arXiv:2402.03300")
+GSPO_PAPER = "Zheng et al. 2025, Group Sequence Policy Optimization, arXiv:2507.18071"
 
 # the config sections a recipe reads: the card shows these of the resolved config
 RECIPE_SECTIONS = {"dpo": ("model", "data", "loss", "train"),
                    "reward-model": ("model", "data", "train", "reward_model"),
                    "ppo": ("model", "data", "sample", "train", "rl"),
                    "rloo": ("model", "data", "sample", "train", "rl"),
+                   "grpo": ("model", "data", "loss", "sample", "train", "rl"),
                    "online-dpo": ("model", "data", "loss", "sample", "train", "rl")}
 
 
@@ -282,12 +286,36 @@ def rl_method(config: Config, recipe: str) -> tuple[list[str], list[str]]:
                  f"them by the reward `{s.reward}` into (chosen, rejected), leaves out ties, and takes a step of the "
                  f"{', '.join(names)} loss (beta {config.loss.beta}) against the reference."]
         papers = [ONLINE_DPO_PAPER, DPO_PAPER]
+    elif recipe == "grpo":
+        return grpo_method(config, reference)
     else:
         lines = [f"Trained with RLHF by RLOO: {r.num_generations} completions per prompt sampled from the policy "
                  f"are scored by the reward `{s.reward}` less kl_coef * sum_t (log pi - log pi_ref) (kl_coef {kl}); "
                  "each is baselined by the mean reward of the other samples of its prompt, and the policy minimises "
                  f"the clipped surrogate (clip {r.cliprange}) on sequence log-probabilities. No critic."]
         papers = [RLOO_PAPER, ZIEGLER]
+    return [*lines, "", f"Reference model: {reference}."], papers
+
+
+def grpo_method(config: Config, reference: str) -> tuple[list[str], list[str]]:
+    """The method paragraph of a GRPO run: its loss type, reward scaling, clip and KL, and the papers."""
+    from preftune.objectives.group_relative import GRPO_LOSSES
+
+    r, s, lo = config.rl, config.sample, config.loss
+    spec = GRPO_LOSSES[lo.loss_type]
+    scaling = {"group": "divided by its group's reward std + 1e-4", "batch": "divided by the rollout's reward std "
+               "+ 1e-4", "none": "not scaled"}[r.scale_rewards]
+    level = "one per completion (GSPO)" if r.importance_sampling_level == "sequence" else "per token"
+    kl = (f"plus beta {lo.beta:g} times the k3 estimate of the KL to the reference" if lo.beta != 0
+          else "no KL term (beta 0)")
+    high = r.epsilon if r.epsilon_high is None else r.epsilon_high
+    lines = [f"Trained with RLHF by GRPO: {r.num_generations} completions per prompt sampled from the policy are "
+             f"scored by the reward `{s.reward}`; each one's advantage is its reward less its group's mean, "
+             f"{scaling}. The policy minimises the {lo.loss_type} loss ({spec.meaning}; importance weights {level}, "
+             f"epsilon {r.epsilon:g}, epsilon_high {high:g}), {kl}, over {r.num_iterations} pass(es) per rollout, "
+             "as TRL 1.16's GRPOTrainer. No critic."]
+    papers = [GRPO_PAPER, *([spec.paper] if spec.paper != GRPO_PAPER and "arXiv" in spec.paper else []),
+              *([GSPO_PAPER] if r.importance_sampling_level == "sequence" else [])]
     return [*lines, "", f"Reference model: {reference}."], papers
 
 
@@ -316,6 +344,9 @@ def hyperparameter_rows(config: Config, model: SavedModel) -> list[tuple[str, An
         r = c.rl
         if model.recipe == "online-dpo":
             rows += [("loss", ", ".join(loss_names(config)[0])), ("beta", c.loss.beta)]
+        elif model.recipe == "grpo":
+            rows += [("loss", c.loss.loss_type), ("beta", c.loss.beta), ("scale_rewards", r.scale_rewards),
+                     ("importance_sampling_level", r.importance_sampling_level)]
         else:
             rows += [("kl_coef", r.kl_coef), *([("kl_target", r.kl_target)] if r.kl_target is not None else [])]
         processes = f"{model.num_processes} process" + ("es" if model.num_processes > 1 else "")
@@ -327,7 +358,7 @@ def hyperparameter_rows(config: Config, model: SavedModel) -> list[tuple[str, An
                                                       f"{r.num_mini_batches}")]
     elif c.reward_model.center_rewards_coefficient is not None:
         rows.append(("center_rewards_coefficient", c.reward_model.center_rewards_coefficient))
-    offline = model.recipe not in ("ppo", "rloo", "online-dpo")
+    offline = model.recipe not in ("ppo", "rloo", "grpo", "online-dpo")
     rows += [
         ("learning rate", f"{t.learning_rate:g} (AdamW, betas {t.adam_beta1:g}, {t.adam_beta2:g}, weight decay "
                           f"{t.weight_decay:g})"),
@@ -440,6 +471,7 @@ def model_card(config: Config, model: SavedModel, eval_results: dict[str, Any] |
             papers.append(QLORA_PAPER)
     what = {"dpo": "policy trained with DPO", "reward-model": "Bradley-Terry reward model trained",
             "ppo": "policy trained with PPO (RLHF)", "rloo": "policy trained with RLOO (RLHF)",
+            "grpo": "policy trained with GRPO (RLHF)",
             "online-dpo": "policy trained with online DPO"}[model.recipe]
     title = model.name + (" (LoRA adapter)" if model.form == "adapter" else "")
     unit = "pairs" if model.recipe in ("dpo", "reward-model") else "prompts"
@@ -518,7 +550,7 @@ def write_model_cards(run: FinishedRun, recipe: str, model: torch.nn.Module, mer
         training = last_epoch_means(read_metrics(folder), run.objective.metric_names)
     except UserError:  # no metrics.jsonl rows (nothing logged)
         training = None
-    online = recipe in ("ppo", "rloo", "online-dpo")  # an online run trains on prompts
+    online = recipe in ("ppo", "rloo", "grpo", "online-dpo")  # an online run trains on prompts
     facts = dict(recipe=recipe, name=folder.name, tokenizer_path=str(folder),
                  base=base_model_of(c.model.model, run.model_source),
                  num_train_pairs=len(run.train_prompts if online else run.train_pairs),

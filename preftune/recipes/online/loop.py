@@ -95,7 +95,8 @@ def train(run: OnlineRun, on_evaluate: Callable[[OnlineRun, dict], None] | None 
                 values = run.group.mean({**scored, **means, "grad_norm": grad_norm})
                 run.log({**metrics, **values, "objective/kl_coef": state.kl_coef, "lr": learning_rate,
                          "episode": state.step * len(rollout.samples) * run.group.world_size})
-                progress.set_postfix(score=f"{metrics['objective/scores']:+.3f}", kl=f"{metrics['objective/kl']:.2f}")
+                progress.set_postfix(score=f"{metrics['objective/scores']:+.3f}",
+                                     kl=f"{metrics.get('objective/kl', float('nan')):.2f}")
             if skipped:
                 warnings.warn(f"step {state.step}: non-finite loss or gradient; a minibatch update was skipped",
                               RuntimeWarning, stacklevel=2)
@@ -133,12 +134,14 @@ ObjectiveMaker = Callable[[PreTrainedTokenizerBase], OnlineObjective]
 
 
 def setup(config: Config, command: str, make_objective: ObjectiveMaker, build_model: ModelBuilder | None = None,
-          reward: RewardFunction | Rewards | None = None) -> OnlineRun:
+          reward: RewardFunction | Rewards | None = None, need_reference: bool = True) -> OnlineRun:
     """Check the prompts and the reward, open the run, load the policy and its reference, build the objective and
     the trained module, and start the run (`command`: the recipe's, named in the refusals before anything loads).
     `make_objective`: the recipe's objective, built complete once the tokenizer is loaded (its pad id) and never
     changed after. `build_model`: the policy with whatever the recipe trains beside it (unset: the policy alone).
-    `reward`: a callable, or `Rewards` (the Python API's reward_funcs), given in memory in place of --reward."""
+    `reward`: a callable, or `Rewards` (the Python API's reward_funcs), given in memory in place of --reward.
+    `need_reference` False: no reference is loaded with the policy (grpo with beta 0, as TRL); a held-out
+    measurement loads it when it runs."""
     from preftune.evaluation.measure import reference_pair
     from preftune.forward.rewards import checked, load_reward, load_rewards
     from preftune.models.load import load_policy_and_reference
@@ -166,7 +169,7 @@ def setup(config: Config, command: str, make_objective: ObjectiveMaker, build_mo
     eval_reward = rewards
     if c.sample.eval_reward not in (None, c.sample.reward):
         eval_reward = load_reward(c.sample.eval_reward, group.device, c.rl.local_rollout_forward_batch_size)
-    policy, reference, tokenizer, source = load_policy_and_reference(c.model)
+    policy, reference, tokenizer, source = load_policy_and_reference(c.model, need_reference=need_reference)
     objective = make_objective(tokenizer)
     if objective.command != command:
         raise ValueError(f"the objective of {command} is {objective.command}'s")

@@ -39,16 +39,18 @@ def collect(run: OnlineRun, positions: list[int]) -> Rollout:
             else:
                 logps = in_micro_batches(lambda part: token_logps(models.policy, part, pad, width, device, layout),
                                          samples, size)
-            with models.reference_model() as reference:
-                ref_logps = in_micro_batches(lambda part: token_logps(reference, part, pad, width, device, layout),
-                                             samples, size)
+            ref_logps = None
+            if getattr(run.objective, "uses_reference", True):
+                with models.reference_model() as reference:
+                    ref_logps = in_micro_batches(
+                        lambda part: token_logps(reference, part, pad, width, device, layout), samples, size).float()
     indices = [s.prompt_index for s in samples]
     per_func = reward_values(run, [prompts[i].given for i in indices], [s.text for s in samples],
                              [s.completion_ids for s in samples], columns_of(prompts, indices))
     raw, judged = combined_rewards(per_func, run.reward.weights)
     scores = missing_eos_penalized(raw, samples, run.tokenizer.eos_token_id, r.missing_eos_penalty)
     mask = completion_mask(samples, width).to(device)
-    return Rollout(samples, mask, logps.float(), ref_logps.float(), scores, raw, judged,
+    return Rollout(samples, mask, logps.float(), ref_logps, scores, raw, judged,
                    rewards_per_func=dict(zip(run.reward.labels, per_func.unbind(1))))
 
 
@@ -106,20 +108,23 @@ def rollout_metrics(rollout: Rollout, kl_coef: float) -> dict[str, float]:
     objective/scores (the reward less the missing-EOS penalty, as in objective/rlhf_reward); and the completions'
     mean length. The reward's two are means over the samples it judged (0 if none), objective/unjudged_fraction
     the share it returned None for; the KL, entropy and length are over all samples. `kl_coef`: the run's
-    (`OnlineState.kl_coef`), for online DPO its beta, as TRL's online DPO logs these two."""
-    kl = ((rollout.logps - rollout.ref_logps) * rollout.mask).sum(1)
+    (`OnlineState.kl_coef`), for online DPO its beta, as TRL's online DPO logs these two. Without reference
+    log-probs (`Rollout.ref_logps` None) the three KL metrics are left out."""
     lengths = rollout.mask.sum(1).float()
     judged = rollout.judged.float()  # the reward's statistics leave out the samples it could not judge
-    return {
-        "objective/kl": kl.mean().item(),
+    metrics = {
         "objective/entropy": (-(rollout.logps * rollout.mask).sum(1)).mean().item(),
-        "objective/non_score_reward": (-kl_coef * kl).mean().item(),
-        "objective/rlhf_reward": masked_mean(rollout.scores - kl_coef * kl, judged).item(),
         "objective/scores": masked_mean(rollout.scores, judged).item(),
         "objective/unjudged_fraction": 1.0 - judged.mean().item(),
         "completions/mean_length": lengths.mean().item(),
         **reward_function_metrics(rollout.rewards_per_func),
     }
+    if rollout.ref_logps is None:
+        return metrics
+    kl = ((rollout.logps - rollout.ref_logps) * rollout.mask).sum(1)
+    return {"objective/kl": kl.mean().item(), **metrics,
+            "objective/non_score_reward": (-kl_coef * kl).mean().item(),
+            "objective/rlhf_reward": masked_mean(rollout.scores - kl_coef * kl, judged).item()}
 
 
 def reward_function_metrics(rewards_per_func: dict[str, torch.Tensor]) -> dict[str, float]:

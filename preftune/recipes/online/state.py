@@ -27,7 +27,7 @@ class Rollout:
     samples: list[Sample]
     mask: torch.Tensor
     logps: torch.Tensor  # log pi_old(y_t), the policy's at sampling time (no gradient)
-    ref_logps: torch.Tensor
+    ref_logps: torch.Tensor | None  # None: the objective reads no reference (grpo with beta 0), none was run
     scores: torch.Tensor  # (B,) the reward (less the missing-EOS penalty)
     raw_scores: torch.Tensor  # (B,) the reward as the reward function gave it (0 where it could not judge)
     judged: torch.Tensor | None = None  # (B,) bool: the reward judged the sample (unset: all); a sample it could
@@ -43,7 +43,8 @@ class Rollout:
 
     def rows(self, index: torch.Tensor) -> Rollout:
         picked = [self.samples[i] for i in index.tolist()]
-        return Rollout(picked, self.mask[index], self.logps[index], self.ref_logps[index], self.scores[index],
+        ref_logps = None if self.ref_logps is None else self.ref_logps[index]
+        return Rollout(picked, self.mask[index], self.logps[index], ref_logps, self.scores[index],
                        self.raw_scores[index], self.judged[index], {k: v[index] for k, v in self.extras.items()},
                        {k: v[index] for k, v in self.rewards_per_func.items()})
 
@@ -81,6 +82,10 @@ class OnlineObjective(Protocol):
 
     def policy_of(self, model: torch.nn.Module) -> torch.nn.Module:
         """The policy inside the trained module (which may hold a critic beside it)."""
+
+    # An objective may also set `uses_reference = False` (grpo with beta 0): the rollouts then compute no reference
+    # log-probs (`Rollout.ref_logps` None) and the run holds no reference model until a held-out measurement
+    # needs one. Unset: True.
 
     def score(self, run: OnlineRun, rollout: Rollout) -> dict[str, float]:
         """Add what the loss needs to `rollout.extras` (advantages, ...); returns rollout metrics to log."""
