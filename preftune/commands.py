@@ -86,7 +86,7 @@ def run_arithmetic_job(config: Config) -> Path:
         reports.append(arithmetic_report(run.objective.models, run.tokenizer, config, run.final_eval))
 
     result = dpo.run(config, hooks=dpo.Hooks(on_save=report_held_out))
-    report = {**reports[0], "pairs": sum(1 for _ in train_file.open()), "samples": counts,
+    report = {**reports[0], "pairs": len(train_file.read_text(encoding="utf-8").splitlines()), "samples": counts,
               "total_seconds": round(time.time() - started, 1),
               "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
     (result.output_dir / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")

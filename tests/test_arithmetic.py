@@ -164,5 +164,5 @@ def test_train_with_the_arithmetic_task_runs_dpo_on_the_checkers_pairs_and_repor
     pairs = [json.loads(line) for line in (tmp_path / "cache").glob("data/arithmetic-*/train.jsonl").__next__().open()]
     assert all(p["chosen"][0]["content"] == p["answer"] for p in pairs)
     # a second run reuses the cached pairs
-    assert main([*args[:5], str(tmp_path / "run2"), *args[6:]]) == 0
+    assert main([*args[:6], str(tmp_path / "run2"), *args[7:]]) == 0
     assert "using cached checker-labelled pairs" in capsys.readouterr().out

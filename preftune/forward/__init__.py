@@ -7,5 +7,7 @@
   precomputed cache) and TR-DPO's updates;
 - `rollout`: prompts -> sampled completions (batched, KV-cached, one seed per sample when asked, the sampler's own
   log-probs) and their per-token log-probs in any batch layout;
-- `rewards`: what scores a completion: VADER's sentiment, a user's `module:function`, or a reward model.
+- `rewards`: what scores a completion: VADER's sentiment, the arithmetic checker, a user's `module:function` (TRL's
+  keyword form or one sample's texts), or a reward model; several weighted as TRL's reward_funcs (`Rewards`);
+- `answers`: the arithmetic task's checker, rewards of TRL's form (accuracy, format).
 """

@@ -22,7 +22,6 @@ import importlib
 import inspect
 import math
 import numbers
-import statistics
 import sys
 import traceback
 from collections.abc import Callable, Mapping, Sequence
@@ -38,8 +37,6 @@ from preftune.errors import UserError
 
 RewardFunction = Callable[[Sequence[Text], Sequence[str]], list[float | None]]
 Columns = Mapping[str, Sequence[Any]]  # the prompts file's other columns, one value per completion (TRL's kwargs)
-# the names of the rewards built in, besides a reward model's folder and 'module:function'
-BUILT_IN_REWARDS = ("sentiment", "accuracy", "format")
 
 
 class RewardError(UserError):
@@ -172,15 +169,6 @@ def weighted_sum(per_function: Sequence[Sequence[float | None]], weights: Sequen
         judged = [w * v for w, v in zip(weights, values) if v is not None]
         totals.append(math.fsum(judged) if judged else None)
     return totals
-
-
-def judged_mean_std(values: Sequence[float | None]) -> tuple[float, float]:
-    """Mean and standard deviation (n - 1, as TRL's nanstd) of the values that are not None: the logged
-    rewards/<function>/mean and /std; 0 where there are none (one value: std 0)."""
-    judged = [v for v in values if v is not None]
-    if not judged:
-        return 0.0, 0.0
-    return statistics.fmean(judged), statistics.stdev(judged) if len(judged) > 1 else 0.0
 
 
 @dataclass
