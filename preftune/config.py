@@ -68,7 +68,7 @@ class ModelConfig:
     lora_r: int = doc("LoRA rank.", 16)
     lora_alpha: int = doc("LoRA scaling numerator (the update is scaled by lora_alpha / lora_r).", 32)
     lora_dropout: float = doc(
-        "Dropout on the LoRA input, for train and reward-model: ppo, rloo, online-dpo and the frontier's online "
+        "Dropout on the LoRA input, for train and reward-model: ppo, rloo, online-dpo and the study's online "
         "methods refuse it (it would make their probability ratio, old log-probs and values noisy; TRL's PPO and "
         "RLOO switch dropout off).",
         0.0,
