@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file
 
 from preftune.cli import main
 from preftune.study.methods import Cost, Point
@@ -112,6 +113,19 @@ def test_a_study_killed_with_sigkill_resumes_to_the_numbers_of_an_uninterrupted_
     assert numbers(killed) == numbers(whole)
     for table in ("matched_kl.md", "differences.md", "points.csv"):  # (costs.md: times and memory differ)
         assert (killed / table).read_text() == (whole / table).read_text()
+
+
+def test_lora_reaches_every_method(tmp_path, tiny_model_dir, user_files):
+    """--lora: DPO, PPO (its critic from the LoRA reward model) and online DPO train adapters, the reward model
+    too (merged, its adapter kept beside it)."""
+    out = tmp_path / "study"
+    assert main(study_args(tiny_model_dir, user_files, out, "--methods", "dpo,ppo,online-dpo", "--seeds", "0",
+                           "--label-budgets", "4", "--lora", "--lora-r", "4")) == 0
+    full = sum(t.numel() for t in load_file(tiny_model_dir / "model.safetensors").values())
+    for unit in ("dpo-beta0.1-n4-s0", "ppo-n4-s0", "online-dpo-n4-s0"):
+        trained = json.loads((out / "units" / f"{unit}.json").read_text())["cost"]["extra"]["trainable_parameters"]
+        assert 0 < trained < full / 10, unit
+    assert (out / "runs" / "reward-model-n4-s0" / "adapter").is_dir()
 
 
 def test_the_cache_key_holds_each_methods_code_version(tmp_path, monkeypatch):
@@ -311,3 +325,29 @@ def test_a_points_rewards_are_clustered_by_prompt_and_its_kl_is_measures(tiny_mo
     assert best_of_n_choice(scores, truths, 3, 1) == [10, 13]
     assert best_of_n_choice(scores, truths, 3, 2) == [11, 14]
     assert best_of_n_choice(scores, truths, 3, 3) == [12, 15]
+
+
+def test_the_gold_split_is_disjoint_and_seeded():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from hh_gold_split import split
+    finally:
+        sys.path.pop(0)
+    pairs = list(range(100))
+    gold, study, held_out = split(pairs, 0.6, 10)
+    assert (len(gold), len(study), len(held_out)) == (60, 30, 10)
+    assert sorted(gold + study + held_out) == pairs
+    assert split(pairs, 0.6, 10) == (gold, study, held_out)
+
+
+def test_the_gold_split_of_the_hh_pairs(tmp_path):
+    from tests.conftest import HH_RLHF
+
+    if not HH_RLHF.is_file():
+        pytest.skip(f"{HH_RLHF} not present (it lives in ../shared beside the checkout)")
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "hh_gold_split.py"), str(HH_RLHF),
+                             str(tmp_path)], env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
+                            text=True, check=True)
+    assert json.loads(result.stdout) == {"pairs": 2312, "gold": 1387, "study": 797, "held_out": 128}
+    prompts = {json.loads(line)["prompt"] for line in (tmp_path / "held_out.jsonl").read_text().splitlines()}
+    assert len(prompts) > 100 and all(p.startswith("\n\nHuman:") for p in prompts)

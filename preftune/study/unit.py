@@ -76,6 +76,11 @@ def unit_config(config: Config, unit: Unit, task: dict[str, Any]) -> Config:
     return c
 
 
+def trained(run) -> int:
+    """The parameters the run's optimizer trains (under --lora, the adapters' and heads' alone)."""
+    return sum(p.numel() for p in run.trainable)
+
+
 def measure_steps(total: int, points: int) -> set[int]:
     """`points` steps evenly spaced over `total`, the last one included."""
     return {max(1, round(total * k / points)) for k in range(1, points + 1)}
@@ -102,7 +107,7 @@ def train_on_pairs(unit: Unit, config: Config, measuring) -> tuple[list[Point], 
         pairs.train(run, after_step=after_step)
     finally:
         pairs.cleanup(run)
-    return points, time.perf_counter() - started - measuring.seconds, {}
+    return points, time.perf_counter() - started - measuring.seconds, {"trainable_parameters": trained(run)}
 
 
 def train_reward_model(config: Config) -> tuple[list[Point], float, dict]:
@@ -138,7 +143,7 @@ def train_online(unit: Unit, config: Config, measuring, labels: int) -> tuple[li
         online.train(run, after_step=after_step)
     finally:
         online.cleanup(run)
-    return points, time.perf_counter() - started - measuring.seconds, {}
+    return points, time.perf_counter() - started - measuring.seconds, {"trainable_parameters": trained(run)}
 
 
 def best_of_n(unit: Unit, config: Config, task: dict[str, Any]) -> tuple[list[Point], float, dict]:
