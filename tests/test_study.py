@@ -111,6 +111,7 @@ def test_a_study_killed_with_sigkill_resumes_to_the_numbers_of_an_uninterrupted_
     assert "dpo-beta0.1-n4-s0" in done and "rloo-n8-s0" not in done
     assert main(study_args(tiny_model_dir, user_files, killed, *extra)) == 0
     assert numbers(killed) == numbers(whole)
+    assert any(kl > 0 for points in numbers(whole).values() for _, _, kl, _, _ in points)  # the policies moved
     for table in ("matched_kl.md", "differences.md", "points.csv"):  # (costs.md: times and memory differ)
         assert (killed / table).read_text() == (whole / table).read_text()
 

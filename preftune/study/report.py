@@ -338,7 +338,7 @@ def plot_reward_kl(study: Study, output: Path) -> None:
 def write_report(points: list[Point], costs: list[Cost], config: Config, folder: Path) -> None:
     """Every table, plot and the summary, into `folder`."""
     betas = number_list(config.study.betas)
-    study = Study(with_gains(points), costs, number_list(config.study.label_budgets, int),
+    study = Study(with_gains(points), costs, sorted(number_list(config.study.label_budgets, int)),
                   number_list(config.study.kl_budgets), f"DPO beta={betas[0]:g}")
     write_csv(folder / "points.csv", study.points, leave_out=("prompt_rewards",))
     write_csv(folder / "costs.csv", costs)
