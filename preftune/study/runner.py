@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import preftune
-from preftune.config import STUDY_QUICK, Config, apply_unset, number_list
+from preftune.config import STUDY_DEFAULTS, STUDY_QUICK, Config, apply_unset, number_list
 from preftune.data.read import Text, load_and_report, load_prompts
 from preftune.errors import UserError
 from preftune.runtime.run_folder import prepare_output_dir
@@ -101,11 +101,13 @@ def study_inputs(config: Config) -> StudyInputs:
     from preftune.tasks.sentiment import make_prompts, prepare_default_job
 
     if config.data.data is None:
-        _, train_file, _ = prepare_default_job(config)
+        _, train_file, _ = prepare_default_job(config)  # (the default job's pairs, built with its own sizes)
+        apply_unset(config, STUDY_DEFAULTS)  # the held-out measurement's size, where neither you nor --quick set it
         pairs = load_and_report(str(train_file)).pairs
         prompts: list[Text] = make_prompts(config.default_job.num_eval_prompts, config.train.seed, held_out=True)
         ground_truth, train_prompts_from = config.study.ground_truth or "sentiment", None
     else:
+        apply_unset(config, STUDY_DEFAULTS)
         d = config.data
         pairs = load_and_report(d.data, split=d.split, skip_invalid=d.skip_invalid, name="train_data").pairs
         prompts = held_out_prompts(d.eval_data, d.eval_split)
