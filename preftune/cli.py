@@ -41,10 +41,17 @@ GENERATE_OPTIONS = {**{k: v for k, v in MODEL_PAIR.items() if k != "model.ref_mo
                     "sample.temperature": None, "sample.top_p": None}
 SCORE_OPTIONS = {**MODEL_PAIR, **PAIR_DATA, "sample.prompts": None, "sample.output": None, "loss.beta": None}
 JUDGE_OPTIONS = {**MODEL_PAIR, **SAMPLING, "sample.reward": None, "sample.reward_weights": None}
-FRONTIER_OPTIONS = {"train.output_dir": None, "train.overwrite": None, "train.seed": None, "model.cache_dir": None,
-                    "default_job.num_prompts": None, "default_job.num_eval_prompts": None,
-                    "default_job.samples_per_eval_prompt": None, "default_job.frontier_betas": "betas",
-                    "default_job.frontier_methods": "methods", "sample.max_new_tokens": None}
+STUDY_OPTIONS = {
+    **{key: None for key in ("train.output_dir", "train.overwrite", "train.seed", "train.learning_rate",
+                             "model.model", "model.cache_dir",
+                             "model.trust_remote_code", "model.lora", "model.lora_r", "model.lora_alpha",
+                             "model.lora_target_modules", "data.data", "data.eval_data", "data.split",
+                             "data.eval_split", "data.skip_invalid", "default_job.num_prompts",
+                             "default_job.num_eval_prompts", "default_job.samples_per_eval_prompt",
+                             "sample.max_new_tokens")},
+    **{f"study.{f.name}": None for section, f in iter_fields() if section == "study"},
+}
+ALIASES = {"frontier": "study"}  # the study grew out of `preftune frontier`, whose name still runs it
 # the reward model reads no reference, loss, sampling or layout option (its head reads each padded row's last token)
 REWARD_MODEL_OPTIONS = {
     **{f"{section}.{f.name}": None for section, f in iter_fields()
@@ -146,13 +153,15 @@ def build_parser() -> argparse.ArgumentParser:
         ("score", SCORE_OPTIONS, "implicit rewards beta*log(pi/pi_ref) of responses; best-of-N ranks",
          "The implicit reward of each response under --model against --ref-model: of chosen and rejected for "
          "--data pairs, or of every candidate (with its rank) for --prompts records with \"responses\"."),
-        ("frontier", FRONTIER_OPTIONS, "DPO or RLHF? reward vs KL and the costs of DPO, PPO, RLOO, online DPO, ...",
-         "On the default job's sentiment pairs: DPO at several --betas, Preferred-FT (SFT on the chosen responses), "
-         "a reward model fit to the pairs with PPO, RLOO and online DPO against it, PPO-GT (on the ground truth) "
-         "and best-of-N sampling (--methods picks some), as (KL, ground-truth reward) points on held-out prompts, "
-         "with each method's wall time, memory, samples, reward queries and labels. Each method is cached in the "
-         "folder: a re-run computes only what is missing. Writes frontier.csv/.md/.png, costs.csv/.md and "
-         "sample_efficiency.png. About 80 minutes on 2 CPU cores for all methods."),
+        ("study", STUDY_OPTIONS, "DPO or RLHF? over label budgets and seeds, at matched KL, with costs and a decision "
+         "table (alias: frontier)",
+         "DPO (--betas) against a reward model fit to the same labels with PPO, RLOO, online DPO or best-of-N "
+         "against it (and -gt ceilings on the ground truth), for each --label-budgets (the first N of a seeded "
+         "shuffle, the same for every method) and --seeds, on --data / --eval-data judged by --ground-truth, or on "
+         "the built-in sentiment task. Each (method, budget, seed) runs in a process of its own and is cached in "
+         "the folder: a re-run (or a run after a kill) computes only what is missing or changed. Writes "
+         "label_efficiency.png, reward_kl.png, matched_kl.md, differences.md, costs.md, decision.md, summary.md "
+         "and the CSVs. --quick: a few seconds a point."),
         ("reward-model", REWARD_MODEL_OPTIONS, "train a Bradley-Terry reward model on preference pairs",
          "A sequence-classification head of one output over --model, trained with -log sigmoid(r(x, y_chosen) - "
          "r(x, y_rejected)) (optionally centred), as TRL's RewardTrainer; held-out accuracy with its interval. "
@@ -180,7 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
          "Samples both models on --prompts, scores the samples with --reward, and prints the win rate (ties "
          "count half) with a 95% interval, and KL(policy || reference) from the policy's samples."),
     ):
-        command = commands.add_parser(name, help=summary, description=description)
+        command = commands.add_parser(name, help=summary, description=description,
+                                      aliases=[alias for alias, to in ALIASES.items() if to == name])
         command.add_argument("--config", metavar="FILE", help="YAML file of options; flags override it")
         add_config_flags(command, options)
     plot = commands.add_parser("plot", help="draw a run's training and eval curves as a PNG",
@@ -206,8 +216,9 @@ def build_config(args: argparse.Namespace) -> Config:
     for key, value in vars(args).items():
         if "." in key:
             set_option(config, key, value, "command line")
-    apply_command_defaults(config, args.command)
-    validate(config, args.command)
+    command = ALIASES.get(args.command, args.command)
+    apply_command_defaults(config, command)
+    validate(config, command)
     return config
 
 
@@ -231,7 +242,7 @@ COMMANDS: dict[str, Callable[[Config], object]] = {
     "generate": lambda config: print_records(commands.run_generate(config), config),
     "score": lambda config: print_records(commands.run_score(config), config),
     "judge": cmd_judge,
-    "frontier": commands.run_frontier,
+    "study": commands.run_study,
     "reward-model": commands.run_reward_model,
     "ppo": lambda config: commands.run_online(config, "ppo"),
     "rloo": lambda config: commands.run_online(config, "rloo"),
@@ -257,7 +268,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if trains and config.train.num_processes > 1 and not launched():
             # checked above, before any process starts; each process parses the same arguments again
             return launch_processes(config.train.num_processes, argv)
-        COMMANDS[args.command](config)
+        COMMANDS[ALIASES.get(args.command, args.command)](config)
         return 0
     except UserError as error:
         print(f"preftune: error: {error}", file=sys.stderr)

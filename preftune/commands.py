@@ -265,11 +265,11 @@ def run_judge(config: Config) -> tuple[dict, list[dict]]:
                      batch_size=config.train.eval_batch_size, seed=config.train.seed, reward_name=s.reward)
 
 
-def run_frontier(config: Config) -> Path:
-    """`preftune frontier`: the reward-KL frontier of the default job."""
-    from preftune.study.frontier import run_frontier as frontier
+def run_study(config: Config) -> Path:
+    """`preftune study` (alias `frontier`): DPO against reward model + RL over label budgets and seeds."""
+    from preftune.study.runner import run_study as study
 
-    return frontier(config, [name.strip() for name in config.default_job.frontier_methods.split(",")])
+    return study(config)
 
 
 def run_export(run_dir: str, output: str, outtype: str, force: bool) -> str:

@@ -68,7 +68,7 @@ class ModelConfig:
     lora_r: int = doc("LoRA rank.", 16)
     lora_alpha: int = doc("LoRA scaling numerator (the update is scaled by lora_alpha / lora_r).", 32)
     lora_dropout: float = doc(
-        "Dropout on the LoRA input, for train and reward-model: ppo, rloo, online-dpo and the frontier's online "
+        "Dropout on the LoRA input, for train and reward-model: ppo, rloo, online-dpo and the study's online "
         "methods refuse it (it would make their probability ratio, old log-probs and values noisy; TRL's PPO and "
         "RLOO switch dropout off).",
         0.0,
@@ -414,9 +414,61 @@ def resolved_task(config: Config, command: str) -> str:
     return config.default_job.task or ("arithmetic" if command == "grpo" else "sentiment")
 
 
-# `preftune frontier --methods`: the names of its methods (study/methods.py builds them)
-FRONTIER_METHODS = ("best-of-n", "dpo", "preferred-ft", "ppo", "ppo-gt", "rloo", "online-dpo")
-FRONTIER_ONLINE_METHODS = ("ppo", "ppo-gt", "rloo", "online-dpo")  # those that run an online recipe
+# `preftune study --methods`: the names of its methods (study/methods.py's METHODS table builds them); the reward
+# model of each label budget is trained first where a method needs it
+STUDY_METHODS = ("dpo", "preferred-ft", "best-of-n", "ppo", "rloo", "online-dpo", "ppo-gt", "rloo-gt")
+STUDY_ONLINE_METHODS = ("ppo", "rloo", "online-dpo", "ppo-gt", "rloo-gt")  # those that run an online recipe
+# what the study measures with unless the user sets it: sized so that the default study fits 2 hours on 2 CPU cores
+# (README, "preftune study": the arithmetic from one timed unit of each method)
+STUDY_DEFAULTS: dict[str, Any] = {"default_job.num_eval_prompts": 32, "default_job.samples_per_eval_prompt": 1}
+# what --quick sets unless the user set it: a study of a few seconds a point, for tests and a first look
+STUDY_QUICK: dict[str, Any] = {
+    "study.label_budgets": "4,8", "study.seeds": "0,1", "study.rollouts": 2, "study.epochs": 1.0,
+    "study.best_of": 4, "default_job.num_prompts": 16, "default_job.num_eval_prompts": 4,
+    "default_job.samples_per_eval_prompt": 1, "sample.max_new_tokens": 6,
+}
+
+
+@dataclass
+class StudyConfig:
+    """`preftune study` (alias `preftune frontier`): DPO against reward model + RL on the same labels."""
+
+    methods: str = doc(
+        "preftune study: the methods, comma-separated: dpo (every --betas), preferred-ft (SFT on the chosen "
+        "replies), best-of-n, ppo, rloo, online-dpo (these four against a reward model fit to the budget's labels), "
+        "ppo-gt and rloo-gt (against --ground-truth itself: ceilings, no labels).",
+        "dpo,rloo,ppo,online-dpo",
+    )
+    betas: str = doc("preftune study: the DPO betas, comma-separated (each a method of its own).", "0.1")
+    label_budgets: str = doc(
+        "preftune study: labelled pairs each method may use, comma-separated: the first N of a seeded shuffle of "
+        "the training pairs, the same N for every method (the reward model of a budget sees those N alone).",
+        "8,16,32,64",
+    )
+    seeds: str = doc(
+        "preftune study: seeds, comma-separated; a seed picks the label subset, the initialisation order and the "
+        "sampling of every method.", "0,1,2",
+    )
+    kl_budgets: str = doc(
+        "preftune study: KL budgets (nats) of the matched-KL comparison: each method's best held-out reward among "
+        "its points with KL(policy || reference) within each.", "0.5,1,2",
+    )
+    ground_truth: str | None = doc(
+        "preftune study: the reward that judges held-out samples (and the -gt methods train on): sentiment, "
+        "module:function, or a reward-model folder (a gold judge). Needed with --data; unset: the built-in task's "
+        "sentiment.",
+    )
+    rollouts: int = doc("preftune study: rollouts each online method runs (its stopping rule).", 3)
+    epochs: float = doc(
+        "preftune study: passes over its labels DPO, Preferred-FT and the reward model make (their stopping rule).",
+        2.0,
+    )
+    points: int = doc("preftune study: held-out measurements along each method's training, evenly spaced.", 2)
+    best_of: int = doc("preftune study: best-of-n's largest N (its points: N = 1, 2, 4, ... up to it).", 16)
+    quick: bool = doc(
+        "preftune study: a preset of a few seconds a point (tiny budgets, 2 seeds, 2 rollouts, 4 held-out prompts, "
+        "6 new tokens) for tests and a first look; options you set keep their value.", False,
+    )
 
 
 @dataclass
@@ -430,13 +482,6 @@ class DefaultJobConfig:
         "The built-in task run without --data or --prompts: sentiment (movie-review requests, VADER's sentiment as "
         "the ground truth) or arithmetic (short problems with an exact answer: --reward accuracy and format, "
         "held-out accuracy). Unset: sentiment; arithmetic for grpo."
-    )
-    frontier_betas: str = doc("preftune frontier: the DPO betas to compare, comma-separated.", "0.05,0.1,0.5")
-    frontier_methods: str = doc(
-        "preftune frontier: the methods to run, comma-separated: best-of-n, dpo (every beta), preferred-ft, ppo "
-        "(against a reward model fit to the pairs, trained first), ppo-gt (against the ground truth), rloo and "
-        "online-dpo (against the reward model).",
-        ",".join(FRONTIER_METHODS),
     )
 
 
@@ -480,6 +525,7 @@ class Config:
     reward_model: RewardModelConfig = field(default_factory=RewardModelConfig)
     rl: RLConfig = field(default_factory=RLConfig)
     default_job: DefaultJobConfig = field(default_factory=DefaultJobConfig)
+    study: StudyConfig = field(default_factory=StudyConfig)
     # Fields the user set (YAML or flags), as "section.name": lets checks tell "left at default" from "asked for".
     explicitly_set: set[str] = field(default_factory=set, repr=False, compare=False)
 
@@ -761,25 +807,54 @@ def _check_command_scope(config: Config, command: str, need: Check, unused: Unus
             unused("train", ["eval_steps"], "without --eval-data")
     if d.data is None:
         unused("data", ["split", "skip_invalid"], "without --data (the default job builds its own pairs)")
-    else:
-        unused("default_job", [f.name for f in dataclasses.fields(DefaultJobConfig)],
+    else:  # preftune study measures the user's held-out prompts with --samples-per-eval-prompt samples each
+        unused("default_job", [f.name for f in dataclasses.fields(DefaultJobConfig)
+                               if not (command == "study" and f.name == "samples_per_eval_prompt")],
                "with --data (it configures the default job, which runs only without --data)")
-    if command != "frontier":
-        unused("default_job", ["frontier_betas", "frontier_methods"], f"in {command} (it configures preftune frontier)")
-    for name in config.default_job.frontier_methods.split(","):
-        need(name.strip() in FRONTIER_METHODS, f"--methods: '{name.strip()}' is not a method; choose from "
-                                               f"{', '.join(FRONTIER_METHODS)}")
     if command != "reward-model":
         unused("reward_model", [f.name for f in dataclasses.fields(RewardModelConfig)],
                f"in {command} (it configures preftune reward-model)")
     coefficient = config.reward_model.center_rewards_coefficient
     need(coefficient is None or coefficient >= 0,
          f"--center-rewards-coefficient must be >= 0, got {coefficient}")
-    betas = config.default_job.frontier_betas
-    try:
-        need(all(float(b) > 0 for b in betas.split(",")), f"--frontier-betas must be positive numbers, got '{betas}'")
-    except ValueError:
-        need(False, f"--frontier-betas: expected comma-separated numbers, got '{betas}'")
+
+
+def number_list(text: str, kind: type = float) -> list:
+    """'0.1, 0.5' -> [0.1, 0.5] (a ValueError for anything else)."""
+    return [kind(item) for item in text.split(",")]
+
+
+def _check_study(config: Config, command: str, need: Check, unused: Unused) -> None:
+    """preftune study's options: its lists, and the user's data with the reward that judges it."""
+    s = config.study
+    if command != "study":
+        unused("study", [f.name for f in dataclasses.fields(StudyConfig)],
+               f"in {command} (it configures preftune study)")
+        return
+    for name in s.methods.split(","):
+        need(name.strip() in STUDY_METHODS, f"--methods: '{name.strip()}' is not a method; choose from "
+                                            f"{', '.join(STUDY_METHODS)}")
+    for option, text, kind, least in (("--betas", s.betas, float, 0.0), ("--label-budgets", s.label_budgets, int, 1),
+                                      ("--seeds", s.seeds, int, 0), ("--kl-budgets", s.kl_budgets, float, 0.0)):
+        try:
+            values = number_list(text, kind)
+            need(all(v > least if kind is float else v >= least for v in values) and len(set(values)) == len(values),
+                 f"{option} must be distinct {'positive numbers' if kind is float else f'whole numbers >= {least}'}, "
+                 f"got '{text}'")
+        except ValueError:
+            need(False, f"{option}: expected comma-separated {'numbers' if kind is float else 'whole numbers'}, got "
+                        f"'{text}'")
+    need(s.rollouts >= 1, f"--rollouts must be >= 1, got {s.rollouts}")
+    need(s.epochs > 0, f"--epochs must be > 0, got {s.epochs}")
+    need(s.points >= 1, f"--points must be >= 1, got {s.points}")
+    need(s.best_of >= 1, f"--best-of must be >= 1, got {s.best_of}")
+    d = config.data
+    need(d.data is None or s.ground_truth is not None,
+         "preftune study --data needs --ground-truth (sentiment, module:function or a reward-model folder): the "
+         "reward that judges the held-out samples")
+    need((d.data is None) == (d.eval_data is None),
+         "preftune study takes --data and --eval-data together (labelled pairs, and held-out pairs or prompts), or "
+         "neither (the built-in task)")
 
 
 def _check_sampling(config: Config, command: str, need: Check, unused: Unused) -> None:
@@ -921,9 +996,8 @@ def _check_lora_dropout(config: Config, command: str, need: Check, unused: Unuse
     """Dropout on the LoRA input would make an online recipe's probability ratio, old log-probs and values noisy
     (TRL's PPO and RLOO switch dropout off): refused where one runs, the frontier's online methods included."""
     m = config.model
-    if command == "frontier":
-        online = [n.strip() for n in config.default_job.frontier_methods.split(",")
-                  if n.strip() in FRONTIER_ONLINE_METHODS]
+    if command == "study":
+        online = [n.strip() for n in config.study.methods.split(",") if n.strip() in STUDY_ONLINE_METHODS]
     else:
         online = [command] if command in RL_COMMANDS else []
     need(not (m.lora and m.lora_dropout != 0 and online),
@@ -1007,8 +1081,8 @@ def validate(config: Config, command: str = "train") -> None:
             if f"{section}.{name}" in config.explicitly_set and value != default:
                 problems.append(f"--{name.replace('_', '-')} has no effect {reason}")
 
-    for check in (_check_reference, _check_training, _check_model, _check_command_scope, _check_sampling, _check_rl,
-                  _check_lora_dropout, _check_minibatches, _check_kl_controller):
+    for check in (_check_reference, _check_training, _check_model, _check_command_scope, _check_study, _check_sampling,
+                  _check_rl, _check_lora_dropout, _check_minibatches, _check_kl_controller):
         check(config, command, need, unused)
     if problems:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
