@@ -6,6 +6,9 @@ the whole minibatch's."""
 from __future__ import annotations
 
 import contextlib
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +21,7 @@ from preftune.forward.rollout import Sample, completion_mask, token_logps
 from preftune.recipes import online, ppo, rloo
 from preftune.recipes.online import Rollout, accumulate_gradients, micro_batches
 from preftune.recipes.online_dpo import OnlineDPOObjective
+from preftune.runtime.memory import glibc
 from tests.conftest import PAIRS, write_jsonl
 
 
@@ -207,3 +211,54 @@ def test_local_rollout_forward_batch_size_below_1_exits_2_before_loading(tmp_pat
     assert code == 2
     assert "--local-rollout-forward-batch-size must be >= 1" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+FREED_BLOCK_PROBE = """
+import ctypes, sys, torch
+from preftune.runtime.memory import glibc, return_freed_blocks
+
+class Mallinfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                     "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+libc = glibc()
+libc.mallinfo2.restype = Mallinfo2
+if sys.argv[1] == "set":
+    assert return_freed_blocks()
+large = torch.ones(4 << 20)  # 16 MiB: its own mmap; freed, glibc's threshold rises to 16 MiB unless fixed
+del large
+before = libc.mallinfo2().hblkhd
+block = torch.ones(1 << 20)  # 4 MiB
+mapped = libc.mallinfo2().hblkhd - before
+del block
+print(mapped, libc.mallinfo2().hblkhd - before)
+"""
+
+
+@pytest.mark.skipif(glibc() is None, reason="glibc's allocator only")
+@pytest.mark.parametrize("fixed", [True, False])
+def test_return_freed_blocks_gives_a_freed_4_mib_tensor_back_to_the_kernel(fixed, monkeypatch):
+    """After a 16 MiB tensor is freed, glibc serves a 4 MiB one from its heap (kept when freed); with the threshold
+    fixed at 1 MiB it is an mmap of its own, unmapped when freed. (In a process of its own: the setting is the
+    process's.)"""
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    result = subprocess.run([sys.executable, "-c", FREED_BLOCK_PROBE, "set" if fixed else "unset"],
+                            capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 0, result.stderr[-2000:]
+    mapped, after_free = (int(n) for n in result.stdout.split())
+    assert mapped >= (4 << 20 if fixed else 0) and after_free == 0
+    if not fixed:
+        assert mapped == 0  # from the heap
+
+
+def test_ppo_setup_returns_freed_blocks(tmp_path, tiny_model_dir, monkeypatch):
+    """`preftune ppo` fixes glibc's threshold before any model loads (its peak RSS on the default job: README)."""
+    calls = []
+    monkeypatch.setattr(ppo, "return_freed_blocks", lambda: calls.append("set"))
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p["prompt"]} for p in PAIRS])
+    config = build_config(build_parser().parse_args(
+        ["ppo", "--model", str(tiny_model_dir), "--prompts", str(prompts), "--output-dir", str(tmp_path / "run"),
+         "--rollout-batch-size", "2", "--report-to", "none", "--reward", "sentiment"]))
+    run = ppo.setup(config)
+    online.cleanup(run)
+    assert calls == ["set"]
