@@ -4,7 +4,9 @@
 Per rollout (the loop is `online.train`, shared with RLOO): sample completions from the policy, score them with the
 reward, per-token reward r_t = -kl_coef (log pi - log pi_ref) with the score added at the last token, values from
 the critic, GAE advantages (whitened) and returns; then `num_ppo_epochs` passes of `num_mini_batches` minibatches
-of the clipped surrogate plus vf_coef times the clipped value loss. The math is in objectives/policy_gradient.py.
+of the clipped surrogate plus vf_coef times the clipped value loss, whose backward is taken in two terms (the
+policy's, then the critic's), so that the two forwards' activations are never held together. The math is in
+objectives/policy_gradient.py.
 
 Full training holds the policy, the critic (a second backbone) and the reference; --lora holds one base model: the
 actor and the critic are two adapters on it (the critic's value head beside its adapter) and the reference is the
@@ -97,7 +99,8 @@ def token_values(critic: torch.nn.Module, samples: list[Sample], pad_token_id: i
 class PolicyAndValue(torch.nn.Module):
     """The actor and the critic as one module: one optimizer, one accelerate prepare (DDP averages both), one
     checkpoint. Its forward gives both per-token outputs of a minibatch (under --lora: two forwards of the shared
-    base, one per adapter, so one backward of their joint loss reaches both adapters)."""
+    base, one per adapter); `policy_logps` and `values` give one each, for the loss's two terms
+    (`PPOObjective.loss_terms`: the policy's backward is taken before the critic's forward)."""
 
     def __init__(self, policy: torch.nn.Module, critic: torch.nn.Module, pad_token_id: int,
                  layout: str = "padded") -> None:
