@@ -158,6 +158,13 @@ def test_rloo_loss_in_micro_batches_has_the_whole_minibatchs_gradient(policy):
 
 def test_ppo_loss_in_micro_batches_has_the_whole_minibatchs_gradient(policy):
     """PPO's losses are means over the minibatch's tokens: micro-batches of uneven token counts weigh their share."""
+    model, minibatch = ppo_model_and_minibatch(policy)
+    assert_same_step(ppo.PPOObjective(Config()), model, minibatch, 3)
+
+
+def ppo_model_and_minibatch(policy) -> tuple[ppo.PolicyAndValue, Rollout]:
+    """`policy` with a tiny critic, and a minibatch of `LENGTHS` with log pi_old, values, advantages and returns
+    around the model's own."""
     generator = torch.Generator().manual_seed(1)
     torch.manual_seed(0)
     critic = LlamaForSequenceClassification(LlamaConfig(
@@ -173,7 +180,7 @@ def test_ppo_loss_in_micro_batches_has_the_whole_minibatchs_gradient(policy):
                             advantages=torch.randn(mask.shape, generator=generator) * mask,
                             returns=torch.randn(mask.shape, generator=generator) * mask)
     minibatch.judged = torch.arange(8) != 2  # a sample the reward could not judge: its tokens are in no mean
-    assert_same_step(ppo.PPOObjective(Config()), model, minibatch, 3)
+    return model, minibatch
 
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo,hinge"])
@@ -213,52 +220,52 @@ def test_local_rollout_forward_batch_size_below_1_exits_2_before_loading(tmp_pat
     assert not (tmp_path / "out").exists()
 
 
-FREED_BLOCK_PROBE = """
-import ctypes, sys, torch
-from preftune.runtime.memory import glibc, return_freed_blocks
 
-class Mallinfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
-                                                     "fsmblks", "uordblks", "fordblks", "keepcost")]
+FREED_MEMORY_PROBE = """
+import sys, torch
+from preftune.runtime.memory import release_freed_memory
 
-libc = glibc()
-libc.mallinfo2.restype = Mallinfo2
-if sys.argv[1] == "set":
-    assert return_freed_blocks()
-large = torch.ones(4 << 20)  # 16 MiB: its own mmap; freed, glibc's threshold rises to 16 MiB unless fixed
+def rss_mb():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096 / 2**20
+
+large = torch.ones(8 << 20)  # 32 MiB: its own mmap; freed, glibc's threshold rises to 32 MiB
 del large
-before = libc.mallinfo2().hblkhd
-block = torch.ones(1 << 20)  # 4 MiB
-mapped = libc.mallinfo2().hblkhd - before
-del block
-print(mapped, libc.mallinfo2().hblkhd - before)
+blocks = [torch.ones(1 << 20) for _ in range(64)]  # 64 x 4 MiB from the heap
+kept = torch.ones(1 << 10)  # above them in the heap: they are not at its top, which glibc trims by itself
+before = rss_mb()
+del blocks
+freed = rss_mb()
+if sys.argv[1] == "release":
+    assert release_freed_memory()
+print(before - freed, before - rss_mb())
 """
 
 
 @pytest.mark.skipif(glibc() is None, reason="glibc's allocator only")
-@pytest.mark.parametrize("fixed", [True, False])
-def test_return_freed_blocks_gives_a_freed_4_mib_tensor_back_to_the_kernel(fixed, monkeypatch):
-    """After a 16 MiB tensor is freed, glibc serves a 4 MiB one from its heap (kept when freed); with the threshold
-    fixed at 1 MiB it is an mmap of its own, unmapped when freed. (In a process of its own: the setting is the
-    process's.)"""
+@pytest.mark.parametrize("release", [True, False])
+def test_release_freed_memory_gives_the_heaps_free_blocks_back(release, monkeypatch):
+    """256 MiB of tensors freed inside glibc's heap stay resident; `release_freed_memory` gives them back. (In a
+    process of its own: the heap is the process's.)"""
     monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
-    result = subprocess.run([sys.executable, "-c", FREED_BLOCK_PROBE, "set" if fixed else "unset"],
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
+    result = subprocess.run([sys.executable, "-c", FREED_MEMORY_PROBE, "release" if release else "keep"],
                             capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
     assert result.returncode == 0, result.stderr[-2000:]
-    mapped, after_free = (int(n) for n in result.stdout.split())
-    assert mapped >= (4 << 20 if fixed else 0) and after_free == 0
-    if not fixed:
-        assert mapped == 0  # from the heap
+    on_free, after = (float(n) for n in result.stdout.split())
+    assert on_free < 32  # freeing alone gives (almost) nothing back
+    assert after > 200 if release else after < 32
 
 
-def test_ppo_setup_returns_freed_blocks(tmp_path, tiny_model_dir, monkeypatch):
-    """`preftune ppo` fixes glibc's threshold before any model loads (its peak RSS on the default job: README)."""
+def test_each_loss_term_starts_after_the_freed_memory_is_released(policy, monkeypatch):
+    """`accumulate_gradients` releases the C heap's free blocks before each loss term's forward (PPO: two terms per
+    micro-batch)."""
+    from preftune.recipes.online import optimisation
+
     calls = []
-    monkeypatch.setattr(ppo, "return_freed_blocks", lambda: calls.append("set"))
-    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p["prompt"]} for p in PAIRS])
-    config = build_config(build_parser().parse_args(
-        ["ppo", "--model", str(tiny_model_dir), "--prompts", str(prompts), "--output-dir", str(tmp_path / "run"),
-         "--rollout-batch-size", "2", "--report-to", "none", "--reward", "sentiment"]))
-    run = ppo.setup(config)
-    online.cleanup(run)
-    assert calls == ["set"]
+    monkeypatch.setattr(optimisation, "release_freed_memory", lambda: calls.append("released"))
+    model, minibatch = ppo_model_and_minibatch(policy)
+    objective = ppo.PPOObjective(Config())
+    accumulate_gradients(objective, model, minibatch, 3, OneProcess())
+    # each micro-batch: before the policy's term, before the critic's, and after its backward
+    assert len(calls) == 3 * len(micro_batches(objective, minibatch, 3)) > 3

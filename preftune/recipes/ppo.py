@@ -49,7 +49,6 @@ from preftune.objectives.policy_gradient import (
 )
 from preftune.recipes import online
 from preftune.recipes.online import OnlineRun, Rollout
-from preftune.runtime.memory import return_freed_blocks
 
 PPO_METRICS = ("loss/policy", "loss/value", "policy/approxkl", "policy/clipfrac", "policy/ratio", "val/vpred",
                "val/error", "val/clipfrac")
@@ -292,11 +291,6 @@ def check_head(head: torch.Tensor, folder: str, hidden_size: int) -> torch.Tenso
 
 
 def setup(config: Config, reward: RewardFunction | None = None) -> OnlineRun:
-    """The run (the actor and the critic as one `PolicyAndValue`). Under glibc, blocks of 1 MiB and more are given
-    back to the kernel when freed (`memory.return_freed_blocks`), so the peak RSS is the memory in use: the two
-    forwards of each minibatch and the rollout's phases free and allocate gigabytes that glibc's heap would keep."""
-    return_freed_blocks()
-
     def with_critic(policy: torch.nn.Module, tokenizer) -> PolicyAndValue:
         critic = adapter_critic(config, policy) if config.model.lora else load_critic(config, tokenizer)
         return PolicyAndValue(policy, critic, tokenizer.pad_token_id, config.train.batch_layout)

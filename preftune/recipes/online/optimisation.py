@@ -14,6 +14,7 @@ import torch
 from preftune.config import resolved_num_ppo_epochs
 from preftune.recipes.online.schedule import rollout_seed
 from preftune.recipes.online.state import OnlineObjective, OnlineRun, Rollout
+from preftune.runtime.memory import release_freed_memory
 from preftune.runtime.processes import full_value
 
 
@@ -61,11 +62,14 @@ def accumulate_gradients(objective: OnlineObjective, model: torch.nn.Module, min
 def backward_terms(objective: OnlineObjective, model: torch.nn.Module, part: Rollout, share: float,
                    accelerator: Any, on_policy: bool) -> tuple[float, dict[str, float]]:
     """The backward of `share` x each of the objective's `loss_terms` of a micro-batch, one term at a time: a term's
-    forward runs (under autocast) only after the previous term's backward has freed its activations. Returns (the
-    micro-batch's loss, the sum of its terms; its metrics, each term's own)."""
+    forward runs (under autocast) only after the previous term's backward has freed its activations, and after the
+    C heap has given back what was freed before it (`release_freed_memory`, also after the last backward: else glibc
+    keeps it resident, and the peak RSS is the memory in use plus the leftovers). Returns (the micro-batch's loss, the
+    sum of its terms; its metrics, each term's own)."""
     terms = objective.loss_terms(model, part, on_policy=on_policy)
     loss_value, metrics = 0.0, {}
     while True:
+        release_freed_memory()
         with accelerator.autocast():
             term = next(terms, None)
         if term is None:
