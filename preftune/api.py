@@ -149,32 +149,69 @@ def reward_model(
     return run_reward_model(resolved, **inputs)
 
 
-def ppo(config: ConfigLike = None, *, reward: Any = None, **options: Any) -> OnlineRun:
+def ppo(config: ConfigLike = None, *, reward: Any = None, reward_funcs: Any = None, **options: Any) -> OnlineRun:
     """RLHF with PPO (`preftune ppo`): samples from the policy on the prompts (`prompts` or `data` options, else the
     default job's), scored by `reward`, and a critic. `reward`: a callable (prompt texts, completion texts) -> one
-    float per completion (the form of TRL's reward functions), or what `--reward` takes ('sentiment',
-    'module:function', a reward-model folder). Returns the finished run (`.folder`, `.final_eval`)."""
-    return online_recipe("ppo", config, reward, options)
+    float per completion, or what `--reward` takes ('sentiment', 'module:function', a reward-model folder).
+    `reward_funcs`: instead, TRL's form, a list of reward functions (each called as TRL calls one,
+    `f(prompts=..., completions=..., completion_ids=..., **columns)`, or with two parameters per sample as
+    `f(prompt, completion)`) or `--reward` names, summed with the `reward_weights` option. Returns the finished
+    run (`.folder`, `.final_eval`)."""
+    return online_recipe("ppo", config, reward, options, reward_funcs)
 
 
-def rloo(config: ConfigLike = None, *, reward: Any = None, **options: Any) -> OnlineRun:
-    """REINFORCE leave-one-out (`preftune rloo`) on the prompts, against `reward` (as in `ppo`)."""
-    return online_recipe("rloo", config, reward, options)
+def rloo(config: ConfigLike = None, *, reward: Any = None, reward_funcs: Any = None, **options: Any) -> OnlineRun:
+    """REINFORCE leave-one-out (`preftune rloo`) on the prompts, against `reward` or `reward_funcs` (as in `ppo`)."""
+    return online_recipe("rloo", config, reward, options, reward_funcs)
 
 
-def online_dpo(config: ConfigLike = None, *, reward: Any = None, **options: Any) -> OnlineRun:
-    """Online DPO (`preftune online-dpo`): pairs of the policy's own samples ranked by `reward` (as in `ppo`)."""
-    return online_recipe("online-dpo", config, reward, options)
+def online_dpo(config: ConfigLike = None, *, reward: Any = None, reward_funcs: Any = None,
+               **options: Any) -> OnlineRun:
+    """Online DPO (`preftune online-dpo`): pairs of the policy's own samples ranked by `reward` or `reward_funcs`
+    (as in `ppo`)."""
+    return online_recipe("online-dpo", config, reward, options, reward_funcs)
 
 
-def online_recipe(command: str, config: ConfigLike, reward: Any, options: Mapping[str, Any]) -> OnlineRun:
+def reward_funcs_list(resolved: Config, reward_funcs: Any) -> list:
+    """TRL's reward_funcs (a function, a --reward name, or a list of them) as a list; the config records their
+    names as --reward (a function as <in-memory reward: name>)."""
+    from preftune.forward.rewards import callable_name
+
+    funcs = list(reward_funcs) if isinstance(reward_funcs, list | tuple) else [reward_funcs]
+    if not funcs or not all(callable(f) or isinstance(f, str | os.PathLike) for f in funcs):
+        raise UserError("reward_funcs: give a reward function, a --reward name, or a non-empty list of them")
+    names = [f"<in-memory reward: {callable_name(f)}>" if callable(f) else os.fspath(f) for f in funcs]
+    set_option(resolved, "sample.reward", ",".join(names), "preftune API")
+    return funcs
+
+
+def in_memory_rewards(resolved: Config, funcs: list) -> Any:
+    """`reward_funcs_list`'s functions and names as `Rewards`, weighted by the reward_weights option (after
+    `validate`). A name is loaded as --reward loads it (a reward model on the CPU)."""
+    from preftune.config import parse_reward_list
+    from preftune.forward.rewards import Rewards, load_reward, user_function
+
+    names, weights = parse_reward_list(resolved.sample.reward, resolved.sample.reward_weights)
+    return Rewards([user_function(f, name) if callable(f) else load_reward(name)
+                    for f, name in zip(funcs, names, strict=True)], weights)
+
+
+def online_recipe(command: str, config: ConfigLike, reward: Any, options: Mapping[str, Any],
+                  reward_funcs: Any = None) -> OnlineRun:
     from preftune.recipes import online_dpo as online_dpo_recipe
     from preftune.recipes import ppo as ppo_recipe
     from preftune.recipes import rloo as rloo_recipe
 
+    options = dict(options)
+    if isinstance(options.get("reward_weights"), list | tuple):  # TRL's reward_weights is a list
+        options["reward_weights"] = ",".join(str(float(w)) for w in options["reward_weights"])
     resolved = build_config(config, options, command.replace("-", "_"))
-    in_memory = None
-    if callable(reward):
+    in_memory = funcs = None
+    if reward is not None and reward_funcs is not None:
+        raise UserError("give reward or reward_funcs, not both")
+    if reward_funcs is not None:
+        funcs = reward_funcs_list(resolved, reward_funcs)
+    elif callable(reward):
         from preftune.forward.rewards import on_texts
 
         in_memory = on_texts(reward)  # called with (prompt texts, completion texts), chat prompts joined
@@ -183,6 +220,8 @@ def online_recipe(command: str, config: ConfigLike, reward: Any, options: Mappin
     elif reward is not None:
         set_option(resolved, "sample.reward", os.fspath(reward), "preftune API")
     validate(resolved, command)
+    if funcs is not None:
+        in_memory = in_memory_rewards(resolved, funcs)
     recipe = {"ppo": ppo_recipe, "rloo": rloo_recipe, "online-dpo": online_dpo_recipe}[command]
     return recipe.run(resolved, reward=in_memory)
 

@@ -31,7 +31,7 @@ SAMPLING = {"sample.prompts": None, "sample.output": None, "sample.num_samples":
 GENERATE_OPTIONS = {**{k: v for k, v in MODEL_PAIR.items() if k != "model.ref_model"}, **SAMPLING,
                     "sample.temperature": None, "sample.top_p": None}
 SCORE_OPTIONS = {**MODEL_PAIR, **PAIR_DATA, "sample.prompts": None, "sample.output": None, "loss.beta": None}
-JUDGE_OPTIONS = {**MODEL_PAIR, **SAMPLING, "sample.reward": None}
+JUDGE_OPTIONS = {**MODEL_PAIR, **SAMPLING, "sample.reward": None, "sample.reward_weights": None}
 FRONTIER_OPTIONS = {"train.output_dir": None, "train.overwrite": None, "train.seed": None, "model.cache_dir": None,
                     "default_job.num_prompts": None, "default_job.num_eval_prompts": None,
                     "default_job.samples_per_eval_prompt": None, "default_job.frontier_betas": "betas",
@@ -55,8 +55,9 @@ RL_OPTIONS = {
                                           "train.sync_ref_model", "train.ref_model_mixup_alpha",
                                           "train.ref_model_sync_steps", "train.precompute_ref_log_probs",
                                           "model.load_in_4bit"}},
-    "sample.prompts": None, "sample.reward": None, "sample.eval_reward": None, "sample.max_new_tokens": None,
-    "default_job.num_prompts": None, "default_job.num_eval_prompts": None, "default_job.samples_per_eval_prompt": None,
+    "sample.prompts": None, "sample.reward": None, "sample.reward_weights": None, "sample.eval_reward": None,
+    "sample.max_new_tokens": None, "default_job.num_prompts": None, "default_job.num_eval_prompts": None,
+    "default_job.samples_per_eval_prompt": None, "default_job.task": None,
 }
 # online-dpo: ppo's and rloo's options, DPO's loss and TR-DPO reference updates (iterative DPO) where they apply
 ONLINE_DPO_OPTIONS = {

@@ -31,7 +31,11 @@ def run_train(config: Config) -> Path:
 
 def run_default_job(config: Config) -> Path:
     """The default job: build (or reuse) the sentiment task's pairs, train DPO on them, and write the before/after
-    report (tasks/sentiment.py)."""
+    report (tasks/sentiment.py); with --task arithmetic, `run_arithmetic_job`."""
+    from preftune.config import resolved_task
+
+    if resolved_task(config, "train") == "arithmetic":
+        return run_arithmetic_job(config)
     from preftune.forward.rewards import sentiment_reward
     from preftune.recipes import dpo
     from preftune.tasks.sentiment import REPORT_FILE, prepare_default_job, sentiment_report
@@ -59,6 +63,45 @@ def run_default_job(config: Config) -> Path:
         f"  held-out preference accuracy {report['held_out_preference_accuracy']:.3f}\n"
         f"  KL(policy || reference) {kl['mean']:.2f} +- {kl['stderr']:.2f} nats per completion\n"
         f"  report: {result.output_dir / REPORT_FILE}  ({report['total_seconds']:.0f} s in all)",
+        flush=True,
+    )
+    return result.output_dir
+
+
+def run_arithmetic_job(config: Config) -> Path:
+    """`preftune train --task arithmetic`: DPO on pairs of the reference's own answers labelled by the checker (a
+    correct and a wrong answer to the same problem), then the held-out accuracy of reference and policy with
+    standard errors, KL, wall time, peak memory and the samples spent (tasks/arithmetic.py)."""
+    import resource
+
+    from preftune.recipes import dpo
+    from preftune.tasks.arithmetic import REPORT_FILE, arithmetic_report, prepare_arithmetic_job
+
+    started = time.time()
+    source, train_file, eval_file, counts = prepare_arithmetic_job(config)
+    config.data.data, config.data.eval_data = str(train_file), str(eval_file)
+    reports: list[dict] = []
+
+    def report_held_out(run: dpo.PairRun) -> None:  # after the model is saved: the run's models are still held
+        reports.append(arithmetic_report(run.objective.models, run.tokenizer, config, run.final_eval))
+
+    result = dpo.run(config, hooks=dpo.Hooks(on_save=report_held_out))
+    report = {**reports[0], "pairs": sum(1 for _ in train_file.open()), "samples": counts,
+              "total_seconds": round(time.time() - started, 1),
+              "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
+    (result.output_dir / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    ref, pol, kl = report["reference_accuracy"], report["policy_accuracy"], report["kl_policy_reference"]
+    print(
+        f"\nArithmetic task (DPO on {report['pairs']} checker-labelled pairs of the reference's samples, "
+        f"{report['held_out_prompts']} held-out problems x {report['samples_per_prompt']} samples):\n"
+        f"  reference accuracy {ref['mean']:.3f} +- {ref['stderr']:.3f}\n"
+        f"  policy accuracy    {pol['mean']:.3f} +- {pol['stderr']:.3f}\n"
+        f"  accuracy gain      {report['accuracy_gain']:+.3f} +- {report['accuracy_gain_stderr']:.3f} (paired by "
+        f"problem)\n"
+        f"  KL(policy || reference) {kl['mean']:.2f} +- {kl['stderr']:.2f} nats per completion\n"
+        f"  {counts['completions_generated']} reference samples for pairs; {report['total_seconds']:.0f} s in all, "
+        f"peak RSS {report['peak_rss_gb']:.2f} GB\n"
+        f"  report: {result.output_dir / REPORT_FILE}",
         flush=True,
     )
     return result.output_dir
@@ -206,14 +249,14 @@ def run_judge(config: Config) -> tuple[dict, list[dict]]:
     """`preftune judge`: win rate of --model over --ref-model under --reward, and KL(policy || reference)."""
     from preftune.data.tokenize import prompt_ids
     from preftune.evaluation.judge import judge
-    from preftune.forward.rewards import load_reward
+    from preftune.forward.rewards import load_rewards
 
     s = config.sample
     if s.temperature != 1.0 or s.top_p != 1.0:
         raise UserError("judge samples from the models' own distributions (its KL estimate needs them): "
                         "leave --temperature and --top-p at 1")
     accelerator = accelerator_of(config)
-    reward = load_reward(s.reward, accelerator.device)  # before the models: a bad --reward fails fast
+    reward = load_rewards(s.reward, s.reward_weights, accelerator.device)  # before the models: a bad --reward fails
     models, tokenizer = inference_models(config, accelerator.device)
     prompts = load_prompts(s.prompts)
     with accelerator.autocast():

@@ -250,12 +250,20 @@ class SampleConfig:
     top_p: float = doc("Nucleus sampling: keep the smallest set of tokens with this much probability (1: all).", 1.0)
     max_new_tokens: int = doc("Tokens sampled per completion at most.", 64)
     reward: str = doc(
-        "Ground-truth reward for `judge`, and what `ppo` and `rloo` maximise: 'sentiment' (VADER), "
-        "'module:function' (a Python callable taking "
-        "(prompt, completion) texts and returning a float, or None where it cannot judge: skipped in training; "
-        "imported only when named here), or a folder / hub id of a sequence-classification reward model. A reward "
+        "Ground-truth reward for `judge`, and what the online recipes maximise; several separated by commas are "
+        "summed with --reward-weights (TRL's reward_funcs; a completion every one returns None for is skipped). "
+        "Each is 'sentiment' (VADER), 'accuracy' or 'format' (the arithmetic task's checker: the final number "
+        "against the prompt's answer column; the number alone), 'module:function' (a Python callable, imported "
+        "only when named here: with keyword parameters it is called as TRL calls a reward function, "
+        "f(prompts=..., completions=..., completion_ids=..., **columns) with the prompts file's other columns as "
+        "lists, else f(prompt, completion) on one sample's texts; it returns a float, or None where it cannot "
+        "judge: skipped in training), or a folder / hub id of a sequence-classification reward model. A reward "
         "that raises or returns anything else (a string, NaN, infinity) stops the command (exit 2).",
         "sentiment",
+    )
+    reward_weights: str | None = doc(
+        "Comma-separated weights, one per --reward entry: a completion's reward is the weighted sum of the "
+        "rewards that judged it (TRL's reward_weights). Unset: 1 each."
     )
     eval_reward: str | None = doc(
         "The reward the held-out measurement of `ppo`, `rloo` and `online-dpo` reports (the same forms as --reward): "
@@ -340,6 +348,34 @@ class RLConfig:
     )
 
 
+def parse_reward_list(spec: str, weights: str | None = None) -> tuple[list[str], list[float]]:
+    """'accuracy,format' and '1,0.5' -> the reward specs and their weights (1 each when no weights are given), as
+    --loss-type and --loss-weights are read; ValueError on bad text."""
+    specs = [name.strip() for name in spec.split(",")]
+    if not all(specs):
+        raise ValueError(f"--reward '{spec}' has an empty name; give rewards separated by commas")
+    if weights is None:
+        return specs, [1.0] * len(specs)
+    try:
+        values = [float(w) for w in weights.split(",")]
+    except ValueError:
+        raise ValueError(f"--reward-weights '{weights}' is not a comma-separated list of numbers") from None
+    if len(values) != len(specs):
+        raise ValueError(f"--reward-weights gives {len(values)} weights for the {len(specs)} rewards of --reward "
+                         f"'{spec}'; give one weight per reward")
+    if not all(math.isfinite(w) for w in values):
+        raise ValueError(f"--reward-weights must be finite numbers, got '{weights}'")
+    return specs, values
+
+
+TASKS = ("sentiment", "arithmetic")  # --task: the built-in tasks (preftune/tasks/)
+
+
+def resolved_task(config: Config, command: str) -> str:
+    """--task, or the command's default: the verifiable arithmetic task for grpo, the sentiment job otherwise."""
+    return config.default_job.task or ("arithmetic" if command == "grpo" else "sentiment")
+
+
 # `preftune frontier --methods`: the names of its methods (study/methods.py builds them)
 FRONTIER_METHODS = ("best-of-n", "dpo", "preferred-ft", "ppo", "ppo-gt", "rloo", "online-dpo")
 FRONTIER_ONLINE_METHODS = ("ppo", "ppo-gt", "rloo", "online-dpo")  # those that run an online recipe
@@ -352,6 +388,11 @@ class DefaultJobConfig:
     num_prompts: int = doc("Default job: movie-review prompts to build preference pairs from.", 256)
     num_eval_prompts: int = doc("Default job: held-out prompts for the before/after reward report.", 64)
     samples_per_eval_prompt: int = doc("Default job: samples per held-out prompt from each model.", 2)
+    task: str | None = doc(
+        "The built-in task run without --data or --prompts: sentiment (movie-review requests, VADER's sentiment as "
+        "the ground truth) or arithmetic (short problems with an exact answer: --reward accuracy and format, "
+        "held-out accuracy). Unset: sentiment; arithmetic for grpo."
+    )
     frontier_betas: str = doc("preftune frontier: the DPO betas to compare, comma-separated.", "0.05,0.1,0.5")
     frontier_methods: str = doc(
         "preftune frontier: the methods to run, comma-separated: best-of-n, dpo (every beta), preferred-ft, ppo "
@@ -718,11 +759,24 @@ def _check_sampling(config: Config, command: str, need: Check, unused: Unused) -
     for name in ("num_prompts", "num_eval_prompts", "samples_per_eval_prompt"):
         value = getattr(config.default_job, name)
         need(value >= 1, f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    try:
+        parse_reward_list(sample_options.reward, sample_options.reward_weights)
+    except ValueError as error:
+        need(False, str(error))
+    if sample_options.eval_reward is not None:
+        need("," not in sample_options.eval_reward, f"--eval-reward takes one reward (the held-out measurement's "
+                                                   f"ground truth), got '{sample_options.eval_reward}'")
+    task = config.default_job.task
+    need(task is None or task in TASKS, f"--task must be one of {', '.join(TASKS)}, got '{task}'")
+    need(task in (None, "sentiment") or command in TASK_COMMANDS,
+         f"--task {task} runs in {', '.join(TASK_COMMANDS)}, not in {command}")
 
 
 RL_COMMANDS = ("ppo", "rloo", "online-dpo")
 # the commands that run on the default job's pairs or prompts when given no --data
 DEFAULT_JOB_COMMANDS = ("train", "reward-model", *RL_COMMANDS)
+# the commands that run any built-in task (--task), grpo's included once it exists
+TASK_COMMANDS = tuple(dict.fromkeys(("train", *RL_COMMANDS, "grpo")))
 
 
 def _check_rl(config: Config, command: str, need: Check, unused: Unused) -> None:
@@ -764,7 +818,7 @@ def _check_rl(config: Config, command: str, need: Check, unused: Unused) -> None
     else:
         unused("rl", ["normalize_advantages"], "in ppo (it whitens its GAE advantages)")
     if config.sample.prompts is not None:
-        unused("default_job", ["num_prompts", "num_eval_prompts"], "with --prompts")
+        unused("default_job", ["num_prompts", "num_eval_prompts", "task"], "with --prompts")
     need(not (config.sample.prompts is not None and config.data.data is not None),
          f"preftune {command} reads prompts from --prompts or from the pairs of --data, not both")
 

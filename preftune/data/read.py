@@ -44,6 +44,7 @@ saying what was expected and what was found. With ``skip_invalid=True`` bad reco
 from __future__ import annotations
 
 import csv
+import dataclasses
 import gzip
 import json
 import math
@@ -703,12 +704,14 @@ def load_and_report(
 
 @dataclass(frozen=True)
 class PromptRecord:
-    """A prompt to sample from, and (for scoring) the candidate responses to rank."""
+    """A prompt to sample from, (for scoring) the candidate responses to rank, and the record's other columns (a
+    reference answer, ...), which the online recipes give their reward functions as TRL does."""
 
     prompt: Text
     responses: list[Text]
     source: str
     location: str
+    columns: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def _validate_prompt(record: object, with_responses: bool) -> tuple[Text, list[Text]]:
@@ -737,8 +740,9 @@ def _validate_prompt(record: object, with_responses: bool) -> tuple[Text, list[T
 
 
 def load_prompts(source: str | os.PathLike, *, with_responses: bool = False) -> list[PromptRecord]:
-    """Prompts from a JSONL file (`.jsonl` or `.jsonl.gz`), one `{"prompt": ...}` object a line; with
-    `with_responses`, each also needs `"responses"` (or `"completions"`): a list of candidates of the prompt's kind.
+    """Prompts from a JSONL file (`.jsonl` or `.jsonl.gz`), one `{"prompt": ...}` object a line, any other keys
+    kept as the record's columns; with `with_responses`, each also needs `"responses"` (or `"completions"`): a list
+    of candidates of the prompt's kind.
     The first bad record raises a `DataError` naming its line and field."""
     name = os.fspath(source)
     path = Path(name).expanduser()
@@ -754,7 +758,9 @@ def load_prompts(source: str | os.PathLike, *, with_responses: bool = False) -> 
             prompt, responses = _validate_prompt(record, with_responses)
         except _Invalid as exc:
             raise DataError(name, location, exc.field, exc.problem) from None
-        records.append(PromptRecord(prompt, responses, name, location))
+        skip = {"prompt", "responses", "completions"} if with_responses else {"prompt"}
+        columns = {key: value for key, value in record.items() if key not in skip}
+        records.append(PromptRecord(prompt, responses, name, location, columns))
     if not records:
         raise UserError(f"{name}: no prompts found (empty file)")
     return records

@@ -44,10 +44,10 @@ def judge(
     reward: RewardFunction, *, num_samples: int, max_new_tokens: int, batch_size: int, seed: int, reward_name: str,
 ) -> tuple[dict, list[dict]]:
     """The win rate of `models.policy` over its reference, and KL(policy || reference): a summary and one record
-    per comparison."""
+    per comparison. The reward gets each prompt record's other columns (its answer, ...) as TRL gives them."""
     measured = measure(models, tokenizer, prompt_ids, num_samples=num_samples, max_new_tokens=max_new_tokens,
                        seed=seed, batch_size=batch_size, reward=reward,
-                       prompts=[p.prompt for p in prompts])
+                       prompts=[p.prompt for p in prompts], columns=[p.columns for p in prompts])
     policy_rewards, reference_rewards, kl = measured.policy_rewards, measured.reference_rewards, measured.kl
     result = win_rate(policy_rewards, reference_rewards)
     summary = {

@@ -14,15 +14,16 @@ from __future__ import annotations
 import contextlib
 import math
 import statistics
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
 from preftune.config import ModelConfig
 from preftune.data.read import Text
-from preftune.forward.rewards import RewardFunction, all_judged
+from preftune.forward.rewards import RewardFunction, all_judged, checked
 from preftune.forward.rollout import Sample, sample, sequence_logps_of_samples
 
 
@@ -158,6 +159,7 @@ def measure(
     reward: RewardFunction | None = None,
     prompts: Sequence[Text] | None = None,
     beta: float | None = None,
+    columns: Sequence[Mapping[str, Any]] | None = None,
 ) -> Measurement:
     """Sample `num_samples` completions per prompt from the policy (and, with `sample_reference`, from the
     reference, same seed), score them, and estimate KL(policy || reference) from the policy's samples.
@@ -166,7 +168,9 @@ def measure(
     models' samples are in prompt-major order, `num_samples` per prompt (sample i of each is of the same prompt), so
     `summarize` and `paired_gain` cluster and pair them by prompt; the KL's standard error is clustered by prompt.
     `reward(prompts, completions)` is the ground truth (`prompts`: one per prompt id list, as given, strings or chat
-    messages; unset: the decoded prompt ids). With `beta`, also the implicit reward of each sample.
+    messages; unset: the decoded prompt ids), given each completion's token ids and its prompt's `columns` (one
+    mapping per prompt: a reward function's keywords, as TRL gives them). With `beta`, also the implicit reward of
+    each sample.
     """
     settings = dict(num_samples=num_samples, max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size)
     pad = tokenizer.pad_token_id
@@ -192,9 +196,14 @@ def measure(
         given = list(prompts) if prompts is not None else [
             tokenizer.decode(ids, skip_special_tokens=True) for ids in prompt_ids]
 
+        checked_reward = checked(reward, getattr(reward, "name", "given"))
+
         def score(samples: list[Sample]) -> list[float]:
             prompts, completions = [given[s.prompt_index] for s in samples], [s.text for s in samples]
-            return all_judged(reward(prompts, completions), reward, prompts, completions)
+            names = dict.fromkeys(name for c in (columns or []) for name in c)
+            values = checked_reward(prompts, completions, [s.completion_ids for s in samples],
+                                    {name: [columns[s.prompt_index].get(name) for s in samples] for name in names})
+            return all_judged(values, checked_reward, prompts, completions)
 
         result.policy_rewards = score(policy_samples)
         if reference_samples is not None:

@@ -1,10 +1,13 @@
 """Ground-truth rewards: `reward(prompts, completion texts) -> one float per completion` (or None: cannot judge).
 
 The prompts come as given (a string, or chat messages), because a reward model must read prompt and completion in
-the form it was trained on (the chat template with its end of turn), as TRL's trainers format them for one. Three
-kinds, named by `--reward`: 'sentiment' (VADER's compound score, the default job's ground truth), 'module:function'
-(a Python callable taking (prompt, completion) texts, imported only because the user named it), or a
-sequence-classification reward model (a folder or hub id).
+the form it was trained on (the chat template with its end of turn), as TRL's trainers format them for one. The
+kinds, named by `--reward`: 'sentiment' (VADER's compound score, the default job's ground truth), 'accuracy' and
+'format' (the arithmetic task's checker, forward/answers.py), 'module:function' (a Python callable, imported only
+because the user named it: called as TRL's GRPOTrainer calls a reward function, `f(prompts=..., completions=...,
+completion_ids=..., **columns)`, when its signature takes those keywords, else per sample as `f(prompt, completion)`
+on texts), or a sequence-classification reward model (a folder or hub id). Several, comma-separated, are `Rewards`:
+each completion's reward is their weighted sum (--reward-weights), as TRL combines its reward_funcs.
 
 Every reward preftune calls is `checked`: one value per completion, each a finite real number, or None where the
 reward cannot judge a completion (TRL's form for a reward function that does not apply to a sample), which the
@@ -14,21 +17,29 @@ training loops skip. Anything else (an exception, a wrong count, a string, NaN o
 
 from __future__ import annotations
 
+import functools
 import importlib
+import inspect
 import math
 import numbers
+import statistics
 import sys
 import traceback
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from preftune.config import parse_reward_list
 from preftune.data.read import Text, prompt_text
 from preftune.errors import UserError
 
 RewardFunction = Callable[[Sequence[Text], Sequence[str]], list[float | None]]
+Columns = Mapping[str, Sequence[Any]]  # the prompts file's other columns, one value per completion (TRL's kwargs)
+# the names of the rewards built in, besides a reward model's folder and 'module:function'
+BUILT_IN_REWARDS = ("sentiment", "accuracy", "format")
 
 
 class RewardError(UserError):
@@ -73,16 +84,34 @@ def reward_value(value: object, name: str, prompt: Text, completion: str) -> flo
 @dataclass
 class CheckedReward:
     """`function` whose every call is checked (one finite number or None per completion); `name` (the --reward
-    spec) names it in the RewardError of a failure."""
+    spec) names it in the RewardError of a failure, `label` in the metrics (rewards/<label>/mean: a function's
+    name, a reward model's folder name, as TRL names them; unset: `name`). `keywords`: `function` is called as
+    TRL's GRPOTrainer calls a reward function, `function(prompts=..., completions=..., completion_ids=...,
+    **columns)`, with completions as TRL gives them (chat prompts: `[{"role": "assistant", "content": text}]`);
+    otherwise as `function(prompts, completion texts)`."""
 
-    function: RewardFunction
+    function: Callable[..., Any]
     name: str
+    keywords: bool = False
+    label: str | None = None
 
-    def __call__(self, prompts: Sequence[Text], completions: Sequence[str]) -> list[float | None]:
+    def __post_init__(self) -> None:
+        self.label = self.label or self.name
+
+    def __call__(self, prompts: Sequence[Text], completions: Sequence[str],
+                 completion_ids: Sequence[Sequence[int]] | None = None,
+                 columns: Columns | None = None) -> list[float | None]:
+        """One value or None per completion. `completion_ids` (the sampled token ids, EOS included) and `columns`
+        (one value per completion each) are given to a keyword-form function and ignored by the others."""
         if not completions:
             return []
         try:
-            values = self.function(prompts, completions)
+            if self.keywords:
+                values = self.function(prompts=list(prompts), completions=trl_completions(prompts, completions),
+                                       completion_ids=None if completion_ids is None else list(completion_ids),
+                                       **{key: list(value) for key, value in (columns or {}).items()})
+            else:
+                values = self.function(prompts, completions)
         except RewardError:
             raise
         except Exception as error:
@@ -96,9 +125,104 @@ class CheckedReward:
         return [reward_value(v, self.name, p, c) for v, p, c in zip(values, prompts, completions)]
 
 
-def checked(function: RewardFunction, name: str) -> CheckedReward:
+def trl_completions(prompts: Sequence[Text], completions: Sequence[str]) -> list:
+    """The completions as TRL's GRPOTrainer gives them to a reward function: after a chat prompt, the assistant's
+    message `[{"role": "assistant", "content": text}]`; after a text prompt, the text."""
+    return [[{"role": "assistant", "content": c}] if isinstance(p, list) else c for p, c in zip(prompts, completions)]
+
+
+def checked(function: Callable[..., Any], name: str) -> CheckedReward:
     """`function` checked on every call (a reward already checked is kept as it is)."""
-    return function if isinstance(function, CheckedReward) else CheckedReward(function, name)
+    return function if isinstance(function, (CheckedReward, Rewards)) else CheckedReward(function, name)
+
+
+def takes_keywords(function: Callable[..., Any]) -> bool:
+    """Whether `function` is a reward function of TRL's form, called with keywords (it names `prompts`,
+    `completions` or `completion_ids`, or takes **kwargs), rather than preftune's `f(prompt, completion)` on one
+    sample's texts."""
+    try:
+        parameters = inspect.signature(function).parameters.values()
+    except (TypeError, ValueError):  # a builtin without a signature: the two-argument form
+        return False
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD or p.name in ("prompts", "completions", "completion_ids")
+               for p in parameters)
+
+
+def callable_name(function: Callable[..., Any]) -> str:
+    """A function's name as TRL names its reward metrics (`get_callable_name`): a partial's function, a callable
+    object's class."""
+    while isinstance(function, functools.partial):
+        function = function.func
+    return getattr(function, "__name__", type(function).__name__)
+
+
+def user_function(function: Callable[..., Any], name: str) -> CheckedReward:
+    """A reward function a user wrote, checked: TRL's keyword form or the per-sample (prompt, completion) form,
+    decided by its signature (`takes_keywords`)."""
+    if takes_keywords(function):
+        return CheckedReward(function, name, keywords=True, label=callable_name(function))
+    return CheckedReward(per_sample(function, name), name, label=callable_name(function))
+
+
+def weighted_sum(per_function: Sequence[Sequence[float | None]], weights: Sequence[float]) -> list[float | None]:
+    """r = sum_i w_i r_i over the functions that judged the completion (TRL's nansum of the weighted rewards), None
+    where none did (TRL's unscorable row). (F lists of N values, F weights) -> N values."""
+    totals: list[float | None] = []
+    for values in zip(*per_function):
+        judged = [w * v for w, v in zip(weights, values) if v is not None]
+        totals.append(math.fsum(judged) if judged else None)
+    return totals
+
+
+def judged_mean_std(values: Sequence[float | None]) -> tuple[float, float]:
+    """Mean and standard deviation (n - 1, as TRL's nanstd) of the values that are not None: the logged
+    rewards/<function>/mean and /std; 0 where there are none (one value: std 0)."""
+    judged = [v for v in values if v is not None]
+    if not judged:
+        return 0.0, 0.0
+    return statistics.fmean(judged), statistics.stdev(judged) if len(judged) > 1 else 0.0
+
+
+@dataclass
+class Rewards:
+    """Several checked rewards with their weights (TRL's reward_funcs and reward_weights): a completion's reward is
+    the weighted sum of the functions' values that are not None (`weighted_sum`), None where every function
+    returned None. Called as one `CheckedReward` is; `each` gives every function's values."""
+
+    functions: list[CheckedReward]
+    weights: list[float] = field(default_factory=list)  # unset: 1 each
+
+    def __post_init__(self) -> None:
+        self.weights = list(self.weights) or [1.0] * len(self.functions)
+        if len(self.weights) != len(self.functions):
+            raise ValueError(f"{len(self.weights)} reward weights for {len(self.functions)} reward functions")
+
+    @property
+    def name(self) -> str:
+        return ",".join(f.name for f in self.functions)
+
+    @property
+    def labels(self) -> list[str]:
+        """The functions' metric names (rewards/<label>/mean), the second of a name as <label>_2 and so on."""
+        labels: list[str] = []
+        for f in self.functions:
+            label, n = f.label, 1
+            while label in labels:
+                n += 1
+                label = f"{f.label}_{n}"
+            labels.append(label)
+        return labels
+
+    def each(self, prompts: Sequence[Text], completions: Sequence[str],
+             completion_ids: Sequence[Sequence[int]] | None = None,
+             columns: Columns | None = None) -> list[list[float | None]]:
+        """Every function's values, (F lists of N)."""
+        return [f(prompts, completions, completion_ids, columns) for f in self.functions]
+
+    def __call__(self, prompts: Sequence[Text], completions: Sequence[str],
+                 completion_ids: Sequence[Sequence[int]] | None = None,
+                 columns: Columns | None = None) -> list[float | None]:
+        return weighted_sum(self.each(prompts, completions, completion_ids, columns), self.weights)
 
 
 def all_judged(values: Sequence[float | None], reward: Callable, prompts: Sequence[Text],
@@ -152,26 +276,40 @@ def sentiment_reward() -> RewardFunction:
     return lambda prompts, completions: [vader(c) for c in completions]
 
 
+def load_rewards(spec: str, weights: str | None = None, device: torch.device | str = "cpu",
+                 batch_size: int = 16) -> Rewards:
+    """--reward (one spec, or several comma-separated) with --reward-weights, each `load_reward`."""
+    try:
+        specs, values = parse_reward_list(spec, weights)
+    except ValueError as error:
+        raise UserError(str(error)) from None
+    return Rewards([load_reward(name, device, batch_size) for name in specs], values)
+
+
 def load_reward(spec: str, device: torch.device | str = "cpu", batch_size: int = 16) -> CheckedReward:
-    """'sentiment', 'module:function', or a reward model (scoring `batch_size` completions per forward), `checked`;
-    a bad spec is a UserError saying which it tried."""
-    return checked(unchecked_reward(spec, device, batch_size), spec)
-
-
-def unchecked_reward(spec: str, device: torch.device | str, batch_size: int = 16) -> RewardFunction:
+    """'sentiment', 'accuracy', 'format', 'module:function', or a reward model (scoring `batch_size` completions
+    per forward), `checked`; a bad spec is a UserError saying which it tried."""
     if spec == "sentiment":
-        return sentiment_reward()
+        return CheckedReward(sentiment_reward(), spec)
+    if spec in ("accuracy", "format"):
+        from preftune.forward import answers
+
+        return CheckedReward(getattr(answers, f"{spec}_reward"), spec, keywords=True)
     if ":" in spec and not Path(spec).exists():
-        module_name, _, function_name = spec.partition(":")
-        sys.path.insert(0, str(Path.cwd()))  # a module beside the user's data, as `python -m` would find it
-        try:
-            function = getattr(importlib.import_module(module_name), function_name)
-        except (ImportError, AttributeError) as error:
-            raise UserError(f"--reward {spec}: cannot import {function_name} from {module_name} ({error})") from None
-        finally:
-            sys.path.pop(0)
-        return per_sample(function, spec)
-    return reward_model(spec, device, batch_size)
+        return user_function(imported_function(spec), spec)
+    return CheckedReward(reward_model(spec, device, batch_size), spec, label=Path(spec.rstrip("/")).name)
+
+
+def imported_function(spec: str) -> Callable[..., Any]:
+    """The callable 'module:function' names (the module found beside the user's data too, as `python -m` would)."""
+    module_name, _, function_name = spec.partition(":")
+    sys.path.insert(0, str(Path.cwd()))
+    try:
+        return getattr(importlib.import_module(module_name), function_name)
+    except (ImportError, AttributeError) as error:
+        raise UserError(f"--reward {spec}: cannot import {function_name} from {module_name} ({error})") from None
+    finally:
+        sys.path.pop(0)
 
 
 def padding_id(model_pad_id: int | None, rows: Sequence[Sequence[int]]) -> int:
@@ -203,7 +341,8 @@ def reward_model(name: str, device: torch.device | str, batch_size: int = 16) ->
         model = AutoModelForSequenceClassification.from_pretrained(name).to(device).eval()
     except OSError as error:
         raise UserError(
-            f"--reward {name}: not 'sentiment', 'module:function' or a loadable reward model ({error})"
+            f"--reward {name}: not 'sentiment', 'accuracy', 'format', 'module:function' or a loadable reward model "
+            f"({error})"
         ) from None
     text_config = model.config.get_text_config()
     model_pad_id = text_config.pad_token_id

@@ -22,7 +22,8 @@ def evaluate(run: OnlineRun, on_evaluate: Callable[[OnlineRun, dict], None] | No
         measured = measure(run.models, run.tokenizer, [p.ids for p in run.eval_prompts],
                            num_samples=c.default_job.samples_per_eval_prompt, max_new_tokens=c.sample.max_new_tokens,
                            seed=c.train.seed + 7, sample_reference=False, reward=run.eval_reward,
-                           prompts=[p.given for p in run.eval_prompts])
+                           prompts=[p.given for p in run.eval_prompts],
+                           columns=[p.columns for p in run.eval_prompts])
     rewards = summarize(measured.policy_rewards, c.default_job.samples_per_eval_prompt)
     results = {"reward": rewards["mean"], "reward_stderr": rewards["stderr"], "kl": measured.kl.mean,
                "kl_stderr": measured.kl.stderr, "num_samples": measured.kl.num_samples}
@@ -44,7 +45,8 @@ def held_out_report(run: OnlineRun) -> dict[str, Any]:
         measured = measure(run.models, run.tokenizer, [p.ids for p in run.eval_prompts],
                            num_samples=per_prompt, max_new_tokens=c.sample.max_new_tokens,
                            seed=c.train.seed + 7, reward=run.eval_reward,
-                           prompts=[p.given for p in run.eval_prompts])
+                           prompts=[p.given for p in run.eval_prompts],
+                           columns=[p.columns for p in run.eval_prompts])
     policy = summarize(measured.policy_rewards, per_prompt)
     reference = summarize(measured.reference_rewards, per_prompt)
     gain = paired_gain(measured.policy_rewards, measured.reference_rewards, per_prompt)

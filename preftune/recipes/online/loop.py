@@ -20,7 +20,7 @@ from preftune.config import Config
 from preftune.data.prompts import Prompt, distinct_prompts, distinct_texts
 from preftune.errors import UserError
 from preftune.evaluation.measure import ModelPair
-from preftune.forward.rewards import RewardFunction
+from preftune.forward.rewards import RewardFunction, Rewards
 from preftune.objectives.policy_gradient import adaptive_kl_coef
 from preftune.recipes.online.held_out import evaluate, write_held_out_report
 from preftune.recipes.online.optimisation import optimise
@@ -37,7 +37,7 @@ from preftune.tasks.sources import prompt_sources
 
 def start(session: Session, *, tokenizer: PreTrainedTokenizerBase, model_source: str, model: torch.nn.Module,
           optimizer: torch.optim.Optimizer, scheduler: Any, objective: OnlineObjective, models: ModelPair,
-          reward: RewardFunction, eval_reward: RewardFunction, train_prompts: list[Prompt],
+          reward: Rewards, eval_reward: RewardFunction, train_prompts: list[Prompt],
           eval_prompts: list[Prompt]) -> OnlineRun:
     """The run, restored from its checkpoint when resuming."""
     c, group = session.config, session.group
@@ -133,20 +133,20 @@ ObjectiveMaker = Callable[[PreTrainedTokenizerBase], OnlineObjective]
 
 
 def setup(config: Config, command: str, make_objective: ObjectiveMaker, build_model: ModelBuilder | None = None,
-          reward: RewardFunction | None = None) -> OnlineRun:
+          reward: RewardFunction | Rewards | None = None) -> OnlineRun:
     """Check the prompts and the reward, open the run, load the policy and its reference, build the objective and
     the trained module, and start the run (`command`: the recipe's, named in the refusals before anything loads).
     `make_objective`: the recipe's objective, built complete once the tokenizer is loaded (its pad id) and never
     changed after. `build_model`: the policy with whatever the recipe trains beside it (unset: the policy alone).
-    `reward`: a callable given in memory (the Python API) in place of --reward."""
+    `reward`: a callable, or `Rewards` (the Python API's reward_funcs), given in memory in place of --reward."""
     from preftune.evaluation.measure import reference_pair
-    from preftune.forward.rewards import checked, load_reward
+    from preftune.forward.rewards import checked, load_reward, load_rewards
     from preftune.models.load import load_policy_and_reference
     from preftune.runtime.accelerator import process_state
     from preftune.runtime.session import open_session, prepare_training
 
     c = config
-    train_texts, eval_texts = prompt_sources(c)
+    train_texts, eval_texts = prompt_sources(c, command)
     if build_model is not None and fsdp_requested():
         # FSDP gathers a module's weights in its own forward: the policy and the critic would be sharded as one
         # module, and sampling and the critic's values call each of them alone, outside that forward
@@ -159,9 +159,11 @@ def setup(config: Config, command: str, make_objective: ObjectiveMaker, build_mo
     group = session.group
     if reward is None:
         # a bad --reward fails before the policy loads
-        reward = load_reward(c.sample.reward, group.device, c.rl.local_rollout_forward_batch_size)
+        reward = load_rewards(c.sample.reward, c.sample.reward_weights, group.device,
+                              c.rl.local_rollout_forward_batch_size)
     reward = checked(reward, c.sample.reward)
-    eval_reward = reward
+    rewards = reward if isinstance(reward, Rewards) else Rewards([reward])
+    eval_reward = rewards
     if c.sample.eval_reward not in (None, c.sample.reward):
         eval_reward = load_reward(c.sample.eval_reward, group.device, c.rl.local_rollout_forward_batch_size)
     policy, reference, tokenizer, source = load_policy_and_reference(c.model)
@@ -176,7 +178,7 @@ def setup(config: Config, command: str, make_objective: ObjectiveMaker, build_mo
         reference = group.place_frozen(reference)
     models = reference_pair(objective.policy_of(group.unwrap(prepared)), reference, c.model, group.place_frozen)
     return start(session, tokenizer=tokenizer, model_source=source, model=prepared, optimizer=optimizer,
-                 scheduler=scheduler, objective=objective, models=models, reward=reward, eval_reward=eval_reward,
+                 scheduler=scheduler, objective=objective, models=models, reward=rewards, eval_reward=eval_reward,
                  train_prompts=train_prompts, eval_prompts=eval_prompts)
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from preftune.forward.rewards import RewardError
+from preftune.data.prompts import columns_of
+from preftune.forward.rewards import Columns, RewardError
 from preftune.forward.rollout import Sample, completion_mask, in_micro_batches, sample, sampled_token_logps, token_logps
 from preftune.objectives.policy_gradient import masked_mean
 from preftune.recipes.online.schedule import sample_seeds
@@ -41,18 +42,40 @@ def collect(run: OnlineRun, positions: list[int]) -> Rollout:
             with models.reference_model() as reference:
                 ref_logps = in_micro_batches(lambda part: token_logps(reference, part, pad, width, device, layout),
                                              samples, size)
-    raw, judged = judged_rewards(run, [prompts[s.prompt_index].given for s in samples], [s.text for s in samples])
+    indices = [s.prompt_index for s in samples]
+    per_func = reward_values(run, [prompts[i].given for i in indices], [s.text for s in samples],
+                             [s.completion_ids for s in samples], columns_of(prompts, indices))
+    raw, judged = combined_rewards(per_func, run.reward.weights)
     scores = missing_eos_penalized(raw, samples, run.tokenizer.eos_token_id, r.missing_eos_penalty)
     mask = completion_mask(samples, width).to(device)
-    return Rollout(samples, mask, logps.float(), ref_logps.float(), scores, raw, judged)
+    return Rollout(samples, mask, logps.float(), ref_logps.float(), scores, raw, judged,
+                   rewards_per_func=dict(zip(run.reward.labels, per_func.unbind(1))))
 
 
-def judged_rewards(run: OnlineRun, prompts: list, completions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The reward of each completion (0 where the reward returned None, cannot judge) and which it judged, (B,)
-    each. A failing reward (`rewards.RewardError`) stops the run before this step's update, naming the last
-    checkpoint to resume from."""
+def judged_rewards(run: OnlineRun, prompts: list, completions: list[str], completion_ids: list[list[int]] | None = None,
+                   columns: Columns | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reward of each completion (the weighted sum of the reward functions that judged it; 0 where none did,
+    cannot judge) and which it judged, (B,) each (`reward_values`, `combined_rewards`)."""
+    per_func = reward_values(run, prompts, completions, completion_ids, columns)
+    return combined_rewards(per_func, run.reward.weights)
+
+
+def combined_rewards(per_func: torch.Tensor, weights: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """TRL's combination of reward functions: r = nansum_i(w_i r_i) over each completion's (B, F) values, NaN
+    where function i returned None; judged where at least one function did (TRL's unscorable rows are the
+    others). Returns (r with 0 where not judged, judged), (B,) each."""
+    judged = ~torch.isnan(per_func).all(1)
+    weighted = (per_func * torch.tensor(weights, dtype=per_func.dtype, device=per_func.device)).nansum(1)
+    return torch.where(judged, weighted, 0.0), judged
+
+
+def reward_values(run: OnlineRun, prompts: list, completions: list[str], completion_ids: list[list[int]] | None = None,
+                  columns: Columns | None = None) -> torch.Tensor:
+    """Every reward function's value of each completion, (B, F), NaN where one returned None (TRL's
+    rewards_per_func). `columns`: the prompts' other columns, one value per completion. A failing reward
+    (`rewards.RewardError`) stops the run before this step's update, naming the last checkpoint to resume from."""
     try:
-        values = run.reward(prompts, completions)
+        values = run.reward.each(prompts, completions, completion_ids, columns)
     except RewardError as error:
         path = latest_checkpoint(run.folder, warn=False)
         resume = ("No checkpoint was written yet: a new run starts from the beginning." if path is None else
@@ -60,9 +83,9 @@ def judged_rewards(run: OnlineRun, prompts: list, completions: list[str]) -> tup
                   f"{run.objective.command} --config {run.folder / CONFIG_FILE} --resume")
         raise RewardError(f"stopped at step {run.state.step} of {run.total_steps}, in step {run.state.step + 1}'s "
                           f"rollout: {error}\n\n{resume}") from None
-    judged = torch.tensor([v is not None for v in values], device=run.group.device)
-    raw = torch.tensor([0.0 if v is None else v for v in values], dtype=torch.float32, device=run.group.device)
-    return raw, judged
+    nan = float("nan")
+    return torch.tensor([[nan if v is None else v for v in function_values] for function_values in values],
+                        dtype=torch.float32, device=run.group.device).reshape(len(values), len(completions)).T
 
 
 def missing_eos_penalized(scores: torch.Tensor, samples: list[Sample], eos_token_id: int | None,
@@ -77,7 +100,8 @@ def missing_eos_penalized(scores: torch.Tensor, samples: list[Sample], eos_token
 
 
 def rollout_metrics(rollout: Rollout, kl_coef: float) -> dict[str, float]:
-    """The names TRL's PPO logs: objective/kl (sum over tokens of log pi - log pi_ref, mean over completions),
+    """The names TRL's PPO logs (and each reward function's rewards/<function>/mean and /std, as TRL's GRPO):
+    objective/kl (sum over tokens of log pi - log pi_ref, mean over completions),
     objective/entropy (sum of -log pi of the sampled tokens), objective/non_score_reward, objective/rlhf_reward,
     objective/scores (the reward less the missing-EOS penalty, as in objective/rlhf_reward); and the completions'
     mean length. The reward's two are means over the samples it judged (0 if none), objective/unjudged_fraction
@@ -94,4 +118,16 @@ def rollout_metrics(rollout: Rollout, kl_coef: float) -> dict[str, float]:
         "objective/scores": masked_mean(rollout.scores, judged).item(),
         "objective/unjudged_fraction": 1.0 - judged.mean().item(),
         "completions/mean_length": lengths.mean().item(),
+        **reward_function_metrics(rollout.rewards_per_func),
     }
+
+
+def reward_function_metrics(rewards_per_func: dict[str, torch.Tensor]) -> dict[str, float]:
+    """rewards/<function>/mean and rewards/<function>/std of each reward function's values (B,) over the samples
+    it judged (TRL's nanmean and nanstd, n - 1); 0 where it judged none (std: fewer than two)."""
+    metrics = {}
+    for label, values in rewards_per_func.items():
+        judged = values[~torch.isnan(values)]
+        metrics[f"rewards/{label}/mean"] = judged.mean().item() if judged.numel() else 0.0
+        metrics[f"rewards/{label}/std"] = judged.std().item() if judged.numel() > 1 else 0.0
+    return metrics

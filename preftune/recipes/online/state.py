@@ -14,7 +14,7 @@ from transformers import PreTrainedTokenizerBase
 from preftune.config import Config
 from preftune.data.prompts import Prompt
 from preftune.evaluation.measure import ModelPair
-from preftune.forward.rewards import RewardFunction
+from preftune.forward.rewards import RewardFunction, Rewards
 from preftune.forward.rollout import Sample
 from preftune.runtime.logging import MetricLogger
 from preftune.runtime.processes import ProcessGroup
@@ -34,6 +34,9 @@ class Rollout:
     judged: torch.Tensor | None = None  # (B,) bool: the reward judged the sample (unset: all); a sample it could
     # not judge (None) contributes no loss and no reward statistics
     extras: dict[str, torch.Tensor] = field(default_factory=dict)  # the objective's: values, advantages, returns
+    # (B,) each reward function's values by its label (rewards/<label>/*), NaN where it returned None (as TRL's
+    # rewards_per_func); `scores` holds their weighted sum
+    rewards_per_func: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.judged is None:
@@ -42,7 +45,8 @@ class Rollout:
     def rows(self, index: torch.Tensor) -> Rollout:
         picked = [self.samples[i] for i in index.tolist()]
         return Rollout(picked, self.mask[index], self.logps[index], self.ref_logps[index], self.scores[index],
-                       self.raw_scores[index], self.judged[index], {k: v[index] for k, v in self.extras.items()})
+                       self.raw_scores[index], self.judged[index], {k: v[index] for k, v in self.extras.items()},
+                       {k: v[index] for k, v in self.rewards_per_func.items()})
 
     @property
     def width(self) -> int:
@@ -127,7 +131,7 @@ class OnlineRun:
     trainable: list[torch.nn.Parameter]
     objective: OnlineObjective
     models: ModelPair  # the unwrapped policy and its reference (rollouts, measurement, report)
-    reward: RewardFunction  # what the policy is trained to maximise
+    reward: Rewards  # what the policy is trained to maximise: the --reward functions and their weights
     reward_name: str
     eval_reward: RewardFunction  # what the held-out measurement reports (the ground truth)
     eval_reward_name: str
