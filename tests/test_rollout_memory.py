@@ -229,7 +229,7 @@ def rss_mb():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * 4096 / 2**20
 
-large = torch.ones(8 << 20)  # 32 MiB: its own mmap; freed, glibc's threshold rises to 32 MiB
+large = torch.ones(4 << 20)  # 16 MiB: its own mmap; freed, glibc's threshold rises to its size (at most 32 MiB)
 del large
 blocks = [torch.ones(1 << 20) for _ in range(64)]  # 64 x 4 MiB from the heap
 kept = torch.ones(1 << 10)  # above them in the heap: they are not at its top, which glibc trims by itself
@@ -243,18 +243,17 @@ print(before - freed, before - rss_mb())
 
 
 @pytest.mark.skipif(glibc() is None, reason="glibc's allocator only")
-@pytest.mark.parametrize("release", [True, False])
-def test_release_freed_memory_gives_the_heaps_free_blocks_back(release, monkeypatch):
+def test_release_freed_memory_gives_the_heaps_free_blocks_back(monkeypatch):
     """256 MiB of tensors freed inside glibc's heap stay resident; `release_freed_memory` gives them back. (In a
     process of its own: the heap is the process's.)"""
     monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
     monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
-    result = subprocess.run([sys.executable, "-c", FREED_MEMORY_PROBE, "release" if release else "keep"],
+    result = subprocess.run([sys.executable, "-c", FREED_MEMORY_PROBE, "release"],
                             capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
     assert result.returncode == 0, result.stderr[-2000:]
     on_free, after = (float(n) for n in result.stdout.split())
     assert on_free < 32  # freeing alone gives (almost) nothing back
-    assert after > 200 if release else after < 32
+    assert after > 200
 
 
 def test_each_loss_term_starts_after_the_freed_memory_is_released(policy, monkeypatch):
