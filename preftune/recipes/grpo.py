@@ -20,6 +20,7 @@ per_device_train_batch_size batch: --local-rollout-forward-batch-size changes it
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -155,6 +156,10 @@ class GRPOObjective:
                 metrics["cispo_clip_ratio"] = masked_token_mean(
                     ((weights > params.epsilon_high) & (advantages > 0)).float(), mask)
         return loss, {"loss": loss.detach(), **metrics}
+
+    def loss_terms(self, model: torch.nn.Module, minibatch: Rollout,
+                   on_policy: bool = False) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+        yield self.loss(model, minibatch, on_policy)  # one forward: one term
 
     def loss_count(self, minibatch: Rollout) -> float:
         """bnpo: the minibatch's loss tokens (its loss is their mean); the others: its completions."""
