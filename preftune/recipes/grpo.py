@@ -142,7 +142,9 @@ class GRPOObjective:
             per_token = per_token * kept
         metrics = {"entropy": masked_token_mean(entropies, mask)}
         if c.loss.beta != 0:
-            kl = k3_kl(logps, minibatch.ref_logps)
+            # times the importance weight: TRL 1.16's default use_bias_correction_kl (DeepSeek-V3.2), the KL's
+            # gradient the unbiased reverse-KL gradient off-policy (w = 1 on-policy, yet its gradient is not 0)
+            kl = k3_kl(logps, minibatch.ref_logps) * weights
             per_token = per_token + c.loss.beta * kl
             metrics["kl"] = masked_token_mean(kl.detach(), mask)
         row_tokens = (float(c.sample.max_new_tokens) if spec.denominator == "max_length"
@@ -150,7 +152,9 @@ class GRPOObjective:
         loss = reduce_tokens(per_token, mask, spec.normaliser, row_tokens)
         with torch.no_grad():
             if spec.clipped:
-                for name, clipped in clip_ratios(weights, advantages, params).items():
+                # TRL measures the clip on the weight after --delta's cap
+                capped = weights if params.delta is None else weights.clamp(max=params.delta)
+                for name, clipped in clip_ratios(capped, advantages, params).items():
                     metrics[f"clip_ratio/{name}_mean"] = masked_token_mean(clipped.float(), mask)
             elif c.loss.loss_type == "cispo":
                 metrics["cispo_clip_ratio"] = masked_token_mean(
