@@ -215,7 +215,9 @@ def worker_preftune(args: argparse.Namespace) -> None:
     from preftune.recipes import grpo, online
 
     setup_started = time.perf_counter()
-    argv = ["grpo", "--model", args.model, "--output-dir", str(args.work_dir / "preftune-out"), "--overwrite",
+    # --task sentiment: the default job's prompts, TRL's side's (grpo's own built-in task is arithmetic)
+    argv = ["grpo", "--task", "sentiment", "--model", args.model, "--output-dir", str(args.work_dir / "preftune-out"),
+            "--overwrite",
             "--max-steps", str(args.steps), "--rollout-batch-size", str(args.prompts_per_step), "--num-generations",
             str(args.num_generations), "--num-iterations", "1", "--num-mini-batches", "1", "--max-new-tokens",
             str(args.max_new_tokens), "--learning-rate", str(LEARNING_RATE), "--lr-scheduler-type", "linear",

@@ -318,16 +318,18 @@ def test_the_minibatch_before_the_first_update_has_ratio_exactly_1_under_bf16(tm
                     "--rollout-batch-size", "4", "--num-generations", "4", "--num-ppo-epochs", "2",
                     "--num-mini-batches", "2", "--max-new-tokens", "12", *LENGTH_REWARD)
     run = (ppo if command == "ppo" else rloo).setup(build_config(build_parser().parse_args(argv)))
-    metrics, loss = [], run.objective.loss
+    metrics, loss_terms = [], run.objective.loss_terms
 
-    def recorded(*args, **kwargs):
-        result = loss(*args, **kwargs)
-        metrics.append({name: value.item() for name, value in result[1].items()})
-        return result
+    def recorded(*args, **kwargs):  # the policy term's metrics of each minibatch (PPO's critic term comes apart)
+        for term in loss_terms(*args, **kwargs):
+            values = {name: value.item() for name, value in term[1].items()}
+            if "policy/ratio" in values:
+                metrics.append(values)
+            yield term
 
     try:
         assert run.group.accelerator.mixed_precision == "bf16"
-        run.objective.loss = recorded
+        run.objective.loss_terms = recorded
         rollout = online.collect(run, online.step_positions(run))
         run.objective.score(run, rollout)
         online.optimise(run, rollout)
