@@ -115,3 +115,21 @@ def test_bench_rollout_memory_smoke_measures_one_step_per_rollout_size(tmp_path)
         assert 0 < measured["completion_tokens"] <= int(samples) * 4
         assert measured["step_peak_rss_gb"] >= measured["setup_peak_rss_gb"] > 0 and measured["step_seconds"] > 0
     assert report["step_peak_spread"] >= 0
+
+
+def test_bench_rollout_memory_ppo_smoke_measures_full_and_lora_ppo(tmp_path):
+    output = tmp_path / "ppo-memory.json"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_rollout_memory.py"), "--ppo", "--smoke", "--output",
+         str(output)],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    assert json.loads(output.read_text()) == report
+    assert report["settings"]["recipe"] == "ppo" and report["machine"]["matmul_fp32_gflops"] > 0
+    for side in ("full", "lora"):
+        measured = report["ppo"][side]
+        assert measured["rollouts"] == 2 and len(measured["seconds_per_rollout"]) == 1
+        assert measured["peak_rss_gb"] > 0 and measured["seconds_per_rollout"][0] > 0
+    assert report["lora_over_full_peak_rss"] > 0

@@ -203,7 +203,8 @@ def brute_force_loss(logps, old, ref, advantages, mask, loss_type, level, beta, 
                 capped = w if params.delta is None else min(w, params.delta)
                 value = -min(capped * a, clipped * a)
             if beta:
-                value += beta * (math.exp(ref[i][t] - logps[i][t]) - (ref[i][t] - logps[i][t]) - 1)
+                # use_bias_correction_kl (TRL's default): the k3 KL times the importance weight
+                value += beta * (math.exp(ref[i][t] - logps[i][t]) - (ref[i][t] - logps[i][t]) - 1) * w
             row.append(value * mask[i][t])
         losses.append(row)
     if loss_type in ("grpo", "sapo"):

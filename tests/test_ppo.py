@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import shutil
 
+import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
@@ -18,13 +19,13 @@ from tests.test_online import LENGTH_REWARD, args_for, files, rows_of  # noqa: F
 LORA = ("--lora", "--lora-r", "4")
 
 
-def ppo_run(tmp_path, model_dir, files, *extra):  # noqa: F811
+def ppo_run(tmp_path, model_dir, files, *extra, lora: bool = True):  # noqa: F811
     from preftune.cli import build_config, build_parser
     from preftune.recipes import ppo
 
     argv = args_for("ppo", model_dir, files, tmp_path / "run", "--num-ppo-epochs", "1", "--max-steps", "1",
-                    "--rollout-batch-size", "4", "--num-generations", "2", "--warmup-ratio", "0", *LORA,
-                    *LENGTH_REWARD, *extra)
+                    "--rollout-batch-size", "4", "--num-generations", "2", "--warmup-ratio", "0",
+                    *(LORA if lora else ()), *LENGTH_REWARD, *extra)
     return ppo.setup(build_config(build_parser().parse_args(argv)))
 
 
@@ -234,3 +235,144 @@ def test_value_model_a_lora_reward_model_on_another_base_is_refused(tmp_path, ti
     assert main(args_for("ppo", tiny_model_dir, files, out, "--value-model", str(reward_dir), *LORA,
                          *LENGTH_REWARD)) == 2
     assert "not on the policy's base" in capsys.readouterr().err
+
+
+class SavedBytes:
+    """The bytes autograd holds for backward (`torch.autograd.graph.saved_tensors_hooks`), live and at their peak:
+    each storage counted once however many saved tensors view it (a weight the policy's and the critic's forwards
+    both save counts once), released when the graph that saved it is freed."""
+
+    def __init__(self) -> None:
+        self.holders: dict[int, int] = {}  # storage pointer -> saved tensors holding it
+        self.sizes: dict[int, int] = {}
+        self.live = self.peak = 0
+
+    def pack(self, tensor: torch.Tensor) -> object:
+        return SavedBytes.Held(self, tensor)
+
+    @staticmethod
+    def unpack(held: SavedBytes.Held) -> torch.Tensor:
+        return held.tensor
+
+    class Held:
+        def __init__(self, counter: SavedBytes, tensor: torch.Tensor) -> None:
+            self.counter, self.tensor = counter, tensor
+            storage = tensor.untyped_storage()
+            self.key = storage.data_ptr()
+            if counter.holders.get(self.key, 0) == 0:
+                counter.sizes[self.key] = storage.nbytes()
+                counter.live += storage.nbytes()
+                counter.peak = max(counter.peak, counter.live)
+            counter.holders[self.key] = counter.holders.get(self.key, 0) + 1
+
+        def __del__(self) -> None:
+            self.counter.holders[self.key] -= 1
+            if self.counter.holders[self.key] == 0:
+                self.counter.live -= self.counter.sizes[self.key]
+
+
+def peak_saved_bytes(compute) -> int:
+    """The peak of `SavedBytes` while `compute()` runs (its forwards and backwards)."""
+    counter = SavedBytes()
+    with torch.autograd.graph.saved_tensors_hooks(counter.pack, SavedBytes.unpack):
+        compute()
+    assert counter.live == 0  # every graph was freed by its backward
+    return counter.peak
+
+
+def scored_rollout(run):
+    from preftune.recipes import online
+
+    rollout = online.collect(run, online.step_positions(run))
+    run.objective.score(run, rollout)
+    return rollout
+
+
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+def test_a_minibatch_holds_the_actors_or_the_critics_activations_never_both(tmp_path, tiny_model_dir, files,  # noqa: F811
+                                                                             lora):
+    """The loss's backward is taken in two terms, the policy's and then the critic's, the critic's forward running
+    after the policy's graph is freed: what autograd holds at its peak is the larger of the two forwards', not
+    their sum (measured alone: each forward's own, summed and backpropagated)."""
+    from preftune.forward.rollout import token_logps
+    from preftune.recipes import online
+    from preftune.recipes.ppo import token_values
+
+    run = ppo_run(tmp_path, tiny_model_dir, files, lora=lora)
+    try:
+        rollout = scored_rollout(run)
+        trained, pad, width = run.group.unwrap(run.model), run.tokenizer.pad_token_id, rollout.width
+        layout = run.config.train.batch_layout
+        alone = {
+            "policy": peak_saved_bytes(lambda: token_logps(trained.policy, rollout.samples, pad, width, "cpu",
+                                                           layout).sum().backward()),
+            "critic": peak_saved_bytes(lambda: token_values(trained.critic, rollout.samples, pad, width,
+                                                            layout).sum().backward()),
+        }
+        run.model.zero_grad(set_to_none=True)
+        minibatch = peak_saved_bytes(lambda: online.accumulate_gradients(
+            run.objective, run.model, rollout, len(rollout.samples), run.group.accelerator, on_policy=True))
+        assert min(alone.values()) > 0
+        # the losses' own saved tensors are (B, T): a few hundred bytes here
+        assert minibatch <= max(alone.values()) + 0.25 * min(alone.values()), (minibatch, alone)
+    finally:
+        online.cleanup(run)
+
+
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+def test_the_two_terms_gradients_add_up_to_the_joint_losss(tmp_path, tiny_model_dir, files, lora):  # noqa: F811
+    """accumulate_gradients' two backwards (policy term, then vf_coef x value term) give the gradients, loss and
+    metrics of one backward of the joint loss (policy + vf_coef x value), off-policy (after an update) and
+    on-policy."""
+    from preftune.recipes import online
+
+    run = ppo_run(tmp_path, tiny_model_dir, files, lora=lora)
+    try:
+        rollout = scored_rollout(run)
+        rollout.logps = rollout.logps - 0.1 * torch.rand_like(rollout.logps) * rollout.mask  # ratios not all 1
+        for on_policy in (False, True):
+            run.model.zero_grad(set_to_none=True)
+            loss, metrics = run.objective.loss(run.model, rollout, on_policy=on_policy)
+            loss.backward()
+            joint = {n: p.grad.clone() for n, p in run.model.named_parameters() if p.grad is not None}
+            run.model.zero_grad(set_to_none=True)
+            value, split_metrics = online.accumulate_gradients(run.objective, run.model, rollout,
+                                                               len(rollout.samples), run.group.accelerator,
+                                                               on_policy=on_policy)
+            split = {n: p.grad.clone() for n, p in run.model.named_parameters() if p.grad is not None}
+            assert split.keys() == joint.keys() and any(".critic" in n or "critic." in n for n in split)
+            for name in joint:
+                torch.testing.assert_close(split[name], joint[name], rtol=1e-5, atol=1e-7, msg=name)
+            assert value == pytest.approx(loss.item(), rel=1e-6)
+            assert split_metrics == pytest.approx({k: float(v) for k, v in metrics.items()}, rel=1e-6)
+    finally:
+        online.cleanup(run)
+
+
+def test_under_ddp_the_loss_is_one_term(tmp_path, tiny_model_dir, files):  # noqa: F811
+    """A DDP-wrapped actor-critic takes one backward per forward: there the loss is the joint one, a single term
+    (two backwards of one DDP forward would leave the critic's gradients unreduced and fail the next forward);
+    its gradients equal the two terms' without DDP."""
+    import torch.distributed as dist
+
+    from preftune.recipes import online
+
+    run = ppo_run(tmp_path, tiny_model_dir, files)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        rollout = scored_rollout(run)
+        trained = run.group.unwrap(run.model)
+        wrapped = torch.nn.parallel.DistributedDataParallel(trained)
+        assert len(list(run.objective.loss_terms(wrapped, rollout))) == 1
+        assert len(list(run.objective.loss_terms(trained, rollout))) == 2
+        grads = []
+        for model in (wrapped, trained, wrapped):  # a DDP forward after a DDP backward: its reduction finished
+            model.zero_grad(set_to_none=True)
+            online.accumulate_gradients(run.objective, model, rollout, len(rollout.samples),
+                                        run.group.accelerator, on_policy=True)
+            grads.append({n: p.grad.clone() for n, p in trained.named_parameters() if p.grad is not None})
+        for name in grads[1]:
+            torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-7, msg=name)
+    finally:
+        dist.destroy_process_group()
+        online.cleanup(run)

@@ -6,6 +6,9 @@ the whole minibatch's."""
 from __future__ import annotations
 
 import contextlib
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +21,7 @@ from preftune.forward.rollout import Sample, completion_mask, token_logps
 from preftune.recipes import online, ppo, rloo
 from preftune.recipes.online import Rollout, accumulate_gradients, micro_batches
 from preftune.recipes.online_dpo import OnlineDPOObjective
+from preftune.runtime.memory import glibc
 from tests.conftest import PAIRS, write_jsonl
 
 
@@ -154,6 +158,13 @@ def test_rloo_loss_in_micro_batches_has_the_whole_minibatchs_gradient(policy):
 
 def test_ppo_loss_in_micro_batches_has_the_whole_minibatchs_gradient(policy):
     """PPO's losses are means over the minibatch's tokens: micro-batches of uneven token counts weigh their share."""
+    model, minibatch = ppo_model_and_minibatch(policy)
+    assert_same_step(ppo.PPOObjective(Config()), model, minibatch, 3)
+
+
+def ppo_model_and_minibatch(policy) -> tuple[ppo.PolicyAndValue, Rollout]:
+    """`policy` with a tiny critic, and a minibatch of `LENGTHS` with log pi_old, values, advantages and returns
+    around the model's own."""
     generator = torch.Generator().manual_seed(1)
     torch.manual_seed(0)
     critic = LlamaForSequenceClassification(LlamaConfig(
@@ -169,7 +180,7 @@ def test_ppo_loss_in_micro_batches_has_the_whole_minibatchs_gradient(policy):
                             advantages=torch.randn(mask.shape, generator=generator) * mask,
                             returns=torch.randn(mask.shape, generator=generator) * mask)
     minibatch.judged = torch.arange(8) != 2  # a sample the reward could not judge: its tokens are in no mean
-    assert_same_step(ppo.PPOObjective(Config()), model, minibatch, 3)
+    return model, minibatch
 
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo,hinge"])
@@ -207,3 +218,53 @@ def test_local_rollout_forward_batch_size_below_1_exits_2_before_loading(tmp_pat
     assert code == 2
     assert "--local-rollout-forward-batch-size must be >= 1" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+
+FREED_MEMORY_PROBE = """
+import sys, torch
+from preftune.runtime.memory import release_freed_memory
+
+def rss_mb():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096 / 2**20
+
+large = torch.ones(4 << 20)  # 16 MiB: its own mmap; freed, glibc's threshold rises to its size (at most 32 MiB)
+del large
+blocks = [torch.ones(1 << 20) for _ in range(64)]  # 64 x 4 MiB from the heap
+kept = torch.ones(1 << 10)  # above them in the heap: they are not at its top, which glibc trims by itself
+before = rss_mb()
+del blocks
+freed = rss_mb()
+if sys.argv[1] == "release":
+    assert release_freed_memory()
+print(before - freed, before - rss_mb())
+"""
+
+
+@pytest.mark.skipif(glibc() is None, reason="glibc's allocator only")
+def test_release_freed_memory_gives_the_heaps_free_blocks_back(monkeypatch):
+    """256 MiB of tensors freed inside glibc's heap stay resident; `release_freed_memory` gives them back. (In a
+    process of its own: the heap is the process's.)"""
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
+    result = subprocess.run([sys.executable, "-c", FREED_MEMORY_PROBE, "release"],
+                            capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 0, result.stderr[-2000:]
+    on_free, after = (float(n) for n in result.stdout.split())
+    assert on_free < 32  # freeing alone gives (almost) nothing back
+    assert after > 200
+
+
+def test_each_loss_term_starts_after_the_freed_memory_is_released(policy, monkeypatch):
+    """`accumulate_gradients` releases the C heap's free blocks before each loss term's forward (PPO: two terms per
+    micro-batch)."""
+    from preftune.recipes.online import optimisation
+
+    calls = []
+    monkeypatch.setattr(optimisation, "release_freed_memory", lambda: calls.append("released"))
+    model, minibatch = ppo_model_and_minibatch(policy)
+    objective = ppo.PPOObjective(Config())
+    accumulate_gradients(objective, model, minibatch, 3, OneProcess())
+    # each micro-batch: before the policy's term, before the critic's, and after its backward
+    assert len(calls) == 3 * len(micro_batches(objective, minibatch, 3)) > 3

@@ -20,6 +20,7 @@ per_device_train_batch_size batch: --local-rollout-forward-batch-size changes it
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -141,7 +142,9 @@ class GRPOObjective:
             per_token = per_token * kept
         metrics = {"entropy": masked_token_mean(entropies, mask)}
         if c.loss.beta != 0:
-            kl = k3_kl(logps, minibatch.ref_logps)
+            # times the importance weight: TRL 1.16's default use_bias_correction_kl (DeepSeek-V3.2), the KL's
+            # gradient the unbiased reverse-KL gradient off-policy (w = 1 on-policy, yet its gradient is not 0)
+            kl = k3_kl(logps, minibatch.ref_logps) * weights
             per_token = per_token + c.loss.beta * kl
             metrics["kl"] = masked_token_mean(kl.detach(), mask)
         row_tokens = (float(c.sample.max_new_tokens) if spec.denominator == "max_length"
@@ -149,12 +152,18 @@ class GRPOObjective:
         loss = reduce_tokens(per_token, mask, spec.normaliser, row_tokens)
         with torch.no_grad():
             if spec.clipped:
-                for name, clipped in clip_ratios(weights, advantages, params).items():
+                # TRL measures the clip on the weight after --delta's cap
+                capped = weights if params.delta is None else weights.clamp(max=params.delta)
+                for name, clipped in clip_ratios(capped, advantages, params).items():
                     metrics[f"clip_ratio/{name}_mean"] = masked_token_mean(clipped.float(), mask)
             elif c.loss.loss_type == "cispo":
                 metrics["cispo_clip_ratio"] = masked_token_mean(
                     ((weights > params.epsilon_high) & (advantages > 0)).float(), mask)
         return loss, {"loss": loss.detach(), **metrics}
+
+    def loss_terms(self, model: torch.nn.Module, minibatch: Rollout,
+                   on_policy: bool = False) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+        yield self.loss(model, minibatch, on_policy)  # one forward: one term
 
     def loss_count(self, minibatch: Rollout) -> float:
         """bnpo: the minibatch's loss tokens (its loss is their mean); the others: its completions."""

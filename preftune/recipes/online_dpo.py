@@ -14,6 +14,7 @@ and the reference moved to the policy after each round (--sync-ref-model, TR-DPO
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -111,6 +112,9 @@ class OnlineDPOObjective:
                       "rewards/accuracies": mean((margins > 0).float()),
                       "logps/chosen": mean(policy.chosen.detach()), "logps/rejected": mean(policy.rejected.detach())}
 
+    def loss_terms(self, model: torch.nn.Module, minibatch: Rollout,
+                   on_policy: bool = False) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+        yield self.loss(model, minibatch, on_policy)  # one forward: one term
 
     def loss_count(self, minibatch: Rollout) -> float:
         return minibatch.extras["decided"][0::2].sum().item()

@@ -4,7 +4,9 @@
 Per rollout (the loop is `online.train`, shared with RLOO): sample completions from the policy, score them with the
 reward, per-token reward r_t = -kl_coef (log pi - log pi_ref) with the score added at the last token, values from
 the critic, GAE advantages (whitened) and returns; then `num_ppo_epochs` passes of `num_mini_batches` minibatches
-of the clipped surrogate plus vf_coef times the clipped value loss. The math is in objectives/policy_gradient.py.
+of the clipped surrogate plus vf_coef times the clipped value loss, whose backward is taken in two terms (the
+policy's, then the critic's), so that the two forwards' activations are never held together. The math is in
+objectives/policy_gradient.py.
 
 Full training holds the policy, the critic (a second backbone) and the reference; --lora holds one base model: the
 actor and the critic are two adapters on it (the critic's value head beside its adapter) and the reference is the
@@ -96,7 +98,8 @@ def token_values(critic: torch.nn.Module, samples: list[Sample], pad_token_id: i
 class PolicyAndValue(torch.nn.Module):
     """The actor and the critic as one module: one optimizer, one accelerate prepare (DDP averages both), one
     checkpoint. Its forward gives both per-token outputs of a minibatch (under --lora: two forwards of the shared
-    base, one per adapter, so one backward of their joint loss reaches both adapters)."""
+    base, one per adapter); `policy_logps` and `values` give one each, for the loss's two terms
+    (`PPOObjective.loss_terms`: the policy's backward is taken before the critic's forward)."""
 
     def __init__(self, policy: torch.nn.Module, critic: torch.nn.Module, pad_token_id: int,
                  layout: str = "padded") -> None:
@@ -104,9 +107,16 @@ class PolicyAndValue(torch.nn.Module):
         self.policy, self.critic, self.pad_token_id, self.layout = policy, critic, pad_token_id, layout
 
     def forward(self, samples: list[Sample], width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.policy_logps(samples, width), self.values(samples, width)
+
+    def policy_logps(self, samples: list[Sample], width: int) -> torch.Tensor:
+        """log pi(y_t) of each completion token, (B, width), with gradients."""
         device = next(self.policy.parameters()).device
-        logps = token_logps(self.policy, samples, self.pad_token_id, width, device, self.layout)
-        return logps, token_values(self.critic, samples, self.pad_token_id, width, self.layout)
+        return token_logps(self.policy, samples, self.pad_token_id, width, device, self.layout)
+
+    def values(self, samples: list[Sample], width: int) -> torch.Tensor:
+        """The critic's V(s_t) before each completion token, (B, width), with gradients."""
+        return token_values(self.critic, samples, self.pad_token_id, width, self.layout)
 
 
 def trained_mask(rollout: Rollout) -> torch.Tensor:
@@ -148,18 +158,43 @@ class PPOObjective:
 
     def loss(self, model: torch.nn.Module, minibatch: Rollout,
              on_policy: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        r, mask, extras = self.config.rl, trained_mask(minibatch), minibatch.extras
+        """The clipped surrogate + vf_coef x the clipped value loss of a minibatch, from one forward of the actor
+        and the critic (`PolicyAndValue`)."""
         logps, values = model(minibatch.samples, minibatch.width)
-        policy = clipped_policy_loss(logps, None if on_policy else minibatch.logps, extras["advantages"], mask,
-                                     r.cliprange)
+        policy, policy_metrics = self.policy_term(logps, minibatch, on_policy)
+        value, value_metrics = self.value_term(values, minibatch)
+        return policy + value, {**policy_metrics, **value_metrics}
+
+    def loss_terms(self, model: torch.nn.Module, minibatch: Rollout,
+                   on_policy: bool = False) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+        """`loss` in two terms, the policy's and then the critic's (vf_coef x the value loss), each forward run
+        after the other's backward: the actor's and the critic's activations are never held together, and their
+        gradients add up to the joint loss's (each term reaches its own weights only). Under DDP one term, the
+        joint `loss`: a DDP forward takes one backward."""
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            yield self.loss(model, minibatch, on_policy)
+            return
+        yield self.policy_term(model.policy_logps(minibatch.samples, minibatch.width), minibatch, on_policy)
+        yield self.value_term(model.values(minibatch.samples, minibatch.width), minibatch)
+
+    def policy_term(self, logps: torch.Tensor, minibatch: Rollout,
+                    on_policy: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The clipped surrogate loss of the policy's log-probs `logps` (B, T), over the judged completion tokens,
+        and its metrics (log pi_old: the rollout's, or under `on_policy` `logps` detached)."""
+        policy = clipped_policy_loss(logps, None if on_policy else minibatch.logps, minibatch.extras["advantages"],
+                                     trained_mask(minibatch), self.config.rl.cliprange)
+        return policy.loss, {"loss/policy": policy.loss.detach(), "policy/approxkl": policy.approxkl,
+                             "policy/clipfrac": policy.clipfrac, "policy/ratio": policy.ratio}
+
+    def value_term(self, values: torch.Tensor, minibatch: Rollout) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """vf_coef x the clipped value loss of the critic's `values` (B, T) against the rollout's returns, over the
+        judged completion tokens, and its metrics."""
+        r, mask, extras = self.config.rl, trained_mask(minibatch), minibatch.extras
         value_loss, value_clipfrac = clipped_value_loss(values, extras["values"], extras["returns"], mask,
                                                         r.cliprange_value)
-        metrics = {"loss/policy": policy.loss.detach(), "loss/value": value_loss.detach(),
-                   "policy/approxkl": policy.approxkl, "policy/clipfrac": policy.clipfrac, "policy/ratio": policy.ratio,
-                   "val/vpred": masked_mean(values.detach(), mask),
-                   "val/error": masked_mean((values.detach() - extras["returns"]) ** 2, mask),
-                   "val/clipfrac": value_clipfrac}
-        return policy.loss + r.vf_coef * value_loss, metrics
+        return r.vf_coef * value_loss, {
+            "loss/value": value_loss.detach(), "val/vpred": masked_mean(values.detach(), mask),
+            "val/error": masked_mean((values.detach() - extras["returns"]) ** 2, mask), "val/clipfrac": value_clipfrac}
 
     def loss_count(self, minibatch: Rollout) -> float:
         return trained_mask(minibatch).sum().item()  # the losses' means are over the judged samples' tokens

@@ -11,6 +11,7 @@ objectives/policy_gradient.py; per-step losses equal TRL 1.16's (tests/test_rloo
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -84,6 +85,9 @@ class RLOOObjective:
         return policy.loss, {"loss/policy": policy.loss.detach(), "policy/approxkl": policy.approxkl,
                              "policy/clipfrac": policy.clipfrac, "policy/ratio": policy.ratio}
 
+    def loss_terms(self, model: torch.nn.Module, minibatch: Rollout,
+                   on_policy: bool = False) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+        yield self.loss(model, minibatch, on_policy)  # one forward: one term
 
     def loss_count(self, minibatch: Rollout) -> float:
         return minibatch.extras["trained"].sum().item()  # the loss's mean is over the samples it trains on

@@ -14,6 +14,7 @@ import torch
 from preftune.config import resolved_num_ppo_epochs
 from preftune.recipes.online.schedule import rollout_seed
 from preftune.recipes.online.state import OnlineObjective, OnlineRun, Rollout
+from preftune.runtime.memory import release_freed_memory
 from preftune.runtime.processes import full_value
 
 
@@ -38,8 +39,10 @@ def accumulate_gradients(objective: OnlineObjective, model: torch.nn.Module, min
     the loss is a mean over the minibatch's count n (samples, tokens or pairs: `objective.loss_count`), and
     mean = sum_i (n_i / n) mean_i over micro-batches i, so each micro-batch's loss is weighted by n_i / n and the
     accumulated gradient is the whole minibatch's. The processes' gradients are averaged (DDP) once, at the last
-    micro-batch. `on_policy`: the objective's (log pi_old = the current log-prob, detached, row by row). Returns
-    (the minibatch's loss, its metrics: the same weighted sums)."""
+    micro-batch. A micro-batch's loss comes in the objective's `loss_terms`, each term's backward taken before the
+    next term is computed (PPO: the policy's activations are freed before the critic's forward). `on_policy`: the
+    objective's (log pi_old = the current log-prob, detached, row by row). Returns (the minibatch's loss, its
+    metrics: the same weighted sums)."""
     parts = micro_batches(objective, minibatch, size)
     counts = [float(objective.loss_count(part)) for part in parts]
     total = sum(counts)
@@ -49,13 +52,32 @@ def accumulate_gradients(objective: OnlineObjective, model: torch.nn.Module, min
         with contextlib.ExitStack() as stack:
             if i < len(parts) - 1:
                 stack.enter_context(accelerator.no_sync(model))
-            with accelerator.autocast():
-                loss, values = objective.loss(model, part, on_policy=on_policy)
-            accelerator.backward(loss * share)  # one part: share 1.0, the loss unchanged
-        loss_value += share * loss.item()
-        for name, value in values.items():
-            metrics[name] = metrics.get(name, 0.0) + share * float(value)
+            part_loss, part_metrics = backward_terms(objective, model, part, share, accelerator, on_policy)
+        loss_value += share * part_loss
+        for name, value in part_metrics.items():
+            metrics[name] = metrics.get(name, 0.0) + share * value
     return loss_value, metrics
+
+
+def backward_terms(objective: OnlineObjective, model: torch.nn.Module, part: Rollout, share: float,
+                   accelerator: Any, on_policy: bool) -> tuple[float, dict[str, float]]:
+    """The backward of `share` x each of the objective's `loss_terms` of a micro-batch, one term at a time: a term's
+    forward runs (under autocast) only after the previous term's backward has freed its activations, and after the
+    C heap has given back what was freed before it (`release_freed_memory`, also after the last backward: else glibc
+    keeps it resident, and the peak RSS is the memory in use plus the leftovers). Returns (the micro-batch's loss, the
+    sum of its terms; its metrics, each term's own)."""
+    terms = objective.loss_terms(model, part, on_policy=on_policy)
+    loss_value, metrics = 0.0, {}
+    while True:
+        release_freed_memory()
+        with accelerator.autocast():
+            term = next(terms, None)
+        if term is None:
+            return loss_value, metrics
+        loss, values = term
+        accelerator.backward(loss * share)  # one part: share 1.0, the loss unchanged
+        loss_value += loss.item()
+        metrics.update({name: float(value) for name, value in values.items()})
 
 
 def minibatch_rows(run: OnlineRun, num_rows: int) -> Iterator[torch.Tensor]:

@@ -3,6 +3,7 @@ checkpoint keeps, and the run every part of the loop takes."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -94,6 +95,13 @@ class OnlineObjective(Protocol):
              on_policy: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The loss of a minibatch (with gradients), and its metrics (detached scalars). `on_policy`: no optimizer
         step since the rollout was sampled, so log pi_old is the current log-prob, detached (the ratio exactly 1)."""
+
+    def loss_terms(self, model: torch.nn.Module, minibatch: Rollout,
+                   on_policy: bool = False) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+        """`loss` as terms that add up to it (loss, metrics each), computed one at a time: the loop takes a term's
+        backward before it asks for the next, so the terms' activations are never held together (PPO: the policy's
+        forward, then the critic's). One term, `loss` whole, where the loss is one forward (and under DDP, whose
+        wrapped forward takes one backward)."""
 
     def loss_count(self, minibatch: Rollout) -> float:
         """What the loss and its metrics are means over, counted in `minibatch` (RLOO: samples; PPO: completion
