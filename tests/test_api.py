@@ -15,7 +15,7 @@ from preftune.cli import main
 from preftune.errors import DataError, UserError
 from tests.conftest import PAIRS, write_jsonl
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+PYTHON_API = Path(__file__).resolve().parents[1] / "docs" / "python-api.md"
 SETTINGS = {"max_steps": 3, "batch_size": 2, "learning_rate": 1e-3, "seed": 3}
 
 
@@ -71,19 +71,18 @@ def test_unknown_options_and_missing_data_are_user_errors(tmp_path, tiny_model_d
 
 
 def python_example() -> str:
-    text = README.read_text(encoding="utf-8")
-    section = text[text.index("## Python API"):]
-    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    text = PYTHON_API.read_text(encoding="utf-8")
+    return re.search(r"```python\n(.*?)```", text, re.S).group(1)
 
 
-def test_readme_python_example_runs_as_written(tmp_path, tiny_model_dir, monkeypatch):
+def test_the_python_api_page_example_runs_as_written(tmp_path, tiny_model_dir, monkeypatch):
     code = python_example()
-    # the one change: the README's model id (from the hub, unreachable here) becomes the tiny local model
+    # the one change: the page's model id (from the hub, unreachable here) becomes the tiny local model
     assert code.count('model_id = "HuggingFaceTB/SmolLM2-135M-Instruct"') == 1
     code = code.replace('"HuggingFaceTB/SmolLM2-135M-Instruct"', repr(str(tiny_model_dir)))
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
-    exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - the README's own example
+    exec(compile(code, "docs/python-api.md", "exec"), namespace)  # noqa: S102 - the page's own example
     assert (tmp_path / "runs" / "notebook" / "model.safetensors").is_file()
     assert namespace["metrics"]["num_pairs"] == 4
 
