@@ -212,18 +212,20 @@ def dpo_vs_trl(result: dict) -> str:
     return provenance(result) + "\n" + "\n".join(lines) + "\n"
 
 
-def rloo_vs_trl(result: dict) -> str:
+def online_vs_trl(result: dict, trainer: str, command: str, objective: str) -> str:
+    """An online recipe against its TRL trainer (bench_rloo_vs_trl.py, bench_grpo.py): settings, one row a side,
+    the ratios. `objective`: the setting that names the recipe's objective beside the shared ones."""
     report = result["stdout"]
     settings = report["settings"]
     lines = [f"{settings['model'].split('/')[-1]}, {settings['prompts_per_step']} prompts x "
              f"{settings['num_generations']} samples a step, {settings['max_new_tokens']} new tokens, learning rate "
-             f"{settings['learning_rate']:g}, KL coefficient {settings['kl_coef']:g}, {settings['dtype']}; "
+             f"{settings['learning_rate']:g}, {objective}, {settings['dtype']}; "
              f"{settings['steps']} steps a side (warm-up steps left out: {settings['warmup_steps_left_out']}); TRL "
              f"{report['machine']['trl']}. The same prompts at every step on both sides: "
              f"{'yes' if report['same_prompts_each_step'] else 'NO'}.", "",
              "| side | median s/step | steps/s | completion tokens/s | peak RSS | mean score |",
              "|---|---|---|---|---|---|"]
-    for side, label in (("trl", "TRL RLOOTrainer"), ("preftune", "preftune rloo")):
+    for side, label in (("trl", f"TRL {trainer}"), ("preftune", f"preftune {command}")):
         row = report[side]
         lines.append(f"| {label} | {row['median_step_seconds']:.1f} | {row['steps_per_second']:.4f} | "
                      f"{row['completion_tokens_per_second']:.1f} | {row['peak_rss_gb']:.2f} GB | "
@@ -233,6 +235,15 @@ def rloo_vs_trl(result: dict) -> str:
               f"{ratios['completion_tokens_per_second']:.2f}x the completion tokens per second, "
               f"{ratios['peak_rss']:.2f}x the peak RSS."]
     return provenance(result) + "\n" + "\n".join(lines) + "\n"
+
+
+def rloo_vs_trl(result: dict) -> str:
+    return online_vs_trl(result, "RLOOTrainer", "rloo", f"KL coefficient {result['stdout']['settings']['kl_coef']:g}")
+
+
+def grpo_vs_trl(result: dict) -> str:
+    settings = result["stdout"]["settings"]
+    return online_vs_trl(result, "GRPOTrainer", "grpo", f"loss {settings['loss_type']}, beta {settings['beta']:g}")
 
 
 def plus_minus(row: dict, key: str, digits: int, sign: bool = False) -> str:
@@ -284,6 +295,8 @@ RESULTS_PAGES: dict[str, tuple[Callable[[dict], str], str]] = {
                                "python benchmarks/bench_vs_trl.py"),
     "rloo-vs-trl": (rloo_vs_trl, "python benchmarks/record.py docs/results/rloo-vs-trl.json -- "
                                  "python benchmarks/bench_rloo_vs_trl.py"),
+    "grpo-vs-trl": (grpo_vs_trl, "python benchmarks/record.py docs/results/grpo-vs-trl.json -- "
+                                 "python benchmarks/bench_grpo.py"),
     "frontier": (frontier, "python benchmarks/record.py docs/results/frontier.json --collect "
                            "WORKDIR/frontier/frontier.csv --collect WORKDIR/frontier/costs.csv -- "
                            "preftune frontier --output-dir WORKDIR/frontier"),
