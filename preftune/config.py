@@ -416,8 +416,9 @@ def resolved_task(config: Config, command: str) -> str:
 
 # `preftune study --methods`: the names of its methods (study/methods.py's METHODS table builds them); the reward
 # model of each label budget is trained first where a method needs it
-STUDY_METHODS = ("dpo", "preferred-ft", "best-of-n", "ppo", "rloo", "online-dpo", "ppo-gt", "rloo-gt")
-STUDY_ONLINE_METHODS = ("ppo", "rloo", "online-dpo", "ppo-gt", "rloo-gt")  # those that run an online recipe
+STUDY_METHODS = ("dpo", "preferred-ft", "best-of-n", "ppo", "rloo", "online-dpo", "grpo", "ppo-gt", "rloo-gt",
+                 "grpo-gt")
+STUDY_ONLINE_METHODS = ("ppo", "rloo", "online-dpo", "grpo", "ppo-gt", "rloo-gt", "grpo-gt")  # those that run an online recipe
 # what the study measures with unless the user sets it: sized so that the default study fits 2 hours on 2 CPU cores
 # (README, "preftune study": the arithmetic from one timed unit of each method)
 STUDY_DEFAULTS: dict[str, Any] = {"default_job.num_eval_prompts": 32, "default_job.samples_per_eval_prompt": 1}
@@ -435,9 +436,9 @@ class StudyConfig:
 
     methods: str = doc(
         "preftune study: the methods, comma-separated: dpo (every --betas), preferred-ft (SFT on the chosen "
-        "replies), best-of-n, ppo, rloo, online-dpo (these four against a reward model fit to the budget's labels), "
-        "ppo-gt and rloo-gt (against --ground-truth itself: ceilings, no labels).",
-        "dpo,rloo,ppo,online-dpo",
+        "replies), best-of-n, ppo, rloo, online-dpo, grpo (these five against a reward model fit to the budget's "
+        "labels), ppo-gt, rloo-gt and grpo-gt (against --ground-truth itself: ceilings, no labels).",
+        "dpo,rloo,ppo,online-dpo,grpo",
     )
     betas: str = doc("preftune study: the DPO betas, comma-separated (each a method of its own).", "0.1")
     label_budgets: str = doc(

@@ -16,7 +16,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from preftune.config import REWARD_MODEL_DEFAULT_JOB_OVERRIDES
+from preftune.config import GRPO_DEFAULTS, REWARD_MODEL_DEFAULT_JOB_OVERRIDES
 
 REWARD_MODEL = "REWARD_MODEL"  # in a method's settings: the folder of its budget's (and seed's) reward model
 GROUND_TRUTH = "GROUND_TRUTH"  # in a method's settings: --ground-truth (sentiment, module:function, a folder)
@@ -101,6 +101,7 @@ class MethodSpec:
 
 
 PPO = {"rl.num_ppo_epochs": 2}
+GRPO = dict(GRPO_DEFAULTS)  # `preftune grpo`'s own defaults (TRL's: dapo, beta 0, so no reference is held)
 REFERENCE = MethodSpec("reference", "reference", "reference", {}, ("reference",))
 REWARD_MODEL_SPEC = MethodSpec("reward-model", "reward model", "reward-model",
                                {k: v for k, v in REWARD_MODEL_DEFAULT_JOB_OVERRIDES.items() if k != "train.num_epochs"},
@@ -120,9 +121,11 @@ def method_table(betas: list[float]) -> list[MethodSpec]:
         MethodSpec("online-dpo", "online DPO", "online-dpo",
                    {"sample.reward": REWARD_MODEL, "train.learning_rate": 2e-5, "loss.beta": 0.1},
                    ("policy", "reference", "reward model")),
+        MethodSpec("grpo", "GRPO", "grpo", {**GRPO, "sample.reward": REWARD_MODEL}, ("policy", "reward model")),
         MethodSpec("ppo-gt", "PPO-GT", "ppo", {**PPO, "sample.reward": GROUND_TRUTH},
                    ("policy", "reference", "critic")),
         MethodSpec("rloo-gt", "RLOO-GT", "rloo", {"sample.reward": GROUND_TRUTH}, ("policy", "reference")),
+        MethodSpec("grpo-gt", "GRPO-GT", "grpo", {**GRPO, "sample.reward": GROUND_TRUTH}, ("policy",)),
     ]
     return rows
 

@@ -1,5 +1,6 @@
 """What `preftune study` writes, every number computed from the unit records (study/stats.py does the statistics):
 
+- records.json: every point (with its per-prompt rewards) and cost, and the budgets the tables are over;
 - points.csv: every point of every unit, with its gain over the seed's reference paired by prompt;
 - label_efficiency.png: held-out reward against label budget, a line per method with its 95% band over seeds, at
   the last point and at each matched KL budget; reward_kl.png: reward against KL, every point of every seed;
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import json
 import math
 import statistics
 from collections.abc import Sequence
@@ -335,22 +337,38 @@ def plot_reward_kl(study: Study, output: Path) -> None:
     plt.close(figure)
 
 
-def write_report(points: list[Point], costs: list[Cost], config: Config, folder: Path) -> None:
-    """Every table, plot and the summary, into `folder`."""
-    betas = number_list(config.study.betas)
-    study = Study(with_gains(points), costs, sorted(number_list(config.study.label_budgets, int)),
-                  number_list(config.study.kl_budgets), f"DPO beta={betas[0]:g}")
-    write_csv(folder / "points.csv", study.points, leave_out=("prompt_rewards",))
-    write_csv(folder / "costs.csv", costs)
+def study_of(records: dict) -> Study:
+    """The Study of a `records.json` (what `write_report` writes first): the docs' results page is rendered from
+    it (docs/generate.py) with the same tables and plots as the study's own report."""
+    return Study(with_gains([Point(**p) for p in records["points"]]), [Cost(**c) for c in records["costs"]],
+                 records["budgets"], records["kl_budgets"], records["dpo"])
+
+
+def report_tables(study: Study, seeds: int) -> dict[str, list[str]]:
+    """Every markdown table of the report and the summary, by file name."""
     tables = {"matched_kl.md": matched_kl_table(study), "differences.md": differences_table(study),
               "costs.md": costs_table(study)}
     if study.dpo in study.methods:
         tables["decision.md"] = decision_table(study)
-        seeds = len(number_list(config.study.seeds, int))
         tables["summary.md"] = summary_lines(study, seeds)
     else:
         tables["summary.md"] = [f"{study.dpo} was not run (--methods): no comparison with DPO to summarise."]
-    for name, lines in tables.items():
+    return tables
+
+
+def write_report(points: list[Point], costs: list[Cost], config: Config, folder: Path) -> None:
+    """records.json (every point and cost, the input of every table), then every table, plot and the summary,
+    into `folder`."""
+    betas = number_list(config.study.betas)
+    seeds = len(number_list(config.study.seeds, int))
+    records = {"budgets": sorted(number_list(config.study.label_budgets, int)),
+               "kl_budgets": number_list(config.study.kl_budgets), "dpo": f"DPO beta={betas[0]:g}", "seeds": seeds,
+               "points": [dataclasses.asdict(p) for p in points], "costs": [dataclasses.asdict(c) for c in costs]}
+    (folder / "records.json").write_text(json.dumps(records) + "\n")
+    study = study_of(records)
+    write_csv(folder / "points.csv", study.points, leave_out=("prompt_rewards",))
+    write_csv(folder / "costs.csv", costs)
+    for name, lines in report_tables(study, seeds).items():
         (folder / name).write_text("\n".join(lines) + "\n")
     plot_label_efficiency(study, folder / "label_efficiency.png")
     plot_reward_kl(study, folder / "reward_kl.png")

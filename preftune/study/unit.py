@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from preftune.config import Config, number_list
+from preftune.config import Config, number_list, resolved_task
 from preftune.study.methods import (
     GROUND_TRUTH,
     REFERENCE,
@@ -62,6 +62,7 @@ def unit_config(config: Config, unit: Unit, task: dict[str, Any]) -> Config:
         setattr(getattr(c, section), name, value)
         c.explicitly_set.add(key)  # the method's choice, not a default an override may replace
     c.data.eval_data = None  # the study measures held-out prompts itself
+    c.default_job.task = resolved_task(config, "study")  # the study's task, also for grpo (whose own is arithmetic)
     c.train.eval_steps = 0
     if unit.spec.kind in ("pairs", "reward-model"):
         c.data.data = task["labels"]  # the budget's labels alone
