@@ -288,6 +288,170 @@ def frontier(result: dict) -> str:
     return provenance(result) + "\n" + "\n".join(lines) + "\n"
 
 
+def study_records(result: dict):
+    """The Study of a recorded `preftune study` (its records.json) and its seed count."""
+    from preftune.study.report import study_of
+
+    records = result["files"]["records.json"]
+    return study_of(records), records["seeds"]
+
+
+def study(result: dict) -> str:
+    """`preftune study`'s report, every table made by the study's own report code from the recorded records.json
+    (the figures beside the page: `study_figures`)."""
+    from preftune.study.report import report_tables
+
+    records, seeds = study_records(result)
+    tables = report_tables(records, seeds)
+    sections = [("Summary (sentences generated from the numbers below)", "summary.md", None),
+                ("Held-out reward against label budget", None, "![held-out reward against label budget, a line per "
+                 "method with its 95% band over seeds](study-label-efficiency.png)"),
+                ("Held-out reward at the last point and at matched KL", "matched_kl.md", None),
+                ("DPO minus each RLHF method", "differences.md", None),
+                ("What each method cost", "costs.md", None),
+                ("Which method, under your constraints", "decision.md", None),
+                ("Reward against KL, every point of every seed", None,
+                 "![held-out reward against KL, every point of every seed](study-reward-kl.png)")]
+    lines = []
+    for title, table, figure in sections:
+        if table is not None and table not in tables:
+            continue
+        lines += [f"### {title}", "", *(tables[table] if table else [figure]), ""]
+    return provenance(result) + "\n" + "\n".join(lines).rstrip() + "\n"
+
+
+def study_figures(result: dict) -> None:
+    """The study page's two plots, drawn by the study's own plotting code from the recorded records."""
+    from preftune.study.report import plot_label_efficiency, plot_reward_kl
+
+    records, _ = study_records(result)
+    plot_label_efficiency(records, RESULTS / "study-label-efficiency.png")
+    plot_reward_kl(records, RESULTS / "study-reward-kl.png")
+
+
+def accuracy(row: dict) -> str:
+    return f"{row['mean']:.3f} +- {row['stderr']:.3f}"
+
+
+def arithmetic_row(name: str) -> dict | None:
+    """One method's row on the arithmetic task from its recorded report (DPO's arithmetic_report.json, GRPO's
+    rl_report.json, where the accuracy is its held-out reward)."""
+    result = read_result(name)
+    if result is None:
+        return None
+    if name == "arithmetic-dpo":
+        r = result["files"]["arithmetic_report.json"]
+        return {"method": f"DPO on the checker's pairs ({r['pairs']} pairs)", "reference": r["reference_accuracy"],
+                "policy": r["policy_accuracy"], "gain": r["accuracy_gain"], "gain_stderr": r["accuracy_gain_stderr"],
+                "kl": r["kl_policy_reference"], "peak_rss_gb": r["peak_rss_gb"], "result": result,
+                "samples": f"{r['samples']['completions_generated']:,} reference samples for the pairs",
+                "held_out": f"{r['held_out_prompts']} x {r['samples_per_prompt']}"}
+    r = result["files"]["rl_report.json"]
+    return {"method": f"GRPO on the checker ({r['steps']} rollouts)", "reference": r["reference_reward"],
+            "policy": r["policy_reward"], "gain": r["reward_gain"], "gain_stderr": r["reward_gain_stderr"],
+            "kl": r["kl_policy_reference"], "peak_rss_gb": r.get("peak_rss_gb"), "result": result,
+            "samples": f"{r['completions_generated']:,} policy samples in training",
+            "held_out": f"{r['held_out_prompts']} x {r['samples_per_prompt']}"}
+
+
+def arithmetic_table(missing_text: str) -> str:
+    """DPO against GRPO on the arithmetic task, a row each, from their result files (`missing_text`: what to say
+    when neither is recorded)."""
+    rows = [row for row in map(arithmetic_row, ("arithmetic-dpo", "arithmetic-grpo")) if row is not None]
+    if not rows:
+        return missing_text
+    lines = ["| method | held-out problems x samples | reference accuracy | policy accuracy | gain (paired by "
+             "problem) | KL (nats) | wall time | peak RSS | samples | measured |", "|---|" + "---|" * 9]
+    for row in rows:
+        result = row["result"]
+        rss = "" if row["peak_rss_gb"] is None else f"{row['peak_rss_gb']:.2f} GiB"
+        lines.append(f"| {row['method']} | {row['held_out']} | {accuracy(row['reference'])} | "
+                     f"{accuracy(row['policy'])} | **{row['gain']:+.3f}** +- {row['gain_stderr']:.3f} | "
+                     f"{row['kl']['mean']:.2f} +- {row['kl']['stderr']:.2f} | {duration(result['wall_seconds'])} | "
+                     f"{rss} | {row['samples']} | {result['date']}, fp32 matmul "
+                     f"{result['machine']['matmul_fp32_gflops']:g} GFLOP/s |")
+    return "\n".join(lines) + "\n"
+
+
+def arithmetic_result(result: dict) -> str:
+    """A results page of the arithmetic task: its provenance, and the comparison with the other method."""
+    return provenance(result) + "\n" + arithmetic_table("")
+
+
+# ---- the README's results (its links are from the repository's root) ---------------------------------------------
+def short_provenance(result: dict) -> str:
+    machine = result["machine"]
+    rate = machine.get("matmul_fp32_gflops")
+    return (f"`{result['command']}`, {result['date']}, {machine['cores']} CPU cores"
+            + (f" ({machine['cpu']})" if machine.get("cpu") else "")
+            + (f", fp32 matmul {rate:g} GFLOP/s" if rate is not None else "")
+            + (f", {duration(result['wall_seconds'])}" if result.get("wall_seconds") else ""))
+
+
+def readme_study() -> str:
+    """The study's headline for the README: the largest label budget's table, the reference, the plot."""
+    from preftune.study.report import REFERENCE, headline_table
+    from preftune.study.stats import seed_interval
+
+    result = read_result("study")
+    if result is None:
+        return "Not yet recorded: [results: the study](docs/results/study.md) says how.\n"
+    records, seeds = study_records(result)
+    largest = max(records.budgets)
+    reference = seed_interval([p.reward for p in records.points if p.method == REFERENCE])
+    lines = [f"Measured by {short_provenance(result)}: SmolLM2-135M-Instruct on the built-in sentiment task, "
+             f"label budgets {', '.join(map(str, records.budgets))}, {seeds} seeds; the ground truth (VADER "
+             f"sentiment) judges the held-out samples. At {largest} labels (the reference: {reference.text()}; "
+             "95% intervals over seeds):", "", *headline_table(records, largest), "",
+             "![held-out reward against label budget, a line per method with its 95% band over seeds]"
+             "(docs/results/study-label-efficiency.png)", "",
+             "Every budget, the matched-KL and cost tables, the decision table and the generated summary: "
+             "[results: the study](docs/results/study.md)."]
+    return "\n".join(lines) + "\n"
+
+
+DPO_MODES = {"live": "live reference", "precomputed": "precomputed reference", "lora": "LoRA"}
+
+
+def readme_default_job() -> str:
+    """The default job's before and after, for the README."""
+    result = read_result("default-job")
+    if result is None:
+        return "Not yet recorded: [results: the default job](docs/results/default-job.md) says how.\n"
+    report = result["files"]["sentiment_report.json"]
+    ref, pol, kl = report["reference_reward"], report["policy_reward"], report["kl_policy_reference"]
+    return (f"**The default job** ({short_provenance(result)}): held-out reward {ref['mean']:+.3f} +- "
+            f"{ref['stderr']:.3f} for the reference, {pol['mean']:+.3f} +- {pol['stderr']:.3f} for the DPO policy, a "
+            f"gain of **{report['reward_gain']:+.3f} +- {report['reward_gain_stderr']:.3f}** (paired by prompt) at KL "
+            f"{kl['mean']:.2f} +- {kl['stderr']:.2f} nats ([results: the default job](docs/results/default-job.md)).\n")
+
+
+def readme_speed() -> str:
+    """The speed against TRL, a row per recorded comparison, for the README."""
+    lines = ["| measured | command | pairs or steps per second, preftune / TRL | peak RSS, preftune / TRL |",
+             "|---|---|---|---|"]
+    dpo = read_result("dpo-vs-trl")
+    if dpo is not None:
+        rate = dpo["machine"]["matmul_fp32_gflops"]
+        for position, (mode, sides) in enumerate(dpo["stdout"]["modes"].items()):
+            when = f"{dpo['date']} (fp32 matmul {rate:g} GFLOP/s)" if position == 0 else "same run"
+            seconds = (f" ({sides['preftune']['median_step_seconds']:.1f} s against "
+                       f"{sides['trl']['median_step_seconds']:.1f} s a step)" if position == 0 else "")
+            lines.append(f"| DPO, {DPO_MODES.get(mode, mode)}, {when} | " + (f"`{dpo['command']}`" if position == 0 else
+                         "the same") + f" | **{sides['ratios']['pairs_per_second']:.2f}x**{seconds} | "
+                         f"{sides['ratios']['peak_rss']:.2f}x |")
+    for name, label in (("rloo-vs-trl", "RLOO"), ("grpo-vs-trl", "GRPO")):
+        result = read_result(name)
+        if result is not None:
+            report = result["stdout"]
+            lines.append(f"| {label}, {result['date']} (fp32 matmul {result['machine']['matmul_fp32_gflops']:g} "
+                         f"GFLOP/s) | `{result['command']}` | **{report['ratios']['steps_per_second']:.2f}x** "
+                         f"({report['preftune']['median_step_seconds']:.1f} s against "
+                         f"{report['trl']['median_step_seconds']:.1f} s a step) | "
+                         f"{report['ratios']['peak_rss']:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
 RESULTS_PAGES: dict[str, tuple[Callable[[dict], str], str]] = {
     "default-job": (default_job, "python benchmarks/record.py docs/results/default-job.json --collect "
                                  "WORKDIR/run/sentiment_report.json -- preftune train --output-dir WORKDIR/run"),
@@ -300,7 +464,18 @@ RESULTS_PAGES: dict[str, tuple[Callable[[dict], str], str]] = {
     "frontier": (frontier, "python benchmarks/record.py docs/results/frontier.json --collect "
                            "WORKDIR/frontier/frontier.csv --collect WORKDIR/frontier/costs.csv -- "
                            "preftune frontier --output-dir WORKDIR/frontier"),
+    "study": (study, "python benchmarks/record.py docs/results/study.json --collect runs/study/records.json -- "
+                     "preftune study"),
+    "arithmetic-dpo": (arithmetic_result, "python benchmarks/record.py docs/results/arithmetic-dpo.json --collect "
+                                          "WORKDIR/run/arithmetic_report.json -- preftune train --task arithmetic "
+                                          "--output-dir WORKDIR/run --report-to none"),
+    "arithmetic-grpo": (arithmetic_result, "python benchmarks/record.py docs/results/arithmetic-grpo.json --collect "
+                                           "WORKDIR/run/rl_report.json -- preftune grpo --output-dir WORKDIR/run "
+                                           "--num-generations 8 --rollout-batch-size 8 --learning-rate 2e-5 "
+                                           "--max-steps 20 --report-to none"),
 }
+# the figures a results page shows, drawn from its result file when the pages are written
+RESULTS_FIGURES: dict[str, Callable[[dict], None]] = {"study": study_figures}
 
 
 def results_files() -> str:
@@ -323,6 +498,11 @@ GENERATORS: dict[str, Callable[[], str]] = {
     **{f"library-{layer}": (lambda layer=layer: library_layer(layer)) for layer in LAYERS},
     **{f"results-{name}": (lambda name=name: result_block(name)) for name in RESULTS_PAGES},
     "results-files": results_files,
+    "readme-study": readme_study,
+    "readme-speed": readme_speed,
+    "readme-default-job": readme_default_job,
+    "arithmetic-table": lambda: arithmetic_table("Not yet recorded: [the results pages](results/index.md) say how.\n"),
+    "readme-arithmetic": lambda: arithmetic_table("Not yet recorded.\n"),
 }
 
 
@@ -340,8 +520,8 @@ def render_page(text: str) -> str:
 
 
 def pages() -> list[Path]:
-    """The documentation's Markdown pages that hold a generated block."""
-    return sorted(p for p in DOCS.rglob("*.md") if BLOCK.search(p.read_text(encoding="utf-8")))
+    """The documentation's Markdown pages (and the README) that hold a generated block."""
+    return sorted(p for p in [*DOCS.rglob("*.md"), ROOT / "README.md"] if BLOCK.search(p.read_text(encoding="utf-8")))
 
 
 def stale_pages() -> list[Path]:
@@ -359,6 +539,9 @@ def main() -> None:
         for page in stale:
             print(f"stale: {page.relative_to(ROOT)} (run python docs/generate.py)", file=sys.stderr)
         sys.exit(1 if stale else 0)
+    for name, draw in RESULTS_FIGURES.items():
+        if (result := read_result(name)) is not None:
+            draw(result)
     for page in pages():
         text = page.read_text(encoding="utf-8")
         rendered = render_page(text)

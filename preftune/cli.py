@@ -48,7 +48,7 @@ STUDY_OPTIONS = {
                              "model.lora_target_modules", "data.data", "data.eval_data", "data.split",
                              "data.eval_split", "data.skip_invalid", "default_job.num_prompts",
                              "default_job.num_eval_prompts", "default_job.samples_per_eval_prompt",
-                             "sample.max_new_tokens")},
+                             "default_job.task", "sample.max_new_tokens")},
     **{f"study.{f.name}": None for section, f in iter_fields() if section == "study"},
 }
 ALIASES = {"frontier": "study"}  # the study grew out of `preftune frontier`, whose name still runs it

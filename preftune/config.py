@@ -418,10 +418,13 @@ def resolved_task(config: Config, command: str) -> str:
 # model of each label budget is trained first where a method needs it
 STUDY_METHODS = ("dpo", "preferred-ft", "best-of-n", "ppo", "rloo", "online-dpo", "grpo", "ppo-gt", "rloo-gt",
                  "grpo-gt")
-STUDY_ONLINE_METHODS = ("ppo", "rloo", "online-dpo", "grpo", "ppo-gt", "rloo-gt", "grpo-gt")  # those that run an online recipe
+# those that run an online recipe
+STUDY_ONLINE_METHODS = ("ppo", "rloo", "online-dpo", "grpo", "ppo-gt", "rloo-gt", "grpo-gt")
 # what the study measures with unless the user sets it: sized so that the default study fits 2 hours on 2 CPU cores
-# (README, "preftune study": the arithmetic from one timed unit of each method)
+# (docs/results/study.md: its measured run)
 STUDY_DEFAULTS: dict[str, Any] = {"default_job.num_eval_prompts": 32, "default_job.samples_per_eval_prompt": 1}
+# ... and on the arithmetic task, whose 0-or-1 accuracy needs more held-out problems (its replies are shorter)
+ARITHMETIC_STUDY_DEFAULTS: dict[str, Any] = {"default_job.num_eval_prompts": 64}
 # what --quick sets unless the user set it: a study of a few seconds a point, for tests and a first look
 STUDY_QUICK: dict[str, Any] = {
     "study.label_budgets": "4,8", "study.seeds": "0,1", "study.rollouts": 2, "study.epochs": 1.0,
@@ -853,6 +856,9 @@ def _check_study(config: Config, command: str, need: Check, unused: Unused) -> N
     need(d.data is None or s.ground_truth is not None,
          "preftune study --data needs --ground-truth (sentiment, module:function or a reward-model folder): the "
          "reward that judges the held-out samples")
+    need(d.data is None or config.default_job.task is None,
+         f"preftune study --task {config.default_job.task} runs the built-in task; with --data the study runs on "
+         "your pairs (leave --task out)")
     need((d.data is None) == (d.eval_data is None),
          "preftune study takes --data and --eval-data together (labelled pairs, and held-out pairs or prompts), or "
          "neither (the built-in task)")
@@ -903,7 +909,7 @@ def apply_command_defaults(config: Config, command: str) -> None:
 # the commands that run on the default job's pairs or prompts when given no --data
 DEFAULT_JOB_COMMANDS = ("train", "reward-model", *RL_COMMANDS)
 # the commands that run any built-in task (--task), grpo's included once it exists
-TASK_COMMANDS = tuple(dict.fromkeys(("train", *RL_COMMANDS, "grpo")))
+TASK_COMMANDS = tuple(dict.fromkeys(("train", *RL_COMMANDS, "grpo", "study")))
 
 
 def _check_rl(config: Config, command: str, need: Check, unused: Unused) -> None:

@@ -17,6 +17,7 @@ import pytest
 from safetensors.torch import load_file
 
 from preftune.cli import main
+from preftune.config import Config
 from preftune.study.methods import Cost, Point
 from preftune.study.report import Study, decision_table, summary_lines
 from preftune.study.stats import (
@@ -93,6 +94,40 @@ def test_a_study_on_the_users_pairs_runs_end_to_end_and_a_rerun_computes_nothing
     assert main([*args[:-1], "4,8,6"]) == 0  # a new budget: its units alone
     ran = [line.split()[1].rstrip(":") for line in capsys.readouterr().out.splitlines() if line.endswith(": running")]
     assert ran == ["reward-model-n6-s0", "dpo-beta0.1-n6-s0", "best-of-n-n6-s0", "rloo-n6-s0"]
+
+
+def test_the_arithmetic_task_is_judged_by_the_checker_with_each_problems_answer(tmp_path, tiny_model_dir,
+                                                                                 monkeypatch):
+    """--task arithmetic: the checker's pairs are the labels, the held-out problems carry their answers to the
+    ground truth (the checker's accuracy) in every unit's measurement, and GRPO-GT trains on the checker itself.
+    The pairs are given here (a tiny random model answers nothing right); `preftune train --task arithmetic` builds
+    them from the reference's own samples."""
+    from preftune.tasks import arithmetic
+
+    rows = arithmetic.make_rows(8, 0, held_out=False)
+    pairs = [{"prompt": prompt, "chosen": [{"role": "assistant", "content": str(columns["answer"])}],
+              "rejected": [{"role": "assistant", "content": str(int(columns["answer"]) + 1)}]}
+             for prompt, columns in rows]
+    train = write_jsonl(tmp_path / "train.jsonl", pairs)
+    monkeypatch.setattr(arithmetic, "pair_files", lambda config, source: (train, train, {}))
+    out = tmp_path / "study"
+    assert main(["study", "--task", "arithmetic", "--model", str(tiny_model_dir), "--quick", "--methods",
+                 "dpo,grpo-gt", "--seeds", "0", "--label-budgets", "4", "--output-dir", str(out)]) == 0
+    task = json.loads((out / "units" / "grpo-gt-s0.task.json").read_text())
+    held_out = arithmetic.make_rows(4, Config().train.seed, held_out=True)  # the task's problems of --seed
+    assert task["ground_truth"] == "accuracy" and task["eval_prompts"] == [p for p, _ in held_out]
+    assert task["eval_columns"] == [c for _, c in held_out]
+    labels = [json.loads(line) for line in (out / "labels" / "labels-n4-s0.jsonl").read_text().splitlines()]
+    assert all(label in [{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in pairs] for label in labels)
+    for unit in ("reference-s0", "dpo-beta0.1-n4-s0", "grpo-gt-s0"):
+        points = json.loads((out / "units" / f"{unit}.json").read_text())["points"]
+        assert points and all(set(p["prompt_rewards"]) <= {0.0, 1.0} for p in points), unit
+
+
+def test_a_study_on_the_users_pairs_takes_no_task(capsys, pairs_file):
+    assert main(["study", "--task", "arithmetic", "--data", str(pairs_file), "--eval-data", str(pairs_file),
+                 "--ground-truth", "sentiment"]) == 2
+    assert "leave --task out" in capsys.readouterr().err
 
 
 def test_a_study_killed_with_sigkill_resumes_to_the_numbers_of_an_uninterrupted_one(tmp_path, tiny_model_dir,
@@ -306,6 +341,28 @@ def test_user_data_needs_its_ground_truth_and_held_out_prompts(capsys, pairs_fil
 
 def length_reward(prompts, completions):  # varies on a random model's text (VADER scores it 0 almost always)
     return [len(c) + 1e-3 * sum(map(ord, c)) for c in completions]
+
+
+def answer_reward(prompts, completions, answer, **columns):  # TRL's form: each completion's prompt's column
+    return [float(a) for a in answer]
+
+
+def test_a_points_rewards_get_each_prompts_columns(tiny_model_dir, tiny_ref_dir, tokenizer):
+    """The ground truth is given each held-out prompt's columns (the arithmetic task's answers), sample by sample,
+    in the reference's point and a policy's."""
+    from transformers import AutoModelForCausalLM
+
+    from preftune.forward.rewards import user_function
+    from preftune.models.load import frozen
+    from preftune.study.measure import Measure
+
+    policy = frozen(AutoModelForCausalLM.from_pretrained(tiny_model_dir))
+    reference = frozen(AutoModelForCausalLM.from_pretrained(tiny_ref_dir))
+    columns = [{"answer": 3}, {"answer": 0}, {"answer": 7}]
+    measuring = Measure(tokenizer, reference, user_function(answer_reward, "answers"), ["a", "b", "c"], 2, 4,
+                        seed=1, columns=columns)
+    assert measuring.reference_point().prompt_rewards == [3.0, 0.0, 7.0]
+    assert measuring.policy_point(policy, "X", 4, 1).prompt_rewards == [3.0, 0.0, 7.0]
 
 
 def test_a_points_rewards_are_clustered_by_prompt_and_its_kl_is_measures(tiny_model_dir, tiny_ref_dir, tokenizer):

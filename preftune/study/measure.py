@@ -1,7 +1,8 @@
 """How every point of the study is measured: the held-out prompts, the frozen reference and the ground truth.
 
 A seed's points are all measured alike: `samples_per_eval_prompt` samples per held-out prompt at temperature 1
-with the seed's sampling seed, their mean ground-truth reward (standard error clustered by prompt), each prompt's
+with the seed's sampling seed, their mean ground-truth reward (given each prompt's columns, as the arithmetic
+task's answers) (standard error clustered by prompt), each prompt's
 mean kept for the pairings of the report, and KL(policy || reference) from the policy's samples. Best-of-N reads
 the reference's samples instead: N per prompt, the one the reward model scores highest judged by the ground truth.
 """
@@ -18,7 +19,7 @@ import torch
 
 from preftune.data.read import Text
 from preftune.evaluation.measure import ModelPair, measure, prompt_means, stderr
-from preftune.forward.rewards import all_judged
+from preftune.forward.rewards import all_judged, checked
 from preftune.forward.rollout import sample
 from preftune.study.methods import Point
 
@@ -27,10 +28,13 @@ class Measure:
     """The held-out measurement of one seed. `seconds`: time spent measuring, left out of the training time."""
 
     def __init__(self, tokenizer, reference: torch.nn.Module, reward: Callable, prompts: Sequence[Text],
-                 samples_per_prompt: int, max_new_tokens: int, seed: int) -> None:
+                 samples_per_prompt: int, max_new_tokens: int, seed: int,
+                 columns: Sequence[dict[str, Any]] | None = None) -> None:
         from preftune.data.tokenize import prompt_ids
 
-        self.tokenizer, self.reference, self.reward, self.prompts = tokenizer, reference, reward, list(prompts)
+        self.tokenizer, self.reference, self.prompts = tokenizer, reference, list(prompts)
+        self.reward = checked(reward, getattr(reward, "name", "given"))
+        self.columns = list(columns) if columns else None  # per prompt, the reward's keywords (TRL's columns)
         self.prompt_ids = [prompt_ids(p, tokenizer) for p in self.prompts]
         self.samples_per_prompt = samples_per_prompt
         self.sampling = dict(max_new_tokens=max_new_tokens, seed=seed + 11)
@@ -40,7 +44,10 @@ class Measure:
     def judged(self, samples: Sequence[Any]) -> list[float]:
         """The ground truth of each sample (prompt-major), every one judged (a None is a RewardError)."""
         prompts, completions = [self.prompts[s.prompt_index] for s in samples], [s.text for s in samples]
-        return all_judged(self.reward(prompts, completions), self.reward, prompts, completions)
+        columns = None if self.columns is None else {
+            name: [self.columns[s.prompt_index].get(name) for s in samples] for name in self.columns[0]}
+        values = self.reward(prompts, completions, [s.completion_ids for s in samples], columns)
+        return all_judged(values, self.reward, prompts, completions)
 
     def reference_point(self) -> Point:
         """The reference's own samples on the held-out prompts: the point at KL 0 every gain is paired with."""
@@ -57,7 +64,7 @@ class Measure:
         started = time.perf_counter()
         measured = measure(ModelPair(policy, self.reference), self.tokenizer, self.prompt_ids,
                            num_samples=self.samples_per_prompt, sample_reference=False, reward=self.reward,
-                           prompts=self.prompts, **self.sampling)
+                           prompts=self.prompts, columns=self.columns, **self.sampling)
         self.seconds += time.perf_counter() - started
         return rewards_point(measured.policy_rewards, self.samples_per_prompt, method=method, budget=budget,
                              seed=self.seed, step=step, n=None, kl=measured.kl.mean, kl_stderr=measured.kl.stderr,

@@ -166,6 +166,24 @@ def costs_table(study: Study) -> list[str]:
     return lines
 
 
+def headline_table(study: Study, budget: int) -> list[str]:
+    """One label budget, a row a method: its last point and its best within each KL budget (95% intervals over
+    seeds), DPO minus it at its last point (paired by seed and prompt), and its cost with its reward model's."""
+    names = [name for name, _ in study.selections()]
+    lines = ["| method | held-out reward: " + " | ".join(names) + " | DPO minus it (last point) | wall time | "
+             "peak RSS |", "|---|" + "---|" * (len(names) + 3)]
+    for method in study.methods:
+        if budget not in study.budgets_of(method):
+            continue
+        cells = [cell(study.points, method, budget, select) for _, select in study.selections()]
+        difference = ("" if method == study.dpo or method not in study.rlhf()
+                      else differences(study, method, last_point)[budget].interval.text())
+        c = cost_of(study, method, budget)
+        lines.append(f"| {method} | " + " | ".join(x.text() for x in cells) + f" | {difference} | "
+                     f"{minutes(c['wall'] + c['model_wall'])} | {c['peak']:.2f} GB |")
+    return lines
+
+
 def options(study: Study) -> list[Option]:
     """Every (method, budget) with its last point's reward and its costs (the reward model's included)."""
     samples = {c.method: c.completions > 0 for c in study.costs}

@@ -3,7 +3,8 @@ and seeds, measured on held-out prompts by a ground truth.
 
 The data: the user's labelled pairs (--data), held-out pairs or prompts (--eval-data) and the reward that judges
 held-out samples (--ground-truth: sentiment, module:function or a reward-model folder), or with none of these the
-built-in task (the default job's movie-review pairs, VADER sentiment). For each seed the training pairs are
+built-in task: the default job's movie-review pairs judged by VADER sentiment, or with --task arithmetic the
+checker's pairs of the reference's answers judged by the checker's accuracy. For each seed the training pairs are
 shuffled once (random.Random(seed)); a budget N is the first N of that order, the same N labels for every method,
 and the reward model of a budget sees those N alone.
 
@@ -33,7 +34,15 @@ from pathlib import Path
 from typing import Any
 
 import preftune
-from preftune.config import STUDY_DEFAULTS, STUDY_QUICK, Config, apply_unset, number_list
+from preftune.config import (
+    ARITHMETIC_STUDY_DEFAULTS,
+    STUDY_DEFAULTS,
+    STUDY_QUICK,
+    Config,
+    apply_unset,
+    number_list,
+    resolved_task,
+)
 from preftune.data.read import Text, load_and_report, load_prompts
 from preftune.errors import UserError
 from preftune.runtime.run_folder import prepare_output_dir
@@ -64,6 +73,7 @@ class StudyInputs:
     eval_prompts: list[Text]
     ground_truth: str
     train_prompts_from: str | None  # the file the online methods take their prompts from (None: built-in task)
+    eval_columns: list[dict[str, Any]] | None = None  # per held-out prompt, the ground truth's keywords (an answer)
 
 
 def code_version(kind: str) -> str:
@@ -100,6 +110,8 @@ def study_inputs(config: Config) -> StudyInputs:
     from preftune.forward.rewards import load_reward
     from preftune.tasks.sentiment import make_prompts, prepare_default_job
 
+    if config.data.data is None and resolved_task(config, "study") == "arithmetic":
+        return arithmetic_inputs(config)
     if config.data.data is None:
         _, train_file, _ = prepare_default_job(config)  # (the default job's pairs, built with its own sizes)
         apply_unset(config, STUDY_DEFAULTS)  # the held-out measurement's size, where neither you nor --quick set it
@@ -115,6 +127,20 @@ def study_inputs(config: Config) -> StudyInputs:
     if not Path(ground_truth).is_dir():
         load_reward(ground_truth)
     return StudyInputs([record_of(p) for p in pairs], prompts, ground_truth, train_prompts_from)
+
+
+def arithmetic_inputs(config: Config) -> StudyInputs:
+    """The arithmetic task's (--task arithmetic): the checker's pairs of the reference's own samples (built on
+    first use, as `preftune train --task arithmetic` builds them), its held-out problems with their answers, and
+    the checker's accuracy as the ground truth."""
+    from preftune.tasks.arithmetic import make_rows, prepare_arithmetic_job
+
+    _, train_file, _, _ = prepare_arithmetic_job(config)
+    apply_unset(config, {**STUDY_DEFAULTS, **ARITHMETIC_STUDY_DEFAULTS})
+    rows = make_rows(config.default_job.num_eval_prompts, config.train.seed, held_out=True)
+    pairs = load_and_report(str(train_file)).pairs
+    return StudyInputs([record_of(p) for p in pairs], [prompt for prompt, _ in rows],
+                       config.study.ground_truth or "accuracy", None, [columns for _, columns in rows])
 
 
 def write_labels(folder: Path, pairs: list[dict[str, Any]], seed: int, budget: int) -> tuple[Path, str]:
@@ -154,7 +180,8 @@ def unit_key(unit: Unit, config: Config, inputs: StudyInputs, labels_hash: str |
     """The hash of everything the unit's record depends on (see the module docstring)."""
     content = {"code": code_version(unit.spec.kind), "method": asdict(unit.spec), "budget": unit.budget,
                "seed": unit.seed, "settings": settings_reaching(unit, config), "labels": labels_hash,
-               "eval_prompts": inputs.eval_prompts, "ground_truth": inputs.ground_truth,
+               "eval_prompts": inputs.eval_prompts, "eval_columns": inputs.eval_columns,
+               "ground_truth": inputs.ground_truth,
                "train_prompts": (None if inputs.train_prompts_from is None
                                  else hashlib.sha256(Path(inputs.train_prompts_from).read_bytes()).hexdigest()),
                "depends": depends}
@@ -228,7 +255,8 @@ def run_units(config: Config, inputs: StudyInputs, folder: Path, runner: Runner)
                     "label": unit.spec.label, "budget": unit.budget, "seed": unit.seed, "key": key,
                     "record": str(path), "folder": str(run_folder), "labels": None if labels is None else str(labels),
                     "reward_model": str(folder / "runs" / reward_model), "ground_truth": inputs.ground_truth,
-                    "eval_prompts": inputs.eval_prompts, "train_prompts_from": inputs.train_prompts_from,
+                    "eval_prompts": inputs.eval_prompts, "eval_columns": inputs.eval_columns,
+                    "train_prompts_from": inputs.train_prompts_from,
                     "reference_record": str(folder / "units" / f"{reference}.json"),
                     "best_of": config.study.best_of if "best-of-n" in methods_of(config) else 0}
             task_path = folder / "units" / f"{unit.name}.task.json"

@@ -178,7 +178,8 @@ def run_unit(unit: Unit, config: Config, task: dict[str, Any]) -> dict[str, Any]
         tokenizer = load_tokenizer(source, config.model.trust_remote_code)
         reference = frozen(load_model(source, config.model.trust_remote_code))
         measuring = Measure(tokenizer, reference, load_reward(task["ground_truth"]), task["eval_prompts"],
-                            config.default_job.samples_per_eval_prompt, config.sample.max_new_tokens, unit.seed)
+                            config.default_job.samples_per_eval_prompt, config.sample.max_new_tokens, unit.seed,
+                            task.get("eval_columns"))
         extra = {}
         if spec.kind == "reference":
             points, train_seconds = [measuring.reference_point()], 0.0

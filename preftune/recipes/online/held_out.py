@@ -5,6 +5,7 @@ KL(policy || reference), during training (`evaluate`, logged as eval_*) and at t
 from __future__ import annotations
 
 import json
+import resource
 from collections.abc import Callable
 from typing import Any
 
@@ -89,6 +90,7 @@ def write_held_out_report(run: OnlineRun) -> None:
     report = held_out_report(run) if run.eval_prompts and (group.is_main or group.sharded) else None
     if report is None or not group.is_main:
         return
+    report["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)  # this process's
     (run.folder / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     ref, pol, kl = report["reference_reward"], report["policy_reward"], report["kl_policy_reference"]
     print(f"held-out reward ({run.eval_reward_name}): reference {ref['mean']:+.3f} +- {ref['stderr']:.3f}, policy "
