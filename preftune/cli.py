@@ -124,6 +124,69 @@ def add_config_flags(parser: argparse.ArgumentParser, only: dict[str, str | None
             group.add_argument(flag, dest=key, default=argparse.SUPPRESS, metavar="VALUE", help=help_text)
 
 
+# the commands that take the config tree's options alone: (name, the options it reads, --help line, description)
+OPTION_COMMANDS = (
+    ("generate", GENERATE_OPTIONS, "sample completions for a file of prompts (JSONL out)",
+     "Batched sampling from --model (chat template applied to message prompts): --num-samples per prompt, "
+     "--temperature, --top-p, --max-new-tokens, --seed. Writes JSONL (or CSV) to --output or stdout."),
+    ("score", SCORE_OPTIONS, "implicit rewards beta*log(pi/pi_ref) of responses; best-of-N ranks",
+     "The implicit reward of each response under --model against --ref-model: of chosen and rejected for "
+     "--data pairs, or of every candidate (with its rank) for --prompts records with \"responses\"."),
+    ("study", STUDY_OPTIONS, "DPO or RLHF? over label budgets and seeds, at matched KL, with costs and a decision "
+     "table (alias: frontier)",
+     "DPO (--betas) against a reward model fit to the same labels with PPO, RLOO, online DPO or best-of-N "
+     "against it (and -gt ceilings on the ground truth), for each --label-budgets (the first N of a seeded "
+     "shuffle, the same for every method) and --seeds, on --data / --eval-data judged by --ground-truth, or on "
+     "the built-in sentiment task. Each (method, budget, seed) runs in a process of its own and is cached in "
+     "the folder: a re-run (or a run after a kill) computes only what is missing or changed. Writes "
+     "label_efficiency.png, reward_kl.png, matched_kl.md, differences.md, costs.md, decision.md, summary.md "
+     "and the CSVs. --quick: a few seconds a point."),
+    ("reward-model", REWARD_MODEL_OPTIONS, "train a Bradley-Terry reward model on preference pairs",
+     "A sequence-classification head of one output over --model, trained with -log sigmoid(r(x, y_chosen) - "
+     "r(x, y_rejected)) (optionally centred), as TRL's RewardTrainer; held-out accuracy with its interval. "
+     "Saves a plain transformers folder that --reward reads. Without --data: the default job's pairs."),
+    ("ppo", RL_OPTIONS, "RLHF with PPO: an actor-critic against --reward with a KL penalty",
+     "Samples completions of the prompts (--prompts, the prompts of --data's pairs, or the default job's) from "
+     "the policy, scores them with --reward (sentiment, module:function or a reward-model folder), and optimises "
+     "the policy and a critic with PPO's clipped objectives on KL-shaped rewards with GAE. Reports the held-out "
+     "reward against the reference's, and the KL, with their standard errors."),
+    ("rloo", RL_OPTIONS, "RLHF with RLOO: REINFORCE with a leave-one-out baseline against --reward",
+     "As ppo, without a critic: --num-generations samples per prompt, each baselined by the mean reward of the "
+     "others (Ahmadian et al. 2024), the KL to the reference as a penalty on the reward, as TRL's RLOOTrainer."),
+    ("grpo", GRPO_OPTIONS, "RLHF with GRPO: group-relative advantages, no critic, as TRL's GRPOTrainer",
+     "As rloo: --num-generations samples per prompt; each sample's advantage is its reward less its group's "
+     "mean, over the group's std (--scale-rewards), and the policy minimises --loss-type's surrogate (dapo, "
+     "grpo, bnpo, dr_grpo, cispo, sapo) of the importance weight per token or per sequence "
+     "(--importance-sampling-level), clipped by --epsilon / --epsilon-high, plus --beta times the k3 KL to the "
+     "reference (Shao et al. 2024; TRL 1.16's GRPOTrainer, its defaults)."),
+    ("online-dpo", ONLINE_DPO_OPTIONS, "online DPO: DPO on pairs of the policy's own samples ranked by --reward",
+     "Each rollout samples two completions per prompt from the current policy, ranks them with --reward (ties "
+     "are left out of the loss) and takes a step of --loss-type (any DPO-family loss) against the reference "
+     "(Guo et al. 2024), as TRL's OnlineDPOTrainer. Iterative DPO: one rollout per round over all prompts, "
+     "--num-ppo-epochs passes over its pairs, --sync-ref-model to make each round's reference the last policy."),
+    ("judge", JUDGE_OPTIONS, "win rate of --model over --ref-model under a ground-truth reward, and KL",
+     "Samples both models on --prompts, scores the samples with --reward, and prints the win rate (ties "
+     "count half) with a 95% interval, and KL(policy || reference) from the policy's samples."),
+)
+
+
+def add_folder_commands(commands) -> None:
+    """plot and export: commands on a run's folder, with options of their own."""
+    plot = commands.add_parser("plot", help="draw a run's training and eval curves as a PNG",
+                               description="Loss, preference accuracy, reward margin and chosen/rejected rewards "
+                               "(train and eval) from RUN_DIR/metrics.jsonl, as one PNG.")
+    plot.add_argument("run_dir", metavar="RUN_DIR", help="a preftune run folder (holds metrics.jsonl)")
+    plot.add_argument("--output", metavar="PNG", help="where to write the picture [default: RUN_DIR/curves.png]")
+    export = commands.add_parser("export", help="write a run's model as one GGUF file (llama.cpp, Ollama)",
+                                 description="The run's model (a LoRA adapter merged into its base first) with its "
+                                 "tokenizer and chat template as one GGUF file. Llama, Mistral and Qwen2 models.")
+    export.add_argument("run_dir", metavar="RUN_DIR", help="a finished preftune run folder (holds the model)")
+    export.add_argument("--gguf", metavar="OUT.gguf", required=True, help="the GGUF file to write")
+    export.add_argument("--outtype", choices=("f32", "f16", "q8_0"), default="f16",
+                        help="type of the weight matrices (norms stay f32) [default: f16]")
+    export.add_argument("--force", action="store_true", help="replace --gguf if it exists")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="preftune", description="Direct Preference Optimization for causal LMs.")
     parser.add_argument("--version", action="version", version=f"preftune {__version__}")
@@ -146,66 +209,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--config", metavar="FILE", help="YAML file of options; flags override it")
     add_config_flags(evaluate, EVAL_OPTIONS)
-    for name, options, summary, description in (
-        ("generate", GENERATE_OPTIONS, "sample completions for a file of prompts (JSONL out)",
-         "Batched sampling from --model (chat template applied to message prompts): --num-samples per prompt, "
-         "--temperature, --top-p, --max-new-tokens, --seed. Writes JSONL (or CSV) to --output or stdout."),
-        ("score", SCORE_OPTIONS, "implicit rewards beta*log(pi/pi_ref) of responses; best-of-N ranks",
-         "The implicit reward of each response under --model against --ref-model: of chosen and rejected for "
-         "--data pairs, or of every candidate (with its rank) for --prompts records with \"responses\"."),
-        ("study", STUDY_OPTIONS, "DPO or RLHF? over label budgets and seeds, at matched KL, with costs and a decision "
-         "table (alias: frontier)",
-         "DPO (--betas) against a reward model fit to the same labels with PPO, RLOO, online DPO or best-of-N "
-         "against it (and -gt ceilings on the ground truth), for each --label-budgets (the first N of a seeded "
-         "shuffle, the same for every method) and --seeds, on --data / --eval-data judged by --ground-truth, or on "
-         "the built-in sentiment task. Each (method, budget, seed) runs in a process of its own and is cached in "
-         "the folder: a re-run (or a run after a kill) computes only what is missing or changed. Writes "
-         "label_efficiency.png, reward_kl.png, matched_kl.md, differences.md, costs.md, decision.md, summary.md "
-         "and the CSVs. --quick: a few seconds a point."),
-        ("reward-model", REWARD_MODEL_OPTIONS, "train a Bradley-Terry reward model on preference pairs",
-         "A sequence-classification head of one output over --model, trained with -log sigmoid(r(x, y_chosen) - "
-         "r(x, y_rejected)) (optionally centred), as TRL's RewardTrainer; held-out accuracy with its interval. "
-         "Saves a plain transformers folder that --reward reads. Without --data: the default job's pairs."),
-        ("ppo", RL_OPTIONS, "RLHF with PPO: an actor-critic against --reward with a KL penalty",
-         "Samples completions of the prompts (--prompts, the prompts of --data's pairs, or the default job's) from "
-         "the policy, scores them with --reward (sentiment, module:function or a reward-model folder), and optimises "
-         "the policy and a critic with PPO's clipped objectives on KL-shaped rewards with GAE. Reports the held-out "
-         "reward against the reference's, and the KL, with their standard errors."),
-        ("rloo", RL_OPTIONS, "RLHF with RLOO: REINFORCE with a leave-one-out baseline against --reward",
-         "As ppo, without a critic: --num-generations samples per prompt, each baselined by the mean reward of the "
-         "others (Ahmadian et al. 2024), the KL to the reference as a penalty on the reward, as TRL's RLOOTrainer."),
-        ("grpo", GRPO_OPTIONS, "RLHF with GRPO: group-relative advantages, no critic, as TRL's GRPOTrainer",
-         "As rloo: --num-generations samples per prompt; each sample's advantage is its reward less its group's "
-         "mean, over the group's std (--scale-rewards), and the policy minimises --loss-type's surrogate (dapo, "
-         "grpo, bnpo, dr_grpo, cispo, sapo) of the importance weight per token or per sequence "
-         "(--importance-sampling-level), clipped by --epsilon / --epsilon-high, plus --beta times the k3 KL to the "
-         "reference (Shao et al. 2024; TRL 1.16's GRPOTrainer, its defaults)."),
-        ("online-dpo", ONLINE_DPO_OPTIONS, "online DPO: DPO on pairs of the policy's own samples ranked by --reward",
-         "Each rollout samples two completions per prompt from the current policy, ranks them with --reward (ties "
-         "are left out of the loss) and takes a step of --loss-type (any DPO-family loss) against the reference "
-         "(Guo et al. 2024), as TRL's OnlineDPOTrainer. Iterative DPO: one rollout per round over all prompts, "
-         "--num-ppo-epochs passes over its pairs, --sync-ref-model to make each round's reference the last policy."),
-        ("judge", JUDGE_OPTIONS, "win rate of --model over --ref-model under a ground-truth reward, and KL",
-         "Samples both models on --prompts, scores the samples with --reward, and prints the win rate (ties "
-         "count half) with a 95% interval, and KL(policy || reference) from the policy's samples."),
-    ):
+    for name, options, summary, description in OPTION_COMMANDS:
         command = commands.add_parser(name, help=summary, description=description,
                                       aliases=[alias for alias, to in ALIASES.items() if to == name])
         command.add_argument("--config", metavar="FILE", help="YAML file of options; flags override it")
         add_config_flags(command, options)
-    plot = commands.add_parser("plot", help="draw a run's training and eval curves as a PNG",
-                               description="Loss, preference accuracy, reward margin and chosen/rejected rewards "
-                               "(train and eval) from RUN_DIR/metrics.jsonl, as one PNG.")
-    plot.add_argument("run_dir", metavar="RUN_DIR", help="a preftune run folder (holds metrics.jsonl)")
-    plot.add_argument("--output", metavar="PNG", help="where to write the picture [default: RUN_DIR/curves.png]")
-    export = commands.add_parser("export", help="write a run's model as one GGUF file (llama.cpp, Ollama)",
-                                 description="The run's model (a LoRA adapter merged into its base first) with its "
-                                 "tokenizer and chat template as one GGUF file. Llama, Mistral and Qwen2 models.")
-    export.add_argument("run_dir", metavar="RUN_DIR", help="a finished preftune run folder (holds the model)")
-    export.add_argument("--gguf", metavar="OUT.gguf", required=True, help="the GGUF file to write")
-    export.add_argument("--outtype", choices=("f32", "f16", "q8_0"), default="f16",
-                        help="type of the weight matrices (norms stay f32) [default: f16]")
-    export.add_argument("--force", action="store_true", help="replace --gguf if it exists")
+    add_folder_commands(commands)
     return parser
 
 
