@@ -306,6 +306,7 @@ def study(result: dict) -> str:
     sections = [("Summary (sentences generated from the numbers below)", "summary.md", None),
                 ("Held-out reward against label budget", None, "![held-out reward against label budget, a line per "
                  "method with its 95% band over seeds](study-label-efficiency.png)"),
+                ("Gain over the reference", "gains.md", None),
                 ("Held-out reward at the last point and at matched KL", "matched_kl.md", None),
                 ("DPO minus each RLHF method", "differences.md", None),
                 ("What each method cost", "costs.md", None),

@@ -301,6 +301,23 @@ def hand_study() -> Study:
     return Study(points, costs, [8, 16], [1.0], "DPO beta=0.1")
 
 
+def test_the_gains_over_the_reference_say_which_methods_learned():
+    """Each seed's gain is paired by prompt with that seed's reference; a (method, budget) is named when the
+    interval of its seeds' gains lies above 0, and when none does the sentence says so."""
+    from preftune.study.report import gains_sentence, gains_table, with_gains
+
+    references = [point("reference", None, s, 0, 0.0, [0.0, 0.2]) for s in (0, 1, 2)]
+    learned = [point("DPO beta=0.1", 8, s, 2, 1.0, [0.5 + 0.01 * s, 0.7]) for s in (0, 1, 2)]  # gains 0.5 + 0.005 s
+    noisy = [point("RLOO", 8, s, 2, 0.4, [g, 0.2 + g]) for s, g in zip((0, 1, 2), (0.3, -0.3, 0.0))]  # gains g
+    study = Study(with_gains(references + learned + noisy), [], [8], [1.0], "DPO beta=0.1")
+    half = t_quantile(0.975, 2) * 0.005 / math.sqrt(3)  # sd of 0.500, 0.505, 0.510 is 0.005
+    assert gains_sentence(study) == (f"Gains over the reference above 0 with 95% confidence over seeds: DPO beta=0.1 "
+                                     f"at 8 labels (+0.505 [{0.505 - half:+.3f}, {0.505 + half:+.3f}]).")
+    assert f"| RLOO | 8 | +0.000 [{-t_quantile(0.975, 2) * 0.3 / math.sqrt(3):+.3f}, " in "\n".join(gains_table(study))
+    only_noise = Study(with_gains(references + noisy), [], [8], [1.0], "DPO beta=0.1")
+    assert gains_sentence(only_noise).startswith("No method's gain over the reference")
+
+
 def test_the_summary_sentences_come_from_the_numbers():
     lines = summary_lines(hand_study(), 2)
     text = "\n".join(lines)

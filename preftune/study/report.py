@@ -4,6 +4,7 @@
 - points.csv: every point of every unit, with its gain over the seed's reference paired by prompt;
 - label_efficiency.png: held-out reward against label budget, a line per method with its 95% band over seeds, at
   the last point and at each matched KL budget; reward_kl.png: reward against KL, every point of every seed;
+- gains.md: per method and budget, the gain over the reference at the last point (paired by prompt, over seeds);
 - matched_kl.md/.csv: per method and budget, the last point's and each KL budget's best reward over seeds;
 - differences.md: per budget, DPO minus each RLHF method, paired by seed and by prompt;
 - costs.md/.csv: per method and budget, training and wall time, peak RSS, models held, completions sampled,
@@ -27,6 +28,7 @@ from preftune.study.methods import Cost, Point
 from preftune.study.stats import (
     Constraints,
     Difference,
+    Interval,
     Option,
     Select,
     best_within,
@@ -111,6 +113,37 @@ def matched_kl_table(study: Study) -> list[str]:
             lines.append(f"| {method} | {budget_text(budget)} | " + " | ".join(
                 f"{c.text()} ({plural(c.n, 'seed')})" for c in cells) + " |")
     return lines
+
+
+def gain_interval(study: Study, method: str, budget: int | None) -> Interval:
+    """The gain over the reference at the method's last point (paired by prompt within a seed), over seeds."""
+    return seed_interval([p.gain for p in chosen_per_seed(study.points, method, budget, last_point).values()
+                          if not math.isnan(p.gain)])
+
+
+def gains_table(study: Study) -> list[str]:
+    """Per method and budget: the gain over the reference at the last point (each seed's paired by prompt, then
+    the 95% interval over seeds), and the seeds' KL there: whether a method learned anything measurable."""
+    lines = ["| method | labels | gain over the reference (last point) | KL (nats, mean over seeds) |",
+             "|---|---|---|---|"]
+    for method in study.methods:
+        for budget in study.budgets_of(method):
+            chosen = chosen_per_seed(study.points, method, budget, last_point).values()
+            kl = statistics.fmean([p.kl for p in chosen]) if chosen else math.nan
+            lines.append(f"| {method} | {budget_text(budget)} | {gain_interval(study, method, budget).text()} | "
+                         f"{kl:.2f} |")
+    return lines
+
+
+def gains_sentence(study: Study) -> str:
+    """Which (method, budget) gained over the reference with 95% confidence over seeds, or that none did."""
+    above = [f"{m} at {budget_text(b)} labels ({iv.text()})" for m in study.methods for b in study.budgets_of(m)
+             if (iv := gain_interval(study, m, b)).n > 1 and iv.low > 0]
+    if above:
+        return "Gains over the reference above 0 with 95% confidence over seeds: " + "; ".join(above) + "."
+    return ("No method's gain over the reference at its last point is above 0 with 95% confidence over seeds, at "
+            "any budget: within these budgets and steps the measurement does not tell any method from the "
+            "reference (the gains' table).")
 
 
 def differences(study: Study, method: str, select: Select) -> dict[int, Difference]:
@@ -254,6 +287,7 @@ def summary_lines(study: Study, seeds: int) -> list[str]:
              f"Intervals are 95% Student-t intervals over {plural(seeds, 'seed')} (mean +- t(0.975, n-1) sd / "
              "sqrt(n)); with one seed, +- 1.96 of the prompts' paired standard error for differences, none for means.",
              ""]
+    lines += [gains_sentence(study), ""]
     dpo = cell(study.points, study.dpo, top, last_point)
     lines.append(f"With {top} labels, {study.dpo} reached {dpo.text()} at its last point.")
     for method in study.rlhf():
@@ -364,8 +398,8 @@ def study_of(records: dict) -> Study:
 
 def report_tables(study: Study, seeds: int) -> dict[str, list[str]]:
     """Every markdown table of the report and the summary, by file name."""
-    tables = {"matched_kl.md": matched_kl_table(study), "differences.md": differences_table(study),
-              "costs.md": costs_table(study)}
+    tables = {"gains.md": gains_table(study), "matched_kl.md": matched_kl_table(study),
+              "differences.md": differences_table(study), "costs.md": costs_table(study)}
     if study.dpo in study.methods:
         tables["decision.md"] = decision_table(study)
         tables["summary.md"] = summary_lines(study, seeds)
