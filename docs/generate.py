@@ -391,7 +391,7 @@ def short_provenance(result: dict) -> str:
 
 def readme_study() -> str:
     """The study's headline for the README: the largest label budget's table, the reference, the plot."""
-    from preftune.study.report import REFERENCE, headline_table
+    from preftune.study.report import REFERENCE, gains_sentence, headline_table
     from preftune.study.stats import seed_interval
 
     result = read_result("study")
@@ -403,7 +403,7 @@ def readme_study() -> str:
     lines = [f"Measured by {short_provenance(result)}: SmolLM2-135M-Instruct on the built-in sentiment task, "
              f"label budgets {', '.join(map(str, records.budgets))}, {seeds} seeds; the ground truth (VADER "
              f"sentiment) judges the held-out samples. At {largest} labels (the reference: {reference.text()}; "
-             "95% intervals over seeds):", "", *headline_table(records, largest), "",
+             "95% intervals over seeds):", "", *headline_table(records, largest), "", gains_sentence(records), "",
              "![held-out reward against label budget, a line per method with its 95% band over seeds]"
              "(docs/results/study-label-efficiency.png)", "",
              "Every budget, the matched-KL and cost tables, the decision table and the generated summary: "

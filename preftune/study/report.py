@@ -200,19 +200,21 @@ def costs_table(study: Study) -> list[str]:
 
 
 def headline_table(study: Study, budget: int) -> list[str]:
-    """One label budget, a row a method: its last point and its best within each KL budget (95% intervals over
-    seeds), DPO minus it at its last point (paired by seed and prompt), and its cost with its reward model's."""
-    names = [name for name, _ in study.selections()]
-    lines = ["| method | held-out reward: " + " | ".join(names) + " | DPO minus it (last point) | wall time | "
-             "peak RSS |", "|---|" + "---|" * (len(names) + 3)]
+    """One label budget, a row a method: its last point and its gain over the reference there, its best within the
+    middle KL budget (95% intervals over seeds), DPO minus it at its last point (paired by seed and prompt), and
+    its cost with its reward model's."""
+    name, select = study.selections()[1 + (len(study.kl_budgets) - 1) // 2 if study.kl_budgets else 0]
+    lines = [f"| method | held-out reward, last point | gain over the reference | best within {name} | DPO minus it "
+             "(last point) | wall time | peak RSS |", "|---|---|---|---|---|---|---|"]
     for method in study.methods:
         if budget not in study.budgets_of(method):
             continue
-        cells = [cell(study.points, method, budget, select) for _, select in study.selections()]
         difference = ("" if method == study.dpo or method not in study.rlhf()
                       else differences(study, method, last_point)[budget].interval.text())
         c = cost_of(study, method, budget)
-        lines.append(f"| {method} | " + " | ".join(x.text() for x in cells) + f" | {difference} | "
+        lines.append(f"| {method} | {cell(study.points, method, budget, last_point).text()} | "
+                     f"{gain_interval(study, method, budget).text()} | "
+                     f"{cell(study.points, method, budget, select).text()} | {difference} | "
                      f"{minutes(c['wall'] + c['model_wall'])} | {c['peak']:.2f} GB |")
     return lines
 
