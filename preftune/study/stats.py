@@ -9,6 +9,7 @@ same for every seed. Within a seed, two methods' rewards are paired by prompt (`
 
 from __future__ import annotations
 
+import functools
 import math
 import statistics
 from collections.abc import Callable, Iterable, Sequence
@@ -33,6 +34,7 @@ def t_cdf(x: float, df: int, steps: int = 4000) -> float:
     return 0.5 + h / 3 * (t_pdf(0.0, df) + inner + t_pdf(x, df))
 
 
+@functools.cache  # a report asks for the same few quantiles hundreds of times (each bisection: ~60 integrals)
 def t_quantile(p: float, df: int) -> float:
     """The p quantile (p > 1/2) of Student's t with `df` degrees of freedom, by bisection on `t_cdf`."""
     low, high = 0.0, 1.0
