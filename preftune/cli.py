@@ -137,9 +137,9 @@ OPTION_COMMANDS = (
      "DPO (--betas) against a reward model fit to the same labels with PPO, RLOO, online DPO, GRPO or "
      "best-of-N against it (and -gt ceilings on the ground truth), for each --label-budgets (the first N of a "
      "seeded shuffle, the same for every method) and --seeds, on --data / --eval-data judged by --ground-truth, "
-     "or on the built-in task (--task sentiment or arithmetic). Each (method, budget, seed) runs in a process of its own and is cached in "
-     "the folder: a re-run (or a run after a kill) computes only what is missing or changed. Writes "
-     "label_efficiency.png, reward_kl.png, matched_kl.md, differences.md, costs.md, decision.md, summary.md "
+     "or on the built-in task (--task sentiment or arithmetic). Each (method, budget, seed) runs in a process of "
+     "its own and is cached in the folder: a re-run (or a run after a kill) computes only what is missing or "
+     "changed. Writes label_efficiency.png, reward_kl.png, matched_kl.md, differences.md, costs.md, decision.md, summary.md "
      "and the CSVs. --quick: a few seconds a point."),
     ("reward-model", REWARD_MODEL_OPTIONS, "train a Bradley-Terry reward model on preference pairs",
      "A sequence-classification head of one output over --model, trained with -log sigmoid(r(x, y_chosen) - "
