@@ -139,8 +139,8 @@ OPTION_COMMANDS = (
      "seeded shuffle, the same for every method) and --seeds, on --data / --eval-data judged by --ground-truth, "
      "or on the built-in task (--task sentiment or arithmetic). Each (method, budget, seed) runs in a process of "
      "its own and is cached in the folder: a re-run (or a run after a kill) computes only what is missing or "
-     "changed. Writes label_efficiency.png, reward_kl.png, matched_kl.md, differences.md, costs.md, decision.md, summary.md "
-     "and the CSVs. --quick: a few seconds a point."),
+     "changed. Writes label_efficiency.png, reward_kl.png, gains.md, matched_kl.md, differences.md, costs.md, "
+     "decision.md, summary.md and the CSVs. --quick: a few seconds a point."),
     ("reward-model", REWARD_MODEL_OPTIONS, "train a Bradley-Terry reward model on preference pairs",
      "A sequence-classification head of one output over --model, trained with -log sigmoid(r(x, y_chosen) - "
      "r(x, y_rejected)) (optionally centred), as TRL's RewardTrainer; held-out accuracy with its interval. "
