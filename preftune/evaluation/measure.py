@@ -146,6 +146,12 @@ class Measurement:
     reference_implicit: list[float] | None = None  # the same of each reference sample
 
 
+def sample_columns(columns: Sequence[Mapping[str, Any]] | None, samples: Sequence[Sample]) -> dict[str, list]:
+    """Each prompt's columns (one mapping per prompt) as a reward function's keywords: one value per sample."""
+    names = dict.fromkeys(name for c in (columns or []) for name in c)
+    return {name: [columns[s.prompt_index].get(name) for s in samples] for name in names}
+
+
 def measure(
     pair: ModelPair,
     tokenizer: PreTrainedTokenizerBase,
@@ -200,9 +206,8 @@ def measure(
 
         def score(samples: list[Sample]) -> list[float]:
             prompts, completions = [given[s.prompt_index] for s in samples], [s.text for s in samples]
-            names = dict.fromkeys(name for c in (columns or []) for name in c)
             values = checked_reward(prompts, completions, [s.completion_ids for s in samples],
-                                    {name: [columns[s.prompt_index].get(name) for s in samples] for name in names})
+                                    sample_columns(columns, samples))
             return all_judged(values, checked_reward, prompts, completions)
 
         result.policy_rewards = score(policy_samples)

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from preftune.data.read import Text
-from preftune.evaluation.measure import ModelPair, measure, prompt_means, stderr
+from preftune.evaluation.measure import ModelPair, measure, prompt_means, sample_columns, stderr
 from preftune.forward.rewards import all_judged, checked
 from preftune.forward.rollout import sample
 from preftune.study.methods import Point
@@ -44,9 +44,8 @@ class Measure:
     def judged(self, samples: Sequence[Any]) -> list[float]:
         """The ground truth of each sample (prompt-major), every one judged (a None is a RewardError)."""
         prompts, completions = [self.prompts[s.prompt_index] for s in samples], [s.text for s in samples]
-        columns = None if self.columns is None else {
-            name: [self.columns[s.prompt_index].get(name) for s in samples] for name in self.columns[0]}
-        values = self.reward(prompts, completions, [s.completion_ids for s in samples], columns)
+        values = self.reward(prompts, completions, [s.completion_ids for s in samples],
+                             sample_columns(self.columns, samples))
         return all_judged(values, self.reward, prompts, completions)
 
     def reference_point(self) -> Point:
